@@ -127,7 +127,7 @@ def _register_autograd(ops: SimpleNamespace, qualname: str) -> None:
     def setup_mixed_sum(ctx, inputs, output):
         outs, weights = inputs
         ctx.num_outs = len(outs)
-        ctx.weights_need_grad = ctx.needs_input_grad[1]
+        ctx.weights_need_grad = weights.requires_grad
         # outs are only needed for the weights' gradient
         ctx.save_for_backward(weights, *(outs if ctx.weights_need_grad else ()))
 
