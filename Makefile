@@ -14,7 +14,7 @@ $(PY):
 
 $(INSTALLED): $(PY) pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)" numpy ninja "setuptools>=64" wheel
-	$(PY) -m pip install --quiet --no-build-isolation -e ".[test]"
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[engine,test]"
 	touch $@
 
 install: $(INSTALLED)

@@ -1,0 +1,484 @@
+"""Candidate operations of the DARTS Transformer search space (DESIGN.md sections 1.1, 1.4).
+
+Every op has one interface: ``op(h, ctx) -> y`` where ``h`` is the pooled hidden state
+(batch, time, d_model), ``ctx`` an :class:`OpContext`, and ``y`` has the shape of ``h``.
+Every op
+
+* ignores what lies behind ``ctx.pad_mask``: padded inputs are zeroed before convolutions,
+  padded keys are masked in attention, and outputs at padded positions are set to 0;
+* with ``causal=True`` (decoder) never looks ahead: convolutions are left-padded, attention
+  is causal;
+* supports incremental decoding when ``ctx.state`` is set (see :class:`OpContext`), giving
+  the same outputs as the full-sequence causal call; :func:`reorder_state` reindexes the
+  cached batch for beam search.
+
+Choices: the standard convolution is depthwise-separable (one w-tap filter per channel,
+then a pointwise ``Linear(d, d)``), which keeps a w = 11 op at d * 11 + d * d weights
+instead of d * d * 11. Every parametric op ends with dropout on its output (residual
+dropout); FFN adds dropout after its ReLU, dynamic convolution drops kernel weights
+(DropConnect), attention drops attention probabilities. Zero and identity have no
+parameters; the LayerNorm of DESIGN.md 1.1 wraps the parametric ops elsewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+CONV_WIDTHS: tuple[int, ...] = (3, 5, 7, 11)
+DYNCONV_WIDTHS: tuple[int, ...] = (3, 7, 11, 15)
+
+ENCODER_CANDIDATES: tuple[str, ...] = (
+    *(f"conv{w}" for w in CONV_WIDTHS),
+    *(f"dynconv{w}" for w in DYNCONV_WIDTHS),
+    "attention",
+    "ffn",
+    "glu",
+    "zero",
+    "identity",
+)
+DECODER_CANDIDATES: tuple[str, ...] = ENCODER_CANDIDATES + ("cross_attention",)
+PARAMETRIC: frozenset[str] = frozenset(DECODER_CANDIDATES) - {"zero", "identity"}
+
+
+@dataclass
+class OpContext:
+    """What an op may read besides its input ``h`` (batch, time, d_model).
+
+    Attributes:
+        pad_mask: (batch, time) bool, True at padding positions of ``h``; None: no padding.
+            In incremental decoding it covers the current chunk only.
+        memory: (batch, src_time, d_memory) encoder output; read by cross-attention only.
+        memory_pad_mask: (batch, src_time) bool, True at padding positions of ``memory``.
+        state: incremental decoding state, a dict owned by the caller, one per decoding
+            session (it may be shared by all ops of a model: each op keeps its tensors in a
+            sub-dict under the key ``id(op)``). None: the call sees the whole sequence.
+            When set, ``h`` (batch, t, d_model), usually t = 1, continues the prefix seen by
+            the earlier calls with the same dict, and the op returns the outputs of the full
+            causal call at those t positions.
+    """
+
+    pad_mask: Optional[Tensor] = None
+    memory: Optional[Tensor] = None
+    memory_pad_mask: Optional[Tensor] = None
+    state: Optional[dict] = None
+
+
+def reorder_state(state: dict, new_order: Tensor) -> None:
+    """Reindex in place the batch dimension of every tensor cached in ``state``.
+
+    Args:
+        state: an :attr:`OpContext.state` dict (nested dicts are walked).
+        new_order: (new_batch,) long; new entry i is old entry ``new_order[i]``. Repeated
+            indices copy a hypothesis, as beam search needs.
+    """
+    for key, value in state.items():
+        if isinstance(value, Tensor):
+            state[key] = value.index_select(0, new_order.to(value.device))
+        elif isinstance(value, dict):
+            reorder_state(value, new_order)
+
+
+def _context(ctx: Optional[OpContext]) -> OpContext:
+    """``ctx``, or an empty context (no padding, no memory, no state) when None."""
+    return OpContext() if ctx is None else ctx
+
+
+def _zero_padded(x: Tensor, pad_mask: Optional[Tensor]) -> Tensor:
+    """``x`` (batch, time, d) with the rows where ``pad_mask`` (batch, time) is True set to 0."""
+    if pad_mask is None:
+        return x
+    return x.masked_fill(pad_mask.unsqueeze(-1), 0.0)
+
+
+def _check_positive(field: str, value: int) -> None:
+    """Raise ValueError naming ``field`` unless ``value`` is a positive int."""
+    if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{field} must be a positive integer, got {value!r}")
+
+
+def _check_heads(d_model: int, heads: int) -> None:
+    """Raise ValueError unless ``heads`` is positive and divides ``d_model``."""
+    _check_positive("heads", heads)
+    if d_model % heads:
+        raise ValueError(f"heads={heads} must divide d_model={d_model}")
+
+
+def _check_width(width: int, causal: bool) -> None:
+    """Raise ValueError unless ``width`` is positive, and odd when the op is not causal
+    (a centred window needs (width - 1) / 2 positions on each side)."""
+    _check_positive("width", width)
+    if not causal and width % 2 == 0:
+        raise ValueError(f"width={width} must be odd for a non-causal convolution")
+
+
+class CandidateOp(nn.Module):
+    """Base of all candidate ops: ``forward(h, ctx) -> tensor shaped like h``.
+
+    Attributes:
+        name: the op's name in the search space (e.g. "conv7").
+        causal: True in the decoder (no look-ahead).
+        mixes_time: True for ops whose output at t reads other positions (convolutions,
+            self-attention); only these need ``causal=True`` for incremental decoding.
+    """
+
+    mixes_time: bool = False
+
+    def __init__(self, name: str, causal: bool) -> None:
+        super().__init__()
+        self.name = name
+        self.causal = causal
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, causal={self.causal}"
+
+    def _op_state(self, ctx: OpContext) -> Optional[dict]:
+        """This op's sub-dict of ``ctx.state`` (created on first use); None outside
+        incremental decoding."""
+        if ctx.state is None:
+            return None
+        if self.mixes_time and not self.causal:
+            raise ValueError(f"{self.name}: incremental decoding needs causal=True")
+        return ctx.state.setdefault(id(self), {})
+
+
+def _extended_input(x: Tensor, width: int, causal: bool, op_state: Optional[dict]) -> Tensor:
+    """Extend ``x`` (batch, t, d) along time so that output position i reads the window
+    ``extended[:, i : i + width]``; returns (batch, t + width - 1, d).
+
+    Full call: zero padding, width - 1 on the left when causal, (width - 1) / 2 on each
+    side otherwise. Incremental (``op_state`` given): the last width - 1 inputs kept in
+    ``op_state["history"]`` (zeros at the start) are prepended, then replaced by the
+    newest width - 1.
+    """
+    if op_state is None:
+        left = width - 1 if causal else (width - 1) // 2
+        return F.pad(x, (0, 0, left, width - 1 - left))
+    history = op_state.get("history")
+    if history is None:
+        history = x.new_zeros(x.shape[0], width - 1, x.shape[2])
+    extended = torch.cat([history, x], dim=1)
+    op_state["history"] = extended[:, extended.shape[1] - (width - 1) :]
+    return extended
+
+
+class StandardConv(CandidateOp):
+    """Depthwise-separable w x 1 convolution over time: a depthwise ``Conv1d`` (one w-tap
+    filter per channel), a pointwise ``Linear(d, d)``, dropout.
+
+    Parameters: d * w + d (depthwise) + d * d + d (pointwise).
+    """
+
+    mixes_time = True
+
+    def __init__(self, d_model: int, causal: bool, width: int, dropout: float = 0.1) -> None:
+        super().__init__(f"conv{width}", causal)
+        _check_positive("d_model", d_model)
+        _check_width(width, causal)
+        self.width = width
+        self.depthwise = nn.Conv1d(d_model, d_model, width, groups=d_model)
+        self.pointwise = nn.Linear(d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h: Tensor, ctx: Optional[OpContext] = None) -> Tensor:
+        """h (batch, time, d_model) -> (batch, time, d_model)."""
+        ctx = _context(ctx)
+        x = _extended_input(
+            _zero_padded(h, ctx.pad_mask), self.width, self.causal, self._op_state(ctx)
+        )
+        y = self.depthwise(x.transpose(1, 2)).transpose(1, 2)
+        return _zero_padded(self.dropout(self.pointwise(y)), ctx.pad_mask)
+
+
+class DynamicConv(CandidateOp):
+    """Dynamic convolution (Wu et al. 2019) of width w over time.
+
+    ``Linear(d, 2d)`` + GLU gives x; at every position a ``Linear(d, heads * w)`` of x
+    predicts one kernel per head, softmax-normalised over the w taps, shared by the
+    d / heads channels of that head and dropped with DropConnect; the kernels are applied
+    to the w-window of x ending at (causal) or centred on the position; then
+    ``Linear(d, d)`` and dropout. Memory O(batch * time * d * w) (the windows are unfolded).
+    """
+
+    mixes_time = True
+
+    def __init__(
+        self, d_model: int, causal: bool, width: int, heads: int = 8, dropout: float = 0.1
+    ) -> None:
+        super().__init__(f"dynconv{width}", causal)
+        _check_heads(d_model, heads)
+        _check_width(width, causal)
+        self.width = width
+        self.heads = heads
+        self.weight_dropout = dropout
+        self.input_proj = nn.Linear(d_model, 2 * d_model)
+        self.kernel_proj = nn.Linear(d_model, heads * width)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h: Tensor, ctx: Optional[OpContext] = None) -> Tensor:
+        """h (batch, time, d_model) -> (batch, time, d_model)."""
+        ctx = _context(ctx)
+        x = _zero_padded(F.glu(self.input_proj(h), dim=-1), ctx.pad_mask)
+        windows = _extended_input(x, self.width, self.causal, self._op_state(ctx)).unfold(
+            1, self.width, 1
+        )
+        batch, time, d_model, width = windows.shape
+        windows = windows.reshape(batch, time, self.heads, d_model // self.heads, width)
+        y = torch.einsum("bthcw,bthw->bthc", windows, self._kernels(x))
+        y = self.output_proj(y.reshape(batch, time, d_model))
+        return _zero_padded(self.dropout(y), ctx.pad_mask)
+
+    def _kernels(self, x: Tensor) -> Tensor:
+        """x (batch, time, d_model) -> kernels (batch, time, heads, width), summing to 1
+        over width before DropConnect."""
+        logits = self.kernel_proj(x).unflatten(-1, (self.heads, self.width))
+        return F.dropout(logits.softmax(dim=-1), self.weight_dropout, self.training)
+
+
+def _split_heads(x: Tensor, heads: int) -> Tensor:
+    """(batch, time, d) -> (batch, heads, time, d / heads)."""
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def _visible_keys(
+    key_pad: Optional[Tensor], q_len: int, k_len: int, causal: bool, device: torch.device
+) -> Optional[Tensor]:
+    """Which keys each query may see: bool (batch or 1, 1, q_len, k_len), None when all.
+
+    The queries are the last ``q_len`` of the ``k_len`` positions (incremental decoding
+    has a cached prefix of k_len - q_len). ``key_pad`` (batch, k_len) is True at padding.
+    """
+    visible = None
+    if causal:
+        query_pos = torch.arange(k_len - q_len, k_len, device=device)
+        visible = (torch.arange(k_len, device=device) <= query_pos[:, None])[None, None]
+    if key_pad is not None:
+        keys = ~key_pad[:, None, None, :]
+        visible = keys if visible is None else visible & keys
+    return visible
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, visible: Optional[Tensor], dropout: float) -> Tensor:
+    """Scaled dot-product attention with the heads merged back.
+
+    q (batch, heads, q_len, d_head), k and v (batch, heads, k_len, d_head), ``visible`` from
+    :func:`_visible_keys`; returns (batch, q_len, heads * d_head). A query that sees no key
+    (a padded query at the start of a causal sequence, or an all-padding memory) yields 0
+    instead of NaN.
+    """
+    if visible is None:
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+    else:
+        blind = ~visible.any(dim=-1, keepdim=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible | blind, dropout_p=dropout)
+        out = out.masked_fill(blind, 0.0)
+    return out.transpose(1, 2).flatten(2)
+
+
+def _extend_cache(
+    op_state: dict, k: Tensor, v: Tensor, key_pad: Optional[Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Append this chunk's keys and values (batch, heads, t, d_head) and key padding
+    (batch, t) to the cache in ``op_state``; return the cached (batch, heads, P + t, d_head)
+    keys, values and (batch, P + t) padding."""
+    if key_pad is None:
+        key_pad = torch.zeros(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
+    if "k" in op_state:
+        k = torch.cat([op_state["k"], k], dim=2)
+        v = torch.cat([op_state["v"], v], dim=2)
+        key_pad = torch.cat([op_state["key_pad"], key_pad], dim=1)
+    op_state.update(k=k, v=v, key_pad=key_pad)
+    return k, v, key_pad
+
+
+class SelfAttention(CandidateOp):
+    """Multi-head self-attention (``F.scaled_dot_product_attention``) with a key padding
+    mask, causal in the decoder; ``Linear(d, 3d)`` for queries, keys and values,
+    ``Linear(d, d)`` out, dropout on the attention probabilities and on the output."""
+
+    mixes_time = True
+
+    def __init__(self, d_model: int, causal: bool, heads: int = 8, dropout: float = 0.1) -> None:
+        super().__init__("attention", causal)
+        _check_heads(d_model, heads)
+        self.heads = heads
+        self.attn_dropout = dropout
+        self.qkv_proj = nn.Linear(d_model, 3 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h: Tensor, ctx: Optional[OpContext] = None) -> Tensor:
+        """h (batch, time, d_model) -> (batch, time, d_model)."""
+        ctx = _context(ctx)
+        q, k, v = (_split_heads(x, self.heads) for x in self.qkv_proj(h).chunk(3, dim=-1))
+        key_pad = ctx.pad_mask
+        op_state = self._op_state(ctx)
+        if op_state is not None:
+            k, v, key_pad = _extend_cache(op_state, k, v, key_pad)
+        visible = _visible_keys(key_pad, q.shape[2], k.shape[2], self.causal, h.device)
+        y = _attend(q, k, v, visible, self.attn_dropout if self.training else 0.0)
+        return _zero_padded(self.dropout(self.out_proj(y)), ctx.pad_mask)
+
+
+class CrossAttention(CandidateOp):
+    """Multi-head attention from ``h`` to ``ctx.memory`` (decoder), masking
+    ``ctx.memory_pad_mask``; ``Linear(d, d)`` queries, ``Linear(d_memory, 2d)`` keys and
+    values, ``Linear(d, d)`` out, dropout as in :class:`SelfAttention`. In incremental
+    decoding the projected memory keys and values are computed once and cached."""
+
+    def __init__(
+        self,
+        d_model: int,
+        causal: bool,
+        heads: int = 8,
+        dropout: float = 0.1,
+        d_memory: Optional[int] = None,
+    ) -> None:
+        super().__init__("cross_attention", causal)
+        _check_heads(d_model, heads)
+        d_memory = d_model if d_memory is None else d_memory
+        _check_positive("d_memory", d_memory)
+        self.heads = heads
+        self.attn_dropout = dropout
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.kv_proj = nn.Linear(d_memory, 2 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h: Tensor, ctx: Optional[OpContext] = None) -> Tensor:
+        """h (batch, time, d_model), ctx.memory (batch, src_time, d_memory)
+        -> (batch, time, d_model)."""
+        ctx = _context(ctx)
+        k, v, key_pad = self._memory_keys(ctx)
+        q = _split_heads(self.q_proj(h), self.heads)
+        visible = _visible_keys(key_pad, q.shape[2], k.shape[2], False, h.device)
+        y = _attend(q, k, v, visible, self.attn_dropout if self.training else 0.0)
+        return _zero_padded(self.dropout(self.out_proj(y)), ctx.pad_mask)
+
+    def _memory_keys(self, ctx: OpContext) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Keys and values (batch, heads, src_time, d_head) projected from ctx.memory and
+        its padding mask (batch, src_time) or None; taken from the cache when decoding
+        incrementally after the first step."""
+        op_state = self._op_state(ctx)
+        if op_state is not None and "k" in op_state:
+            return op_state["k"], op_state["v"], op_state.get("key_pad")
+        if ctx.memory is None:
+            raise ValueError("cross_attention needs ctx.memory (batch, src_time, d_memory)")
+        k, v = (_split_heads(x, self.heads) for x in self.kv_proj(ctx.memory).chunk(2, dim=-1))
+        key_pad = ctx.memory_pad_mask
+        if op_state is not None:
+            op_state.update(k=k, v=v)
+            if key_pad is not None:
+                op_state["key_pad"] = key_pad
+        return k, v, key_pad
+
+
+class FeedForward(CandidateOp):
+    """Position-wise ``Linear(d, ffn_mult * d)`` - ReLU - dropout - ``Linear(ffn_mult * d, d)``
+    - dropout."""
+
+    def __init__(
+        self, d_model: int, causal: bool, ffn_mult: int = 4, dropout: float = 0.1
+    ) -> None:
+        super().__init__("ffn", causal)
+        _check_positive("d_model", d_model)
+        _check_positive("ffn_mult", ffn_mult)
+        self.net = nn.Sequential(
+            nn.Linear(d_model, ffn_mult * d_model),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(ffn_mult * d_model, d_model),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, h: Tensor, ctx: Optional[OpContext] = None) -> Tensor:
+        """h (batch, time, d_model) -> (batch, time, d_model)."""
+        return _zero_padded(self.net(h), _context(ctx).pad_mask)
+
+
+class GatedLinear(CandidateOp):
+    """Position-wise gated linear unit: ``Linear(d, 2d)``, GLU, ``Linear(d, d)``, dropout."""
+
+    def __init__(self, d_model: int, causal: bool, dropout: float = 0.1) -> None:
+        super().__init__("glu", causal)
+        _check_positive("d_model", d_model)
+        self.in_proj = nn.Linear(d_model, 2 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h: Tensor, ctx: Optional[OpContext] = None) -> Tensor:
+        """h (batch, time, d_model) -> (batch, time, d_model)."""
+        y = self.dropout(self.out_proj(F.glu(self.in_proj(h), dim=-1)))
+        return _zero_padded(y, _context(ctx).pad_mask)
+
+
+class Zero(CandidateOp):
+    """The "zero" op: no connection; returns zeros shaped like h."""
+
+    def __init__(self, d_model: int, causal: bool) -> None:
+        super().__init__("zero", causal)
+
+    def forward(self, h: Tensor, ctx: Optional[OpContext] = None) -> Tensor:
+        """h (batch, time, d_model) -> zeros (batch, time, d_model)."""
+        return torch.zeros_like(h)
+
+
+class Identity(CandidateOp):
+    """The "identity" op (skip connection): returns h unchanged, padding included."""
+
+    def __init__(self, d_model: int, causal: bool) -> None:
+        super().__init__("identity", causal)
+
+    def forward(self, h: Tensor, ctx: Optional[OpContext] = None) -> Tensor:
+        """h (batch, time, d_model) -> h."""
+        return h
+
+
+def build_candidate(
+    name: str,
+    d_model: int,
+    causal: bool,
+    heads: int = 8,
+    dropout: float = 0.1,
+    d_memory: Optional[int] = None,
+    ffn_mult: int = 4,
+) -> CandidateOp:
+    """Build the candidate op called ``name`` (one of :data:`DECODER_CANDIDATES`).
+
+    Args:
+        name: op name, e.g. "conv7", "dynconv15", "attention", "cross_attention".
+        d_model: feature size d of the op's input and output.
+        causal: True in the decoder (no look-ahead).
+        heads: attention heads, and kernel-sharing channel groups of dynamic convolutions;
+            must divide d_model for those ops.
+        dropout: dropout probability.
+        d_memory: feature size of the encoder memory read by cross-attention (default d_model).
+        ffn_mult: hidden size of "ffn" as a multiple of d_model.
+
+    Raises:
+        ValueError: unknown ``name`` (the message lists the valid names) or bad sizes.
+    """
+    if name not in DECODER_CANDIDATES:
+        raise ValueError(
+            f"unknown candidate op {name!r}; valid names: {', '.join(DECODER_CANDIDATES)}"
+        )
+    if name.startswith("dynconv"):
+        return DynamicConv(d_model, causal, int(name.removeprefix("dynconv")), heads, dropout)
+    if name.startswith("conv"):
+        return StandardConv(d_model, causal, int(name.removeprefix("conv")), dropout)
+    if name == "attention":
+        return SelfAttention(d_model, causal, heads, dropout)
+    if name == "cross_attention":
+        return CrossAttention(d_model, causal, heads, dropout, d_memory)
+    if name == "ffn":
+        return FeedForward(d_model, causal, ffn_mult, dropout)
+    if name == "glu":
+        return GatedLinear(d_model, causal, dropout)
+    if name == "zero":
+        return Zero(d_model, causal)
+    return Identity(d_model, causal)

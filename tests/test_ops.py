@@ -1,0 +1,229 @@
+"""Tests of the candidate ops (mdarts.ops): shapes, padding, causality, incremental
+decoding and beam reordering, the registries and the factory."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import pytest
+import torch
+from torch import Tensor
+
+from mdarts.ops import (
+    DECODER_CANDIDATES,
+    ENCODER_CANDIDATES,
+    PARAMETRIC,
+    OpContext,
+    build_candidate,
+    reorder_state,
+)
+
+D, D_MEM, HEADS, BATCH, TIME, SRC_TIME = 16, 24, 4, 2, 10, 7
+
+
+def make_op(name: str, causal: bool, train: bool = False) -> torch.nn.Module:
+    """A small op with fixed weights, in eval mode unless ``train``."""
+    torch.manual_seed(0)
+    op = build_candidate(name, D, causal, heads=HEADS, dropout=0.1, d_memory=D_MEM)
+    return op.train(train)
+
+
+def inputs(seed: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    """h (BATCH, TIME, D), memory (BATCH, SRC_TIME, D_MEM), memory padding (BATCH, SRC_TIME)."""
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(BATCH, TIME, D, generator=gen)
+    memory = torch.randn(BATCH, SRC_TIME, D_MEM, generator=gen)
+    memory_pad = torch.zeros(BATCH, SRC_TIME, dtype=torch.bool)
+    memory_pad[1, -3:] = True
+    return h, memory, memory_pad
+
+
+def right_padding() -> Tensor:
+    """(BATCH, TIME) bool: sequence 1 has its last 3 positions padded."""
+    pad = torch.zeros(BATCH, TIME, dtype=torch.bool)
+    pad[1, -3:] = True
+    return pad
+
+
+def mixed_padding() -> Tensor:
+    """(BATCH, TIME) bool: padding at the end, at the start and in the middle."""
+    pad = right_padding()
+    pad[0, :2] = True
+    pad[0, 5] = True
+    return pad
+
+
+def context(
+    memory: Tensor, memory_pad: Tensor, pad: Optional[Tensor] = None, state: Optional[dict] = None
+) -> OpContext:
+    return OpContext(pad_mask=pad, memory=memory, memory_pad_mask=memory_pad, state=state)
+
+
+ENCODER_OPS = [(name, False) for name in ENCODER_CANDIDATES]
+DECODER_OPS = [(name, True) for name in DECODER_CANDIDATES]
+ALL_OPS = ENCODER_OPS + DECODER_OPS
+
+
+def op_id(case: tuple[str, bool]) -> str:
+    name, causal = case
+    return f"{name}-{'dec' if causal else 'enc'}"
+
+
+@pytest.mark.parametrize("case", ALL_OPS, ids=op_id)
+def test_op_keeps_shape_and_name(case: tuple[str, bool]) -> None:
+    name, causal = case
+    op = make_op(name, causal, train=True)
+    h, memory, memory_pad = inputs()
+    out = op(h, context(memory, memory_pad, mixed_padding()))
+    assert op.name == name
+    assert out.shape == h.shape
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("case", ALL_OPS, ids=op_id)
+def test_padded_inputs_do_not_change_unpadded_outputs(case: tuple[str, bool]) -> None:
+    name, causal = case
+    op = make_op(name, causal)
+    h, memory, memory_pad = inputs()
+    pad = mixed_padding()
+    noisy_h = h + 100.0 * torch.randn_like(h) * pad.unsqueeze(-1)
+    noisy_memory = memory + 100.0 * torch.randn_like(memory) * memory_pad.unsqueeze(-1)
+    out = op(h, context(memory, memory_pad, pad))
+    noisy_out = op(noisy_h, context(noisy_memory, memory_pad, pad))
+    keep = ~pad
+    torch.testing.assert_close(noisy_out[keep], out[keep])
+    if name in PARAMETRIC:
+        assert (out[pad] == 0).all()
+
+
+@pytest.mark.parametrize("case", DECODER_OPS, ids=op_id)
+def test_decoder_op_does_not_look_ahead(case: tuple[str, bool]) -> None:
+    name, causal = case
+    op = make_op(name, causal)
+    h, memory, memory_pad = inputs()
+    cut = 4
+    future_changed = h.clone()
+    future_changed[:, cut:] += 100.0 * torch.randn_like(h[:, cut:])
+    out = op(h, context(memory, memory_pad, right_padding()))
+    changed_out = op(future_changed, context(memory, memory_pad, right_padding()))
+    torch.testing.assert_close(changed_out[:, :cut], out[:, :cut])
+
+
+def decode(
+    op: torch.nn.Module,
+    h: Tensor,
+    memory: Tensor,
+    memory_pad: Tensor,
+    pad: Tensor,
+    chunks: list[int],
+    state: Optional[dict] = None,
+) -> Tensor:
+    """Run ``op`` incrementally over ``h`` (batch, sum(chunks), d) in chunks of the given
+    lengths; return the concatenated outputs."""
+    state = {} if state is None else state
+    outputs, start = [], 0
+    for length in chunks:
+        step = slice(start, start + length)
+        outputs.append(op(h[:, step], context(memory, memory_pad, pad[:, step], state)))
+        start += length
+    return torch.cat(outputs, dim=1)
+
+
+@pytest.mark.parametrize("chunks", [[1] * TIME, [4, 1, 5]], ids=["steps", "chunks"])
+@pytest.mark.parametrize("case", DECODER_OPS, ids=op_id)
+def test_incremental_decoding_matches_full_causal_call(
+    case: tuple[str, bool], chunks: list[int]
+) -> None:
+    name, causal = case
+    op = make_op(name, causal)
+    h, memory, memory_pad = inputs()
+    pad = right_padding()
+    full = op(h, context(memory, memory_pad, pad))
+    with torch.no_grad():
+        stepped = decode(op, h, memory, memory_pad, pad, chunks)
+    torch.testing.assert_close(stepped, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("new_order", [[1, 0], [1, 1]], ids=["swap", "repeat"])
+@pytest.mark.parametrize("case", DECODER_OPS, ids=op_id)
+def test_reorder_state_follows_the_new_batch_order(
+    case: tuple[str, bool], new_order: list[int]
+) -> None:
+    name, causal = case
+    op = make_op(name, causal)
+    h, memory, memory_pad = inputs()
+    pad = torch.zeros(BATCH, TIME, dtype=torch.bool)
+    order = torch.tensor(new_order)
+    expected = op(h[order], context(memory[order], memory_pad[order], pad))
+    state: dict = {}
+    with torch.no_grad():
+        prefix = decode(op, h[:, :2], memory, memory_pad, pad, [1, 1], state)
+        reorder_state(state, order)
+        later = [1] * (TIME - 2)
+        rest = decode(op, h[order, 2:], memory[order], memory_pad[order], pad, later, state)
+    stepped = torch.cat([prefix[order], rest], dim=1)
+    torch.testing.assert_close(stepped, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["attention", "cross_attention"])
+def test_attention_without_visible_keys_is_finite_and_ignores_padding(name: str) -> None:
+    op = make_op(name, causal=True)
+    h, memory, _ = inputs()
+    h.requires_grad_(True)
+    pad = right_padding()
+    pad[0, 0] = True
+    memory_pad = torch.zeros(BATCH, SRC_TIME, dtype=torch.bool)
+    memory_pad[0] = True
+    out = op(h, context(memory, memory_pad, pad))
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(h.grad).all()
+    assert (out[0, 0] == 0).all()
+    noisy_out = op(h, context(memory + 100.0 * torch.randn_like(memory), memory_pad, pad))
+    torch.testing.assert_close(noisy_out[0], out[0])
+
+
+@pytest.mark.parametrize("name", sorted(PARAMETRIC))
+def test_every_parameter_gets_a_gradient(name: str) -> None:
+    op = make_op(name, causal=True, train=True)
+    h, memory, memory_pad = inputs()
+    op(h, context(memory, memory_pad, right_padding())).pow(2).sum().backward()
+    for param_name, param in op.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, param_name
+
+
+@pytest.mark.parametrize("name", ["conv3", "dynconv7", "attention"])
+def test_incremental_decoding_needs_a_causal_op(name: str) -> None:
+    op = make_op(name, causal=False)
+    h, memory, memory_pad = inputs()
+    with pytest.raises(ValueError, match="causal"):
+        op(h[:, :1], context(memory, memory_pad, state={}))
+
+
+def test_cross_attention_needs_memory() -> None:
+    op = make_op("cross_attention", causal=True)
+    with pytest.raises(ValueError, match="memory"):
+        op(torch.randn(BATCH, TIME, D), OpContext())
+
+
+def test_unknown_op_name_is_rejected_with_the_valid_names() -> None:
+    with pytest.raises(ValueError, match="'conv4'") as error:
+        build_candidate("conv4", D, causal=False)
+    assert all(name in str(error.value) for name in DECODER_CANDIDATES)
+
+
+@pytest.mark.parametrize("name", ["attention", "dynconv3", "cross_attention"])
+def test_heads_must_divide_d_model(name: str) -> None:
+    with pytest.raises(ValueError, match="heads"):
+        build_candidate(name, 18, causal=True, heads=4)
+
+
+def test_search_space_counts() -> None:
+    assert len(ENCODER_CANDIDATES) == len(set(ENCODER_CANDIDATES)) == 13
+    assert len(DECODER_CANDIDATES) == len(set(DECODER_CANDIDATES)) == 14
+    assert set(DECODER_CANDIDATES) - set(ENCODER_CANDIDATES) == {"cross_attention"}
+    assert PARAMETRIC == set(DECODER_CANDIDATES) - {"zero", "identity"}
+
+
+def test_conv_is_depthwise_separable() -> None:
+    op = build_candidate("conv11", D, causal=False)
+    assert sum(p.numel() for p in op.parameters()) == D * 11 + D + D * D + D
