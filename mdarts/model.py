@@ -1,0 +1,426 @@
+"""The networks: DARTS supernet, derived network and Transformer baseline (DESIGN.md 1.1, 1.2).
+
+All three map ``(src (batch, src_len), tgt_in (batch, tgt_len))`` token ids to logits
+``(batch, tgt_len, vocab)``, with padding marked by ``config.pad_id``, and share one
+embedding and output path: factorised embeddings (vocab x e, then e x d), sinusoidal
+positions, a final LayerNorm, then the projection d -> e and the tied output layer e -> vocab.
+
+* :class:`Supernet`: encoder of multi-split reversible layers with ``encoder_splits`` parts,
+  decoder with ``decoder_splits`` parts whose last is fixed cross-attention; every other part
+  is a DARTS node (:class:`Node`) over the candidate ops, with architecture logits per
+  (unit layer, split), shared by every ``unit_layers``-th layer.
+* :class:`DerivedNet`: the same skeleton with the one op per node a :class:`Genotype` names.
+* :class:`TransformerBaseline`: the standard post-LN encoder-decoder Transformer.
+
+Every decoder supports incremental decoding: :meth:`Seq2Seq.decode` with a ``state`` dict
+continues the prefix decoded so far without recomputing it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import mdarts_kernels as mk
+
+from .config import SearchConfig
+from .genotype import Genotype
+from .ops import PARAMETRIC, FeedForward, OpContext, SelfAttention, CrossAttention, build_candidate, reorder_state
+from .reversible import ReversibleLayer, ReversibleSequence
+
+
+class Node(nn.Module):
+    """A DARTS node over ``candidates``: G(H) = sum_o w_o op~(H), w = softmax(alpha).
+
+    op~(H) = LayerNorm_o(H + o(H)) for parametric ops, identity~(H) = H, zero~(H) = 0.
+    The parametric terms go through one fused ``mixed_ln_sum`` (no K x N temporaries).
+    With one candidate and no alpha, the node is that op alone (a derived network's node).
+
+    Args:
+        candidates: op names; dim: width of H (batch, time, dim); causal: decoder side;
+        alpha: (len(candidates),) architecture logits (may be shared with other nodes), or
+        None for a single fixed op; d_memory: width of the encoder memory.
+    """
+
+    def __init__(
+        self,
+        candidates: Sequence[str],
+        dim: int,
+        causal: bool,
+        config: SearchConfig,
+        alpha: Optional[nn.Parameter] = None,
+        d_memory: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        self.candidates = tuple(candidates)
+        if alpha is None and len(self.candidates) != 1:
+            raise ValueError(f"Node: a node of {len(self.candidates)} candidates needs architecture logits (alpha)")
+        if alpha is not None and alpha.shape != (len(self.candidates),):
+            raise ValueError(f"Node: alpha must have shape ({len(self.candidates)},), got {tuple(alpha.shape)}")
+        self.alpha = alpha
+        self.parametric = [i for i, name in enumerate(self.candidates) if name in PARAMETRIC]
+        self.identity = self.candidates.index("identity") if "identity" in self.candidates else None
+        self.ops = nn.ModuleList(
+            build_candidate(self.candidates[i], dim, causal, config.heads, config.dropout, d_memory, config.ffn_mult)
+            for i in self.parametric
+        )
+        if self.parametric:
+            self.ln_weight = nn.Parameter(torch.ones(len(self.parametric), dim))
+            self.ln_bias = nn.Parameter(torch.zeros(len(self.parametric), dim))
+
+    def weights(self) -> Tensor:
+        """softmax(alpha) over the candidates, (len(candidates),); [1.] for a fixed op."""
+        if self.alpha is None:
+            return torch.ones(1)
+        return torch.softmax(self.alpha, dim=0)
+
+    def forward(self, h: Tensor, op_ctx: Optional[OpContext] = None) -> Tensor:
+        """G(h) for h (batch, time, dim)."""
+        return self.coupled(None, h, 1.0, op_ctx)
+
+    def coupled(self, x: Optional[Tensor], h: Tensor, sign: float, op_ctx: Optional[OpContext] = None) -> Tensor:
+        """x + sign * G(h), fused, summed in float32 (x None means 0); shapes (batch, time, dim)."""
+        weights = self.weights().to(h.device)
+        residual = None if x is None else x
+        if self.identity is not None:
+            acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+            term = sign * weights[self.identity].to(acc) * h.to(acc)
+            residual = term if residual is None else residual.to(acc) + term
+        if residual is not None:
+            residual = residual.to(h.dtype)
+        if not self.parametric:
+            return residual if residual is not None else torch.zeros_like(h)
+        outs = [op(h, op_ctx).to(h.dtype) for op in self.ops]
+        chosen = weights[self.parametric] if self.alpha is not None else weights
+        return mk.mixed_ln_sum(h, outs, chosen, self.ln_weight, self.ln_bias, residual=residual, sign=sign)
+
+
+def sinusoidal_positions(length: int, dim: int) -> Tensor:
+    """(length, dim) sinusoidal position encodings (Vaswani et al. 2017)."""
+    position = torch.arange(length, dtype=torch.float32).unsqueeze(1)
+    rates = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(position * rates)
+    table[:, 1::2] = torch.cos(position * rates[: dim // 2])
+    return table
+
+
+class Embedding(nn.Module):
+    """Tokens (batch, len) -> (batch, len, d): vocab x e table (scaled by sqrt(e)), e -> d
+    projection (none when e == d), sinusoidal positions from ``start``, dropout."""
+
+    def __init__(self, vocab_size: int, config: SearchConfig) -> None:
+        super().__init__()
+        self.pad_id = config.pad_id
+        self.max_positions = config.max_positions
+        self.table = nn.Embedding(vocab_size, config.embed_dim, padding_idx=config.pad_id)
+        nn.init.normal_(self.table.weight, std=config.embed_dim**-0.5)
+        with torch.no_grad():
+            self.table.weight[config.pad_id].zero_()
+        self.project = nn.Linear(config.embed_dim, config.d_model, bias=False) if config.embed_dim != config.d_model else None
+        self.register_buffer("positions", sinusoidal_positions(config.max_positions, config.d_model), persistent=False)
+        self.dropout = nn.Dropout(config.dropout)
+        self.scale = math.sqrt(config.embed_dim)
+
+    def forward(self, tokens: Tensor, start: int = 0) -> Tensor:
+        length = tokens.shape[1]
+        if start + length > self.max_positions:
+            raise ValueError(
+                f"sequence of {start + length} positions exceeds SearchConfig.max_positions={self.max_positions}"
+            )
+        x = self.table(tokens) * self.scale
+        if self.project is not None:
+            x = self.project(x)
+        return self.dropout(x + self.positions[start : start + length])
+
+
+class Seq2Seq(nn.Module):
+    """Shared embedding and output path; subclasses provide ``encoder_body`` and ``decoder_body``."""
+
+    def __init__(self, config: SearchConfig, vocab_size: int) -> None:
+        super().__init__()
+        if not isinstance(vocab_size, int) or vocab_size < 1:
+            raise ValueError(f"vocab_size: expected a positive integer, got {vocab_size!r}")
+        if config.pad_id >= vocab_size:
+            raise ValueError(f"SearchConfig.pad_id: {config.pad_id} is outside the vocabulary of {vocab_size}")
+        self.config = config
+        self.vocab_size = vocab_size
+        self.src_embed = Embedding(vocab_size, config)
+        self.tgt_embed = self.src_embed if config.share_embeddings else Embedding(vocab_size, config)
+        self.encoder_norm = nn.LayerNorm(config.d_model)
+        self.decoder_norm = nn.LayerNorm(config.d_model)
+        d, e = config.d_model, config.embed_dim
+        self.out_project = nn.Linear(d, e, bias=False) if e != d else None
+        self.out_layer = None if config.tie_output else nn.Linear(e, vocab_size, bias=False)
+
+    # subclasses ----------------------------------------------------------------
+    def encoder_body(self, x: Tensor, op_ctx: OpContext) -> Tensor:
+        raise NotImplementedError
+
+    def decoder_body(self, y: Tensor, op_ctx: OpContext) -> Tensor:
+        raise NotImplementedError
+
+    # shared path -----------------------------------------------------------------
+    def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
+        """src (batch, src_len) -> (memory (batch, src_len, d), src_pad_mask (batch, src_len))."""
+        _check_tokens(src, "src", self.vocab_size)
+        src_pad = src.eq(self.config.pad_id)
+        x = self.src_embed(src)
+        memory = self.encoder_body(x, OpContext(pad_mask=src_pad))
+        return self.encoder_norm(memory), src_pad
+
+    def decode_features(
+        self, tgt_in: Tensor, memory: Tensor, src_pad: Tensor, state: Optional[dict] = None
+    ) -> Tensor:
+        """Decoder output before the vocabulary projection, (batch, tgt_len, e).
+
+        With ``state`` (a dict owned by the caller, empty at the first call), ``tgt_in`` holds
+        only the new tokens and the call continues the prefix the state has seen."""
+        _check_tokens(tgt_in, "tgt_in", self.vocab_size)
+        start = 0
+        if state is not None:
+            start = state.get("position", 0)
+            state["position"] = start + tgt_in.shape[1]
+        tgt_pad = None if state is not None else tgt_in.eq(self.config.pad_id)
+        y = self.tgt_embed(tgt_in, start=start)
+        y = self.decoder_body(y, OpContext(pad_mask=tgt_pad, memory=memory, memory_pad_mask=src_pad, state=state))
+        y = self.decoder_norm(y)
+        return self.out_project(y) if self.out_project is not None else y
+
+    def output_weight(self) -> Tensor:
+        """(vocab, e) weight of the output layer (the target embedding table when tied)."""
+        return self.tgt_embed.table.weight if self.out_layer is None else self.out_layer.weight
+
+    def decode(self, tgt_in: Tensor, memory: Tensor, src_pad: Tensor, state: Optional[dict] = None) -> Tensor:
+        """Logits (batch, tgt_len, vocab); see :meth:`decode_features` for ``state``."""
+        return F.linear(self.decode_features(tgt_in, memory, src_pad, state), self.output_weight())
+
+    def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        """Logits (batch, tgt_len, vocab) of tgt_in (batch, tgt_len) given src (batch, src_len)."""
+        memory, src_pad = self.encode(src)
+        return self.decode(tgt_in, memory, src_pad)
+
+    @staticmethod
+    def reorder_state(state: dict, new_order: Tensor) -> None:
+        """Reindex the batch of an incremental decoding state (beam search)."""
+        reorder_state(state, new_order)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _check_tokens(tokens: Tensor, name: str, vocab_size: int) -> None:
+    if tokens.dim() != 2 or tokens.dtype not in (torch.long, torch.int32):
+        raise ValueError(f"{name}: expected (batch, length) integer token ids, got {tuple(tokens.shape)} {tokens.dtype}")
+    if tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise ValueError(f"{name}: token ids must lie in [0, {vocab_size}), got [{tokens.min().item()}, {tokens.max().item()}]")
+
+
+class _ReversibleNet(Seq2Seq):
+    """Encoder and decoder of multi-split reversible layers built from nodes."""
+
+    def __init__(self, config: SearchConfig, vocab_size: int, memory_mode: str) -> None:
+        super().__init__(config, vocab_size)
+        self.memory_mode = memory_mode
+
+    def _build(self, encoder_nodes, decoder_nodes) -> None:
+        """encoder_nodes(layer) / decoder_nodes(layer) give each layer's list of searched nodes."""
+        config = self.config
+        enc_layers = [ReversibleLayer(encoder_nodes(i), pool=config.pool) for i in range(config.encoder_layers)]
+        dec_layers = []
+        for i in range(config.decoder_layers):
+            cross = Node(("cross_attention",), config.d_model // config.decoder_splits, True, config, d_memory=config.d_model)
+            dec_layers.append(ReversibleLayer([*decoder_nodes(i), cross], pool=config.pool))
+        self.encoder = ReversibleSequence(enc_layers, mode=self.memory_mode)
+        self.decoder = ReversibleSequence(dec_layers, mode=self.memory_mode)
+
+    def encoder_body(self, x: Tensor, op_ctx: OpContext) -> Tensor:
+        return self.encoder(x, op_ctx=op_ctx)
+
+    def decoder_body(self, y: Tensor, op_ctx: OpContext) -> Tensor:
+        if op_ctx.state is not None:  # incremental decoding: no backward, run the layers plainly
+            for layer in self.decoder.layers:
+                y = layer(y, op_ctx=op_ctx)
+            return y
+        return self.decoder(y, op_ctx=op_ctx)
+
+
+class Supernet(_ReversibleNet):
+    """The DARTS supernet of DESIGN.md 1.2 on multi-split reversible layers.
+
+    Architecture logits: ``alpha_encoder[i][k]`` (len(encoder_candidates),) and
+    ``alpha_decoder[i][k]`` (len(decoder_candidates),) for unit layer i < unit_layers and
+    searched split k; layer l uses unit layer l % unit_layers.
+    """
+
+    def __init__(self, config: SearchConfig, vocab_size: int) -> None:
+        super().__init__(config, vocab_size, config.memory_mode)
+        s = config.unit_layers
+        self.alpha_encoder = nn.ParameterList(
+            nn.Parameter(1e-3 * torch.randn(len(config.encoder_candidates))) for _ in range(s * config.encoder_splits)
+        )
+        self.alpha_decoder = nn.ParameterList(
+            nn.Parameter(1e-3 * torch.randn(len(config.decoder_candidates))) for _ in range(s * (config.decoder_splits - 1))
+        )
+        enc_dim = config.d_model // config.encoder_splits
+        dec_dim = config.d_model // config.decoder_splits
+
+        def encoder_nodes(layer: int) -> list[Node]:
+            unit = layer % s
+            return [
+                Node(config.encoder_candidates, enc_dim, False, config, self.alpha_encoder[unit * config.encoder_splits + k])
+                for k in range(config.encoder_splits)
+            ]
+
+        def decoder_nodes(layer: int) -> list[Node]:
+            unit = layer % s
+            searched = config.decoder_splits - 1
+            return [
+                Node(config.decoder_candidates, dec_dim, True, config, self.alpha_decoder[unit * searched + k], config.d_model)
+                for k in range(searched)
+            ]
+
+        self._build(encoder_nodes, decoder_nodes)
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        """The architecture logits (encoder then decoder)."""
+        return [*self.alpha_encoder, *self.alpha_decoder]
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        """Every parameter that is not an architecture logit."""
+        arch = {id(p) for p in self.arch_parameters()}
+        return [p for p in self.parameters() if id(p) not in arch]
+
+    def arch_weights(self) -> dict[str, list[list[list[float]]]]:
+        """softmax(alpha) per side, unit layer and split."""
+        config = self.config
+        result = {}
+        for side, alphas, splits in (
+            ("encoder", self.alpha_encoder, config.encoder_splits),
+            ("decoder", self.alpha_decoder, config.decoder_splits - 1),
+        ):
+            probs = [torch.softmax(a.detach().float(), 0).tolist() for a in alphas]
+            result[side] = [probs[i * splits : (i + 1) * splits] for i in range(config.unit_layers)]
+        return result
+
+    def genotype(self, exclude_zero: bool = True) -> Genotype:
+        """The argmax op of every node (zero excluded unless ``exclude_zero`` is False)."""
+        config = self.config
+        weights = self.arch_weights()
+        chosen = {}
+        for side in ("encoder", "decoder"):
+            candidates = getattr(config, f"{side}_candidates")
+            allowed = [i for i, name in enumerate(candidates) if not (exclude_zero and name == "zero")] or list(range(len(candidates)))
+            chosen[side] = [
+                [candidates[max(allowed, key=lambda i: node[i])] for node in layer] for layer in weights[side]
+            ]
+        return Genotype(
+            encoder=chosen["encoder"],
+            decoder=chosen["decoder"],
+            encoder_candidates=config.encoder_candidates,
+            decoder_candidates=config.decoder_candidates,
+            weights=weights,
+        )
+
+
+class DerivedNet(_ReversibleNet):
+    """The discrete network of a genotype: the supernet's skeleton with one op per node.
+
+    Trained with plain backprop by default (``memory_mode="store"``); the reversible modes
+    are available."""
+
+    def __init__(self, genotype: Genotype, config: SearchConfig, vocab_size: int, memory_mode: str = "store") -> None:
+        genotype.validate(config)
+        config = config.replace(memory_mode=memory_mode)
+        super().__init__(config, vocab_size, memory_mode)
+        self.genotype = genotype
+        s = config.unit_layers
+        enc_dim = config.d_model // config.encoder_splits
+        dec_dim = config.d_model // config.decoder_splits
+        self._build(
+            lambda layer: [Node((op,), enc_dim, False, config) for op in genotype.encoder[layer % s]],
+            lambda layer: [Node((op,), dec_dim, True, config, d_memory=config.d_model) for op in genotype.decoder[layer % s]],
+        )
+
+
+class _EncoderLayer(nn.Module):
+    """Post-LN Transformer encoder layer: x = LN(x + attn(x)); x = LN(x + ffn(x))."""
+
+    def __init__(self, config: SearchConfig) -> None:
+        super().__init__()
+        d = config.d_model
+        self.attention = SelfAttention(d, False, config.heads, config.dropout)
+        self.ffn = FeedForward(d, False, config.ffn_mult, config.dropout)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+
+    def forward(self, x: Tensor, op_ctx: OpContext) -> Tensor:
+        x = self.norm1(x + self.attention(x, op_ctx))
+        return self.norm2(x + self.ffn(x, op_ctx))
+
+
+class _DecoderLayer(nn.Module):
+    """Post-LN Transformer decoder layer: causal self-attention, cross-attention, FFN."""
+
+    def __init__(self, config: SearchConfig) -> None:
+        super().__init__()
+        d = config.d_model
+        self.attention = SelfAttention(d, True, config.heads, config.dropout)
+        self.cross = CrossAttention(d, True, config.heads, config.dropout, d)
+        self.ffn = FeedForward(d, True, config.ffn_mult, config.dropout)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+
+    def forward(self, y: Tensor, op_ctx: OpContext) -> Tensor:
+        y = self.norm1(y + self.attention(y, op_ctx))
+        y = self.norm2(y + self.cross(y, op_ctx))
+        return self.norm3(y + self.ffn(y, op_ctx))
+
+
+class TransformerBaseline(Seq2Seq):
+    """The standard (post-LN) encoder-decoder Transformer with the shared embedding and output path.
+
+    Uses d_model, heads, ffn_mult (FFN hidden = ffn_mult * d_model), dropout and the layer
+    counts of ``config``; see :func:`baseline_config_for` to size it to a parameter count."""
+
+    def __init__(self, config: SearchConfig, vocab_size: int) -> None:
+        super().__init__(config, vocab_size)
+        self.encoder_layers = nn.ModuleList(_EncoderLayer(config) for _ in range(config.encoder_layers))
+        self.decoder_layers = nn.ModuleList(_DecoderLayer(config) for _ in range(config.decoder_layers))
+
+    def encoder_body(self, x: Tensor, op_ctx: OpContext) -> Tensor:
+        for layer in self.encoder_layers:
+            x = layer(x, op_ctx)
+        return x
+
+    def decoder_body(self, y: Tensor, op_ctx: OpContext) -> Tensor:
+        for layer in self.decoder_layers:
+            y = layer(y, op_ctx)
+        return y
+
+
+def _parameter_count(config: SearchConfig, vocab_size: int) -> int:
+    with torch.device("meta"):
+        return TransformerBaseline(config, vocab_size).num_parameters()
+
+
+def baseline_config_for(target_parameters: int, config: SearchConfig, vocab_size: int) -> SearchConfig:
+    """``config`` with the d_model whose Transformer baseline has the parameter count nearest
+    ``target_parameters`` (d_model a multiple of 6 * heads, so the config stays valid)."""
+    if target_parameters < 1:
+        raise ValueError(f"target_parameters: expected a positive count, got {target_parameters}")
+    step = 6 * config.heads
+    best, best_gap = config, None
+    for d_model in range(step, 64 * step + 1, step):
+        candidate = config.replace(d_model=d_model)
+        gap = abs(_parameter_count(candidate, vocab_size) - target_parameters)
+        if best_gap is None or gap < best_gap:
+            best, best_gap = candidate, gap
+    return best
+
+
+def iter_nodes(model: nn.Module) -> Iterator[Node]:
+    """Every DARTS node of a supernet or derived network."""
+    return (m for m in model.modules() if isinstance(m, Node))
