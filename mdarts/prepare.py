@@ -1,0 +1,88 @@
+"""From raw parallel text to token ids: what training, search and evaluation start from.
+
+``prepare_data`` loads the splits (Multi30k by pair, or generic files), trains or reuses the
+joint SentencePiece model on the training split, and encodes every split.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from .data import ParallelCorpus, load_pair, load_parallel_files
+from .tokenizer import Tokenizer, train_or_load_tokenizer
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+@dataclass
+class EncodedSplit:
+    """One split: its raw text and SentencePiece ids (no BOS/EOS), aligned by index."""
+
+    corpus: ParallelCorpus
+    src_ids: list[list[int]]
+    tgt_ids: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.src_ids)
+
+
+@dataclass
+class PreparedData:
+    """The tokenizer and the encoded splits, by split name ("train", "val", ...)."""
+
+    tokenizer: Tokenizer
+    splits: dict[str, EncodedSplit] = field(default_factory=dict)
+    src_lang: str = "src"
+    tgt_lang: str = "tgt"
+
+    def __getitem__(self, split: str) -> EncodedSplit:
+        if split not in self.splits:
+            raise ValueError(f"split {split!r} was not prepared; prepared: {', '.join(self.splits)}")
+        return self.splits[split]
+
+
+@dataclass
+class FileCorpus:
+    """Generic parallel text files: ``{split: (src_path, tgt_path)}``; "train" is required."""
+
+    files: dict[str, tuple[PathLike, PathLike]]
+    src_lang: str = "src"
+    tgt_lang: str = "tgt"
+
+
+def prepare_data(
+    pair: Optional[str] = None,
+    splits: tuple[str, ...] = ("train", "val"),
+    data_dir: Optional[PathLike] = None,
+    files: Optional[FileCorpus] = None,
+    vocab_size: int = 8000,
+    tokenizer_cache: Optional[PathLike] = None,
+    tokenizer: Optional[Tokenizer] = None,
+) -> PreparedData:
+    """Load and encode ``splits`` of Multi30k ``pair`` (from ``data_dir``, $MDARTS_DATA or the
+    download) or of generic ``files``; the tokenizer is trained on (or reused for) the
+    training split unless one is given (e.g. from a checkpoint)."""
+    if (pair is None) == (files is None):
+        raise ValueError("prepare_data: give exactly one of pair (Multi30k) or files (generic parallel text)")
+    corpora: dict[str, ParallelCorpus] = {}
+    if files is not None:
+        for split in splits:
+            if split not in files.files:
+                raise ValueError(f"no files given for split {split!r}; given: {', '.join(files.files)}")
+            src, tgt = files.files[split]
+            corpora[split] = load_parallel_files(src, tgt, files.src_lang, files.tgt_lang, split)
+    else:
+        for split in splits:
+            corpora[split] = load_pair(pair, split, data_dir)
+    if tokenizer is None:
+        train = corpora["train"] if "train" in corpora else (
+            load_pair(pair, "train", data_dir) if files is None else load_parallel_files(*files.files["train"], files.src_lang, files.tgt_lang, "train")
+        )
+        tokenizer = train_or_load_tokenizer(train.src + train.tgt, vocab_size=vocab_size, cache_dir=tokenizer_cache)
+    first = next(iter(corpora.values()))
+    prepared = PreparedData(tokenizer=tokenizer, src_lang=first.src_lang, tgt_lang=first.tgt_lang)
+    for split, corpus in corpora.items():
+        prepared.splits[split] = EncodedSplit(corpus, tokenizer.encode(corpus.src), tokenizer.encode(corpus.tgt))
+    return prepared
