@@ -158,7 +158,6 @@ def run_sweep(args) -> list[dict]:
                             device,
                             args.repeats,
                         )
-                        del inputs, grad_out
                         for backend in backends:
                             config = dict(op=op, pass_=pass_, backend=backend, dtype=dtype_name, K=K, rows=rows, dim=dim)
                             child = dict(config, device=args.device)

@@ -11,7 +11,7 @@ Per configuration it prints and appends to ``--out`` one JSON line with:
     benchmark, mode, depth, splits, d, hidden, tokens, device, dtype, torch,
     peak_bytes    peak memory of the training steps above the memory after set-up (which
                   holds the weights, their gradient buffers and the Adam state). CPU: peak
-                  resident set (``ru_maxrss``) minus the resident set after set-up; CUDA:
+                  resident set (VmHWM, reset after set-up) minus the resident set after set-up; CUDA:
                   ``max_memory_allocated`` minus ``memory_allocated`` after set-up.
     saved_bytes   bytes autograd keeps for the backward after one forward pass, counted with
                   ``saved_tensors_hooks``, each storage once, parameters not counted.
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import current_rss_bytes, device_name, peak_rss_bytes, reset_peak_rss  # noqa: E402
 
 from mdarts.reversible import MODES, ReversibleLayer, ReversibleSequence  # noqa: E402
 
@@ -80,12 +82,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("results/reversible.jsonl"))
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
-
-
-def resident_bytes() -> int:
-    """The current resident set size of this process, in bytes."""
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def saved_activation_bytes(model: nn.Module, x: Tensor) -> int:
@@ -138,7 +134,8 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
         baseline = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        baseline = resident_bytes()
+        reset_peak_rss()  # the import's transient peak must not count
+        baseline = current_rss_bytes()
     times, cpu_times = [], []
     for i in range(config["steps"] + 1):
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -151,7 +148,7 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() - baseline
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+        peak = peak_rss_bytes() - baseline
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         saved = saved_activation_bytes(model, x)
     return {
@@ -162,7 +159,8 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
         "d": d,
         "hidden": config["hidden"],
         "tokens": config["batch"] * config["time"],
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": device.type,
+        "device_name": device_name(device),
         "dtype": config["dtype"],
         "peak_bytes": peak,
         "saved_bytes": saved,
