@@ -62,14 +62,8 @@ class SearchConfig:
             raise ValueError(f"SearchConfig.encoder_splits: expected at least 2, got {self.encoder_splits}")
         if self.decoder_splits < 2:
             raise ValueError(f"SearchConfig.decoder_splits: expected at least 2 (the last is cross-attention), got {self.decoder_splits}")
-        for name in ("encoder_splits", "decoder_splits"):
-            splits = getattr(self, name)
-            if self.d_model % splits:
-                raise ValueError(f"SearchConfig.d_model: {self.d_model} is not divisible by {name}={splits}")
-            if (self.d_model // splits) % self.heads:
-                raise ValueError(
-                    f"SearchConfig.heads: {self.heads} does not divide the part width d_model/{name} = {self.d_model // splits}"
-                )
+        if self.d_model % self.heads:
+            raise ValueError(f"SearchConfig.heads: {self.heads} does not divide d_model={self.d_model}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"SearchConfig.dropout: expected a probability in [0, 1), got {self.dropout!r}")
         if self.memory_mode not in MEMORY_MODES:
@@ -80,6 +74,19 @@ class SearchConfig:
             raise ValueError(f"SearchConfig.pad_id: expected a non-negative id, got {self.pad_id}")
         _check_candidates("encoder_candidates", self.encoder_candidates, ENCODER_CANDIDATES)
         _check_candidates("decoder_candidates", self.decoder_candidates, DECODER_CANDIDATES)
+
+    def check_splits(self) -> None:
+        """Raise ValueError naming the field unless d_model splits into encoder_splits and
+        decoder_splits equal parts, each divisible by heads (needed by the reversible nets,
+        not by the Transformer baseline)."""
+        for name in ("encoder_splits", "decoder_splits"):
+            splits = getattr(self, name)
+            if self.d_model % splits:
+                raise ValueError(f"SearchConfig.d_model: {self.d_model} is not divisible by {name}={splits}")
+            if (self.d_model // splits) % self.heads:
+                raise ValueError(
+                    f"SearchConfig.heads: {self.heads} does not divide the part width d_model/{name} = {self.d_model // splits}"
+                )
 
     def replace(self, **changes) -> "SearchConfig":
         """A copy with ``changes`` applied (validated)."""
@@ -120,9 +127,19 @@ PRESETS: dict[str, SearchConfig] = {
     "paper": SearchConfig(d_model=960, embed_dim=256, encoder_layers=6, decoder_layers=6, heads=8),
 }
 
+TRAIN_PRESETS: dict[str, SearchConfig] = {
+    # the published Multi30k Transformer (DESIGN.md 3): 4 + 4 layers, d 128, FFN 256, 4 heads
+    "multi30k-base": SearchConfig(
+        d_model=128, embed_dim=128, encoder_layers=4, decoder_layers=4, heads=4, ffn_mult=2, dropout=0.3, max_positions=256
+    ),
+    **PRESETS,
+}
 
-def preset(name: str) -> SearchConfig:
-    """The preset called ``name``; ValueError listing the presets otherwise."""
-    if name not in PRESETS:
-        raise ValueError(f"preset: unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-    return PRESETS[name]
+
+def preset(name: str, training: bool = False) -> SearchConfig:
+    """The search preset (or, with ``training``, the training preset) called ``name``;
+    ValueError listing the presets otherwise."""
+    presets = TRAIN_PRESETS if training else PRESETS
+    if name not in presets:
+        raise ValueError(f"preset: unknown preset {name!r}; presets: {', '.join(presets)}")
+    return presets[name]

@@ -224,6 +224,7 @@ class _ReversibleNet(Seq2Seq):
     """Encoder and decoder of multi-split reversible layers built from nodes."""
 
     def __init__(self, config: SearchConfig, vocab_size: int, memory_mode: str) -> None:
+        config.check_splits()
         super().__init__(config, vocab_size)
         self.memory_mode = memory_mode
 
@@ -411,9 +412,9 @@ def baseline_config_for(target_parameters: int, config: SearchConfig, vocab_size
     ``target_parameters`` (d_model a multiple of 6 * heads, so the config stays valid)."""
     if target_parameters < 1:
         raise ValueError(f"target_parameters: expected a positive count, got {target_parameters}")
-    step = 6 * config.heads
+    step = 2 * config.heads
     best, best_gap = config, None
-    for d_model in range(step, 64 * step + 1, step):
+    for d_model in range(step, 192 * step + 1, step):
         candidate = config.replace(d_model=d_model)
         gap = abs(_parameter_count(candidate, vocab_size) - target_parameters)
         if best_gap is None or gap < best_gap:

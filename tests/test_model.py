@@ -251,7 +251,7 @@ def test_baseline_sizing_matches_a_parameter_count():
     derived = DerivedNet(Supernet(TINY, VOCAB).genotype(), TINY, VOCAB)
     config = baseline_config_for(derived.num_parameters(), TINY, VOCAB)
     sized = TransformerBaseline(config, VOCAB).num_parameters()
-    step = 6 * TINY.heads
+    step = 2 * TINY.heads
     neighbours = [
         abs(TransformerBaseline(config.replace(d_model=d), VOCAB).num_parameters() - derived.num_parameters())
         for d in (config.d_model - step, config.d_model + step)
@@ -263,8 +263,10 @@ def test_baseline_sizing_matches_a_parameter_count():
 @pytest.mark.parametrize(
     "changes,message",
     [
-        (dict(d_model=25), r"SearchConfig.d_model: 25 is not divisible by encoder_splits=2"),
-        (dict(d_model=30, heads=4), r"SearchConfig.heads: 4 does not divide the part width"),
+        (dict(d_model=25, heads=1), r"SearchConfig.d_model: 25 is not divisible by encoder_splits=2"),
+        (dict(d_model=40, heads=4), r"SearchConfig.d_model: 40 is not divisible by decoder_splits=3"),
+        (dict(d_model=48, heads=16), r"SearchConfig.heads: 16 does not divide the part width"),
+        (dict(d_model=30, heads=4), r"SearchConfig.heads: 4 does not divide d_model=30"),
         (dict(memory_mode="fast"), r"SearchConfig.memory_mode: expected one of reconstruct"),
         (dict(encoder_candidates=("ffn", "conv9")), r"SearchConfig.encoder_candidates: unknown op\(s\) conv9"),
         (dict(decoder_splits=1), r"SearchConfig.decoder_splits: expected at least 2"),
@@ -273,7 +275,14 @@ def test_baseline_sizing_matches_a_parameter_count():
 )
 def test_bad_config_names_the_field(changes, message):
     with pytest.raises(ValueError, match=message):
-        TINY.replace(**changes)
+        Supernet(TINY.replace(**changes), VOCAB)
+
+
+def test_the_baseline_needs_no_split_divisibility():
+    config = TINY.replace(d_model=32, heads=4)  # 32 is not divisible by 3 decoder splits
+    assert TransformerBaseline(config, VOCAB)(*batch()).shape == (3, 6, VOCAB)
+    with pytest.raises(ValueError, match="decoder_splits=3"):
+        Supernet(config, VOCAB)
 
 
 def test_bad_vocabulary_and_tokens():
@@ -290,5 +299,7 @@ def test_bad_vocabulary_and_tokens():
 def test_presets():
     assert set(PRESETS) == {"tiny", "small", "paper"}
     assert preset("paper").d_model == 960 and preset("paper").embed_dim == 256
+    base = preset("multi30k-base", training=True)
+    assert (base.encoder_layers, base.d_model, base.d_model * base.ffn_mult, base.heads, base.dropout) == (4, 128, 256, 4, 0.3)
     with pytest.raises(ValueError, match="unknown preset 'huge'; presets: tiny, small, paper"):
         preset("huge")
