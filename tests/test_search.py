@@ -1,0 +1,264 @@
+"""The DARTS search engine (mdarts.search): a tiny search on Multi30k end to end, exact
+resume, separation of the theta and alpha updates, the second-order finite differences."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mdarts.checkpoint import load_checkpoint
+from mdarts.config import SearchConfig
+from mdarts.data import ParallelCorpus, load_pair
+from mdarts.genotype import Genotype
+from mdarts.model import Supernet
+from mdarts.prepare import EncodedSplit, PreparedData
+from mdarts.search import (
+    BatchStream,
+    DartsSearcher,
+    SearchSettings,
+    argmax_stability,
+    collapse_message,
+    finite_difference_hvp,
+    loss_and_grads,
+    run_search,
+    split_corpus,
+    unrolled_arch_gradients,
+)
+from mdarts.tokenizer import train_or_load_tokenizer
+
+CONFIG = SearchConfig(
+    d_model=24,
+    embed_dim=16,
+    encoder_layers=1,
+    decoder_layers=1,
+    unit_layers=1,
+    heads=2,
+    encoder_candidates=("conv3", "attention", "ffn", "zero", "identity"),
+    decoder_candidates=("conv3", "attention", "ffn", "zero", "identity", "cross_attention"),
+)
+
+
+def tiny_settings(**changes) -> SearchSettings:
+    values = {"max_steps": 8, "max_tokens": 600, "warmup_steps": 10, "eval_interval": 4, "checkpoint_interval": 4, "device": "cpu"}
+    return SearchSettings(**{**values, **changes})
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: one thread avoids oversubscribing shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(multi30k_dir, tmp_path_factory) -> PreparedData:
+    """400 training and 40 validation pairs of Multi30k En-De, a 300-piece SentencePiece model."""
+    splits = {}
+    for name, size in (("train", 400), ("val", 40)):
+        corpus = load_pair("en-de", name, multi30k_dir)
+        splits[name] = ParallelCorpus(corpus.src_lang, corpus.tgt_lang, name, corpus.src[:size], corpus.tgt[:size])
+    train = splits["train"]
+    tokenizer = train_or_load_tokenizer(train.src + train.tgt, vocab_size=300, cache_dir=tmp_path_factory.mktemp("spm"))
+    prepared = PreparedData(tokenizer=tokenizer, src_lang="en", tgt_lang="de")
+    for name, corpus in splits.items():
+        prepared.splits[name] = EncodedSplit(corpus, tokenizer.encode(corpus.src), tokenizer.encode(corpus.tgt))
+    return prepared
+
+
+def step_losses(out_dir) -> list[tuple[int, float, float]]:
+    records = [json.loads(line) for line in (out_dir / "search_log.jsonl").read_text().splitlines()]
+    return [(r["step"], r["theta_loss"], r["alpha_loss"]) for r in records if r["event"] == "step"]
+
+
+def saved_alphas(out_dir) -> list[torch.Tensor]:
+    state = load_checkpoint(out_dir / "search_checkpoint.pt", kind="search")["searcher"]["model"]
+    return [state[name] for name in sorted(state) if name.startswith("alpha_")]
+
+
+def test_tiny_search_writes_genotype_history_and_heatmap(data, tmp_path):
+    out = tmp_path / "run"
+    result = run_search(CONFIG, data, tiny_settings(max_steps=10), out, progress=False)
+    assert result.steps == 10 and result.peak_memory_bytes > 0
+    genotype = Genotype.load(out / "genotype.json").validate(CONFIG)
+    assert genotype == result.genotype
+    history = [json.loads(line) for line in (out / "alpha_history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [4, 8, 10]  # every eval_interval, and at the end
+    for record in history:
+        for node in (n for side in ("encoder", "decoder") for layer in record[side] for n in layer):
+            assert sum(node) == pytest.approx(1.0, abs=1e-6)
+    assert (out / "alpha_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    evals = [json.loads(line) for line in (out / "search_log.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if r["event"] == "eval"]
+    assert evals[0]["argmax_stability"] is None and 0.0 <= evals[-1]["argmax_stability"] <= 1.0
+    assert all(r["val_loss"] > 0 for r in evals) and result.val_loss == evals[-1]["val_loss"]
+    assert len(step_losses(out)) == 10
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+def test_resume_gives_the_same_losses_and_alphas_as_an_uninterrupted_run(data, tmp_path, second_order):
+    assert CONFIG.dropout > 0
+    straight, parted = tmp_path / "straight", tmp_path / "parted"
+    run_search(CONFIG, data, tiny_settings(max_steps=8, second_order=second_order), straight, progress=False)
+    run_search(CONFIG, data, tiny_settings(max_steps=4, second_order=second_order), parted, progress=False)
+    with pytest.raises(FileExistsError, match="another search run"):
+        run_search(CONFIG, data, tiny_settings(max_steps=8, second_order=second_order), parted, progress=False)
+    run_search(CONFIG, data, tiny_settings(max_steps=8, second_order=second_order), parted, resume=True, progress=False)
+    assert step_losses(parted) == step_losses(straight)
+    for a, b in zip(saved_alphas(parted), saved_alphas(straight), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_resume_refuses_other_settings(data, tmp_path):
+    run_search(CONFIG, data, tiny_settings(max_steps=1), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="split_ratio"):
+        run_search(CONFIG, data, tiny_settings(max_steps=2, split_ratio=0.5), tmp_path, resume=True, progress=False)
+
+
+def make_searcher(data, **changes) -> tuple[DartsSearcher, BatchStream, BatchStream]:
+    torch.manual_seed(0)
+    settings = tiny_settings(**changes)
+    theta_idx, alpha_idx = split_corpus(len(data["train"]), settings.split_ratio, settings.seed)
+    theta = BatchStream(data["train"], theta_idx, settings.max_tokens, 0, CONFIG, "theta")
+    alpha = BatchStream(data["train"], alpha_idx, settings.max_tokens, 1, CONFIG, "alpha")
+    return DartsSearcher(Supernet(CONFIG, data.tokenizer.vocab_size), settings), theta, alpha
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+def test_theta_steps_change_no_alpha_and_alpha_steps_no_theta(data, second_order):
+    searcher, theta, alpha = make_searcher(data, second_order=second_order)
+    searcher.steps = 5  # a non-zero learning rate
+    held = list(searcher.model.parameters())
+    weights = [p.detach().clone() for p in searcher.weights]
+    arch = [p.detach().clone() for p in searcher.arch]
+    theta_batch = theta.next()
+    searcher.theta_step(theta_batch)
+    assert all(torch.equal(p, q) for p, q in zip(searcher.arch, arch))
+    assert sum(not torch.equal(p, q) for p, q in zip(searcher.weights, weights)) > len(weights) // 2
+    weights = [p.detach().clone() for p in searcher.weights]
+    searcher.alpha_step(alpha.next(), theta_batch)
+    assert all(torch.equal(p, q) for p, q in zip(searcher.weights, weights))
+    assert all(not torch.equal(p, q) for p, q in zip(searcher.arch, arch))
+    assert all(p.grad is None for p in [*searcher.weights, *searcher.arch])
+    assert all(p is q for p, q in zip(searcher.model.parameters(), held, strict=True))
+
+
+def test_collapse_warning_and_argmax_stability():
+    assert collapse_message(["zero", "identity", "ffn", "attention"]) is None  # half is not most
+    assert "3 of 4 nodes" in collapse_message(["zero", "identity", "identity", "attention"])
+    assert argmax_stability(None, ["ffn"]) is None
+    assert argmax_stability(["ffn", "conv3", "zero", "glu"], ["ffn", "conv5", "zero", "glu"]) == 0.75
+
+
+def test_split_is_disjoint_and_deterministic():
+    theta, alpha = split_corpus(100, 0.55, seed=3)
+    assert len(theta) == 55 and len(alpha) == 45 and not set(theta) & set(alpha)
+    assert sorted(theta + alpha) == list(range(100))
+    assert split_corpus(100, 0.55, seed=3) == (theta, alpha) != split_corpus(100, 0.55, seed=4)
+
+
+def test_functional_call_gradients_match_the_reversible_model_with_those_weights(data):
+    """The reversible backward recomputes ops: it must see the tensors functional_call put in place."""
+    searcher, theta, _ = make_searcher(data)
+    model, batch = searcher.model, theta.next()
+    params = dict(model.named_parameters())
+    moved = {name: (p.detach() + 0.05 * torch.randn_like(p)).requires_grad_() for name, p in params.items()}
+    state = torch.get_rng_state()
+    loss, grads = loss_and_grads(model, searcher._loss, moved, batch, list(moved))
+    assert all(p is params[name] for name, p in model.named_parameters())  # all restored, tied ones too
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(moved[name])
+    torch.set_rng_state(state)
+    expected_loss = searcher._loss(model, batch)
+    expected = torch.autograd.grad(expected_loss, list(params.values()), allow_unused=True)
+    assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-6)
+    for name, got, want in zip(params, grads, expected):
+        torch.testing.assert_close(got, torch.zeros_like(got) if want is None else want, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+class MixedLinear(nn.Module):
+    """A two-candidate DARTS cell in plain PyTorch (double backward works): (batch, 5) -> (batch, 3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(5, 6), nn.Linear(5, 6), nn.Linear(6, 3)
+        self.alpha = nn.Parameter(torch.randn(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = torch.softmax(self.alpha, 0)
+        return self.out(w[0] * torch.tanh(self.a(x)) + w[1] * torch.sigmoid(self.b(x)))
+
+
+def mixed_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+@pytest.fixture
+def mixed() -> tuple[MixedLinear, list[str], list[str], tuple, tuple]:
+    torch.manual_seed(0)
+    model = MixedLinear().double()
+    weight_names = [n for n, _ in model.named_parameters() if n != "alpha"]
+    batches = [(torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))) for _ in range(2)]
+    return model, weight_names, ["alpha"], *batches
+
+
+def test_finite_difference_hvp_matches_double_backward(mixed):
+    model, weight_names, arch_names, train, _ = mixed
+    params = dict(model.named_parameters())
+    vector = [torch.randn_like(params[n]) for n in weight_names]
+    eps = 0.01 / torch.linalg.vector_norm(torch.cat([v.flatten() for v in vector])).item()
+    got = finite_difference_hvp(model, mixed_loss, params, weight_names, arch_names, vector, train, eps)
+    grads = torch.autograd.grad(mixed_loss(model, train), [params[n] for n in weight_names], create_graph=True)
+    (exact,) = torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, vector)), params["alpha"])
+    torch.testing.assert_close(got[0], exact, rtol=1e-4, atol=1e-10)
+
+
+def test_unrolled_gradient_matches_the_exact_one(mixed):
+    model, weight_names, arch_names, train, val = mixed
+    xi = 0.5
+    params = dict(model.named_parameters())
+    _, got = unrolled_arch_gradients(model, mixed_loss, weight_names, arch_names, train, val, xi)
+    grads = torch.autograd.grad(mixed_loss(model, train), [params[n] for n in weight_names], create_graph=True)
+    unrolled = {n: params[n] - xi * g for n, g in zip(weight_names, grads)}
+    val_loss = torch.func.functional_call(model, {**unrolled, "alpha": params["alpha"]}, (val[0],))
+    (exact,) = torch.autograd.grad(F.cross_entropy(val_loss, val[1]), params["alpha"])
+    torch.testing.assert_close(got[0], exact, rtol=1e-4, atol=1e-10)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"max_steps": 0}, "max_steps"),
+        ({"max_steps": None, "max_minutes": 0}, "max_minutes"),
+        ({"max_steps": None}, "max_steps"),
+        ({"split_ratio": 0.0}, "split_ratio"),
+        ({"split_ratio": 1.0}, "split_ratio"),
+        ({"split_ratio": 1.5}, "split_ratio"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"eval_interval": 0}, "eval_interval"),
+        ({"device": "tpu"}, "device"),
+        ({"second_order": True, "bf16": True}, "bf16"),
+    ],
+)
+def test_bad_settings_raise_naming_the_field(changes, field):
+    with pytest.raises(ValueError, match=f"SearchSettings.{field}"):
+        tiny_settings(**changes)
+
+
+def test_out_dir_of_another_run_is_refused_and_left_alone(data, tmp_path):
+    (tmp_path / "genotype.json").write_text("earlier run")
+    with pytest.raises(FileExistsError, match="another search run"):
+        run_search(CONFIG, data, tiny_settings(max_steps=1), tmp_path, progress=False)
+    assert (tmp_path / "genotype.json").read_text() == "earlier run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["genotype.json"]
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        run_search(CONFIG, data, tiny_settings(max_steps=1), tmp_path, resume=True, progress=False)
+    result = run_search(CONFIG, data, tiny_settings(max_steps=1), tmp_path, overwrite=True, progress=False)
+    Genotype.load(result.genotype_path).validate(CONFIG)
