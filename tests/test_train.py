@@ -1,0 +1,346 @@
+"""Tests of training (mdarts.train): exact resume, learning on a slice of Multi30k,
+checkpoints (atomic, corrupt, mismatched, averaged), settings and run-directory safety.
+
+Tiny models (d 24, one layer each side) on a slice of Multi30k En-De with a 300-piece
+SentencePiece model keep the whole file well under a minute on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import mdarts.train as train_module
+from mdarts.checkpoint import load_checkpoint, save_checkpoint
+from mdarts.config import SearchConfig
+from mdarts.data import load_pair
+from mdarts.genotype import Genotype
+from mdarts.model import DerivedNet, TransformerBaseline
+from mdarts.prepare import EncodedSplit
+from mdarts.tokenizer import PAD_ID, Tokenizer, train_or_load_tokenizer
+from mdarts.train import (
+    TrainConfig,
+    Trainer,
+    average_checkpoints,
+    build_model_from_spec,
+    load_model,
+    model_spec,
+    read_log,
+    validation_loss,
+    write_average_checkpoint,
+)
+
+TINY = SearchConfig(d_model=24, embed_dim=16, encoder_layers=1, decoder_layers=1, heads=2, max_positions=128)
+TRAIN_SENTENCES = 2000
+VALID_SENTENCES = 200
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls on a shared 2-core machine: one thread avoids oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(multi30k_dir, tmp_path_factory):
+    """(train, valid, tokenizer): the first 2000 / 200 pairs of Multi30k En-De, 300 pieces."""
+    train = load_pair("en-de", "train", multi30k_dir)
+    valid = load_pair("en-de", "val", multi30k_dir)
+    train.src, train.tgt = train.src[:TRAIN_SENTENCES], train.tgt[:TRAIN_SENTENCES]
+    valid.src, valid.tgt = valid.src[:VALID_SENTENCES], valid.tgt[:VALID_SENTENCES]
+    tokenizer = train_or_load_tokenizer(train.src + train.tgt, vocab_size=300, cache_dir=tmp_path_factory.mktemp("spm"))
+    encode = lambda corpus: EncodedSplit(corpus, tokenizer.encode(corpus.src), tokenizer.encode(corpus.tgt))
+    return encode(train), encode(valid), tokenizer
+
+
+def _slice(split: EncodedSplit, n: int) -> EncodedSplit:
+    return EncodedSplit(split.corpus, split.src_ids[:n], split.tgt_ids[:n])
+
+
+def _model(tokenizer: Tokenizer, seed: int = 0, config: SearchConfig = TINY) -> TransformerBaseline:
+    torch.manual_seed(seed)
+    return TransformerBaseline(config, tokenizer.vocab_size)
+
+
+def _trainer(data, out_dir: Path, config: TrainConfig, *, seed: int = 0, n_train: int = 300, n_valid: int = 60, **kwargs) -> Trainer:
+    train, valid, tokenizer = data
+    model = _model(tokenizer, seed)
+    return Trainer(
+        model, _slice(train, n_train), _slice(valid, n_valid), config, out_dir, PAD_ID, model_spec(model),
+        tokenizer.to_bytes(), progress=False, **kwargs,
+    )
+
+
+def _short(**changes) -> TrainConfig:
+    settings = dict(lr=2e-3, warmup_steps=10, max_tokens=512, max_steps=6, valid_interval=3, log_interval=1,
+                    keep_last=2, device="cpu")
+    settings.update(changes)
+    return TrainConfig(**settings)
+
+
+# ---------------------------------------------------------------------------- exact resume
+
+
+def test_resume_equals_uninterrupted(data, tmp_path):
+    """2N steps in one go == N steps, a resume from checkpoint_last.pt, N more steps:
+    the same logged losses (training and validation) and bit-identical parameters and
+    optimizer state, with dropout on and the epoch boundary crossed after the resume."""
+    n = 16
+    config = _short(max_steps=2 * n, valid_interval=n, keep_last=0)
+    whole = _trainer(data, tmp_path / "whole", config)
+    assert n < len(whole.train_batches) < 2 * n  # resume mid-epoch, then start a new epoch
+    assert whole.model.config.dropout > 0
+    whole.run()
+
+    _trainer(data, tmp_path / "split", dataclasses.replace(config, max_steps=n)).run()
+    # another initialisation: everything must come from the checkpoint
+    resumed = _trainer(data, tmp_path / "split", config, seed=123, resume=True)
+    assert (resumed.step, resumed.position) == (n, n)
+    summary = resumed.run()
+    assert summary["epochs"] == 1 and summary["steps"] == 2 * n
+
+    fields = ("kind", "step", "epoch", "loss", "nll", "grad_norm", "lr", "tokens")
+    strip = lambda entries: [{k: e[k] for k in fields if k in e} for e in entries]
+    assert strip(read_log(tmp_path / "split")) == strip(read_log(tmp_path / "whole"))
+    assert len([e for e in read_log(tmp_path / "whole") if e["kind"] == "train"]) == 2 * n
+
+    a = load_checkpoint(tmp_path / "whole" / "checkpoint_last.pt", "train")
+    b = load_checkpoint(tmp_path / "split" / "checkpoint_last.pt", "train")
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for state_a, state_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for key in state_a:
+            assert torch.equal(state_a[key], state_b[key]), key
+    assert (a["epoch"], a["position"], a["best_loss"]) == (b["epoch"], b["position"], b["best_loss"])
+
+
+def test_resume_log_is_cut_back_to_the_checkpoint(data, tmp_path):
+    """Log lines written after the last checkpoint (a crash) are replaced, not duplicated."""
+    _trainer(data, tmp_path, _short(max_steps=3, valid_interval=3)).run()
+    with open(tmp_path / "log.jsonl", "a") as handle:
+        handle.write(json.dumps({"kind": "train", "step": 4, "loss": 9.9}) + "\n")
+    _trainer(data, tmp_path, _short(max_steps=4, valid_interval=3), resume=True).run()
+    steps = [e["step"] for e in read_log(tmp_path) if e["kind"] == "train"]
+    assert steps == [1, 2, 3, 4]
+    assert all(e["loss"] != 9.9 for e in read_log(tmp_path))
+
+
+def test_resume_refuses_other_settings_or_model(data, tmp_path):
+    _trainer(data, tmp_path, _short(max_steps=3)).run()
+    with pytest.raises(ValueError, match=r"different settings: lr"):
+        _trainer(data, tmp_path, _short(max_steps=6, lr=1e-3), resume=True)
+    train, valid, tokenizer = data
+    other = TransformerBaseline(TINY.replace(d_model=12), tokenizer.vocab_size)
+    with pytest.raises(ValueError, match="another model"):
+        Trainer(other, train, valid, _short(), tmp_path, PAD_ID, model_spec(other), tokenizer.to_bytes(), resume=True)
+    with pytest.raises(FileNotFoundError, match="no run to continue"):
+        _trainer(data, tmp_path / "empty", _short(), resume=True)
+
+
+# ---------------------------------------------------------------------------- learning
+
+
+def test_a_few_hundred_steps_lower_the_validation_loss(data, tmp_path):
+    """250 updates of a 60k-parameter Transformer (d 48) on 2000 pairs cut the validation
+    loss (label-smoothed, 200 held-out pairs) by more than 30% and the NLL by more than
+    40% from their initial values (observed: about 38% and 46%)."""
+    train, valid, tokenizer = data
+    config = TrainConfig(lr=1e-2, warmup_steps=30, max_tokens=1024, max_steps=250, valid_interval=125,
+                         log_interval=25, keep_last=2, device="cpu")
+    model = _model(tokenizer, config=TINY.replace(d_model=48, embed_dim=32))
+    trainer = Trainer(model, train, valid, config, tmp_path, PAD_ID, model_spec(model), tokenizer.to_bytes(), progress=False)
+    initial = validation_loss(model, trainer.valid_batches, PAD_ID, 0.1, trainer.device)
+    summary = trainer.run()
+
+    final = summary["last_valid"]
+    assert final["loss"] < 0.7 * initial["loss"], (initial, final)
+    assert final["nll"] < 0.6 * initial["nll"], (initial, final)
+    assert summary["stopped_by"] == "max_steps" and summary["steps"] == 250
+    log = read_log(tmp_path)
+    assert [e["step"] for e in log if e["kind"] == "valid"] == [125, 250]
+    assert len([e for e in log if e["kind"] == "train"]) == 10
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.glob("checkpoint*.pt")) == [
+        "checkpoint_avg.pt", "checkpoint_best.pt", "checkpoint_last.pt", "checkpoint_step125.pt", "checkpoint_step250.pt",
+    ]
+    # the best checkpoint alone rebuilds the model and the tokenizer
+    model, loaded_tokenizer, spec = load_model(tmp_path / "checkpoint_best.pt")
+    assert loaded_tokenizer.to_bytes() == tokenizer.to_bytes() and spec["kind"] == "transformer"
+    again = validation_loss(model, trainer.valid_batches, PAD_ID, 0.1, torch.device("cpu"))["loss"]
+    assert again == pytest.approx(summary["best_valid_loss"], rel=1e-6)
+
+
+def test_early_stopping_and_best_checkpoint(data, tmp_path, monkeypatch):
+    """Validation losses 3.0, 2.0, 2.5, 2.1: with patience 2 the run stops after the fourth
+    validation; checkpoint_best.pt is the second's. The BLEU callback runs in eval mode."""
+    losses = iter([3.0, 2.0, 2.5, 2.1, 1.0])
+    scripted = lambda *args, **kwargs: {"loss": next(losses), "nll": 1.0, "ppl": 2.7, "tokens": 1}
+
+    def bleu(model: torch.nn.Module) -> float:
+        assert not model.training and not torch.is_grad_enabled()
+        return 12.5
+
+    monkeypatch.setattr(train_module, "validation_loss", scripted)
+    summary = _trainer(data, tmp_path, _short(max_steps=100, valid_interval=2, patience=2), validate_bleu=bleu).run()
+    assert summary["stopped_by"] == "patience" and summary["steps"] == 8
+    assert summary["best_valid_loss"] == 2.0
+    valid = [e for e in read_log(tmp_path) if e["kind"] == "valid"]
+    assert [(e["step"], e["bad_validations"], e["bleu"]) for e in valid] == [(2, 0, 12.5), (4, 0, 12.5), (6, 1, 12.5), (8, 2, 12.5)]
+    assert load_checkpoint(tmp_path / "checkpoint_best.pt")["step"] == 4
+
+
+def test_bf16_autocast_trains(data, tmp_path):
+    summary = _trainer(data, tmp_path, _short(max_steps=2, valid_interval=2, bf16=True)).run()
+    assert summary["steps"] == 2 and torch.isfinite(torch.tensor(summary["last_valid"]["loss"]))
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoints_are_atomic_and_corruption_is_named(data, tmp_path):
+    run = tmp_path / "run"
+    _trainer(data, run, _short()).run()
+    assert not list(run.glob("*.tmp")) and not list(run.glob(".*tmp"))
+    for name in ("checkpoint_last.pt", "checkpoint_best.pt", "checkpoint_avg.pt"):
+        load_model(run / name)
+
+    broken = tmp_path / "broken.pt"
+    content = (run / "checkpoint_last.pt").read_bytes()
+    broken.write_bytes(content[: len(content) // 2])
+    with pytest.raises(ValueError, match=r"broken\.pt is corrupt or truncated"):
+        load_model(broken)
+    # a truncated checkpoint_last.pt stops a resume with the same message, and is kept
+    shutil.copy(broken, run / "checkpoint_last.pt")
+    with pytest.raises(ValueError, match=r"checkpoint_last\.pt is corrupt or truncated"):
+        _trainer(data, run, _short(max_steps=9), resume=True)
+    assert (run / "checkpoint_last.pt").read_bytes() == broken.read_bytes()
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_model(tmp_path / "missing.pt")
+
+
+def test_mismatched_checkpoint_says_which_keys_and_why(data, tmp_path):
+    _trainer(data, tmp_path, _short(max_steps=3)).run()
+    payload = load_checkpoint(tmp_path / "checkpoint_last.pt", "train")
+
+    wider = dict(payload, spec={**payload["spec"], "config": TINY.replace(d_model=48).to_dict()})
+    save_checkpoint(tmp_path / "wider.pt", wider)
+    with pytest.raises(ValueError, match=r"wider\.pt: the weights do not fit the model \(TransformerBaseline\): "
+                       r"shape mismatch: src_embed\.project\.weight \(24, 16\) \(model has \(48, 16\)\)"):
+        load_model(tmp_path / "wider.pt")
+
+    state = dict(payload["model"])
+    removed = next(iter(state))
+    del state[removed]
+    state["extra.weight"] = torch.zeros(1)
+    save_checkpoint(tmp_path / "keys.pt", dict(payload, model=state))
+    with pytest.raises(ValueError, match=rf"keys\.pt.*missing key\(s\) {removed}; unexpected key\(s\) extra\.weight"):
+        load_model(tmp_path / "keys.pt")
+
+    save_checkpoint(tmp_path / "vocab.pt", dict(payload, spec={**payload["spec"], "vocab_size": 400}))
+    with pytest.raises(ValueError, match=r"vocab\.pt: the tokenizer has 300 ids but the model 400"):
+        load_model(tmp_path / "vocab.pt")
+
+    save_checkpoint(tmp_path / "search.pt", {"kind": "search"})
+    with pytest.raises(ValueError, match=r"search\.pt is a 'search' checkpoint"):
+        load_model(tmp_path / "search.pt")
+
+
+def test_average_of_identical_checkpoints_is_the_checkpoint(data, tmp_path):
+    _trainer(data, tmp_path, _short(max_steps=3, keep_last=2)).run()
+    last = tmp_path / "checkpoint_last.pt"
+    state = load_checkpoint(last)["model"]
+    averaged = average_checkpoints([last, last, last])
+    assert averaged.keys() == state.keys()
+    assert all(torch.equal(averaged[k], state[k]) and averaged[k].dtype == state[k].dtype for k in state)
+
+
+def test_average_is_the_parameter_mean(data, tmp_path):
+    _trainer(data, tmp_path, _short(max_steps=6, valid_interval=3, keep_last=2)).run()
+    a = load_checkpoint(tmp_path / "checkpoint_step3.pt")["model"]
+    b = load_checkpoint(tmp_path / "checkpoint_step6.pt")["model"]
+    path = write_average_checkpoint(tmp_path)
+    averaged = load_checkpoint(path, "average")
+    assert averaged["averaged"] == ["checkpoint_step3.pt", "checkpoint_step6.pt"]
+    for key in a:
+        torch.testing.assert_close(averaged["model"][key], (a[key] + b[key]) / 2)
+    model, _, _ = load_model(path)
+    assert torch.equal(model.state_dict()["src_embed.table.weight"], averaged["model"]["src_embed.table.weight"])
+
+
+def test_keep_last_prunes_step_checkpoints(data, tmp_path):
+    _trainer(data, tmp_path, _short(max_steps=8, valid_interval=2, keep_last=3)).run()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_step*.pt")) == [
+        "checkpoint_step4.pt", "checkpoint_step6.pt", "checkpoint_step8.pt",
+    ]
+
+
+def test_derived_spec_round_trip(data):
+    _, _, tokenizer = data
+    genotype = Genotype([["ffn", "attention"]] * 2, [["conv3", "attention"]] * 2,
+                        TINY.encoder_candidates, TINY.decoder_candidates)
+    model = DerivedNet(genotype, TINY, tokenizer.vocab_size)
+    rebuilt = build_model_from_spec(model_spec(model))
+    assert isinstance(rebuilt, DerivedNet) and rebuilt.genotype == genotype
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="kind must be one of"):
+        build_model_from_spec({**model_spec(model), "kind": "lstm"})
+    with pytest.raises(ValueError, match="needs its genotype"):
+        build_model_from_spec({**model_spec(model), "genotype": None})
+
+
+# ---------------------------------------------------------------------------- settings and run directories
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"max_steps": 0}, "max_steps"),
+        ({"max_steps": None, "max_epochs": None}, "max_steps / max_epochs"),
+        ({"lr": 0.0}, "lr"),
+        ({"lr": float("nan")}, "lr"),
+        ({"warmup_steps": 0}, "warmup_steps"),
+        ({"max_tokens": -5}, "max_tokens"),
+        ({"valid_interval": 0}, "valid_interval"),
+        ({"max_epochs": 1.5}, "max_epochs"),
+        ({"patience": -1}, "patience"),
+        ({"keep_last": -1}, "keep_last"),
+        ({"betas": (0.9, 1.0)}, "betas"),
+        ({"label_smoothing": 1.0}, "label_smoothing"),
+        ({"clip_norm": -1.0}, "clip_norm"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"device": "gpu0"}, "device"),
+    ],
+)
+def test_bad_train_config_names_the_field(changes, field):
+    settings = {"max_steps": 10, **changes}
+    with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
+        TrainConfig(**settings)
+
+
+def test_learning_rate_schedule():
+    config = TrainConfig(lr=1e-3, warmup_steps=100, max_steps=1)
+    assert config.learning_rate(1) == pytest.approx(1e-5)
+    assert config.learning_rate(100) == pytest.approx(1e-3)
+    assert config.learning_rate(400) == pytest.approx(5e-4)
+    assert TrainConfig.from_dict(config.to_dict()) == config
+
+
+def test_existing_run_is_refused_without_resume_or_overwrite(data, tmp_path):
+    _trainer(data, tmp_path, _short(max_steps=3)).run()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(FileExistsError, match="already holds a training run.*resume.*overwrite"):
+        _trainer(data, tmp_path, _short(max_steps=3))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing lost
+    summary = _trainer(data, tmp_path, _short(max_steps=2, valid_interval=2), overwrite=True).run()
+    assert summary["steps"] == 2
+    assert not (tmp_path / "checkpoint_step3.pt").exists()
+    assert [e["step"] for e in read_log(tmp_path) if e["kind"] == "valid"] == [2]
