@@ -7,7 +7,11 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
 INSTALLED := $(VENV)/.mdarts-installed
 
-.PHONY: install test bench clean
+# Multi30k: $(MDARTS_DATA), else the project's shared copy, else the download cache
+DATA_DIR ?= $(or $(MDARTS_DATA),$(wildcard ../shared/data/multi30k))
+SEARCH_ARGS ?=
+
+.PHONY: install test search bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +25,11 @@ install: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(PY) -m pytest -q
+
+search: $(INSTALLED)
+	@run=runs/search-tiny-en-de-$$(date +%Y%m%d-%H%M%S); \
+	$(VENV)/bin/mdarts search --preset tiny --pair en-de $(if $(DATA_DIR),--data-dir $(DATA_DIR)) --out $$run $(SEARCH_ARGS) && \
+	echo "genotype (mdarts derive $$run):" && $(VENV)/bin/mdarts derive $$run
 
 bench: $(INSTALLED)
 	$(PY) benchmarks/kernels.py

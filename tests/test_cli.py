@@ -1,0 +1,108 @@
+"""The command line: help texts, bad options, and a tiny search -> derive -> train -> evaluate run."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+import torch
+
+from mdarts.cli import build_parser, main
+
+COMMANDS = ("search", "derive", "train", "translate", "evaluate", "bench")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_explains_its_options(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    actions = [a for a in build_parser()._subparsers._group_actions[0].choices[command]._actions if a.option_strings]
+    for action in actions:  # every option has a help text
+        assert action.help, f"{command} {action.option_strings} has no help"
+        assert action.option_strings[-1] in text
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["search", "--preset", "huge", "--out", "x"], "invalid choice: 'huge' (choose from 'tiny', 'small', 'paper')"),
+        (["search", "--out", "x", "--max-steps", "0"], "--max-steps: expected a positive integer, got 0"),
+        (["search", "--out", "x", "--max-minutes", "-1"], "--max-minutes: expected a positive number"),
+        (["train", "--arch", "transformer", "--out", "x", "--pair", "en-xx"], "invalid choice: 'en-xx'"),
+        (["bench", "gpu"], "invalid choice: 'gpu'"),
+    ],
+)
+def test_bad_options_are_rejected_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_user_errors_print_one_line(tmp_path, capsys):
+    assert main(["derive", str(tmp_path / "nothing")]) == 2
+    assert "genotype file not found" in capsys.readouterr().err
+    assert main(["train", "--arch", "transformer", "--out", str(tmp_path / "run"), "--pair", "en-de"]) == 2
+    assert "give a budget" in capsys.readouterr().err
+
+
+def write_slice(path, lines):
+    with gzip.open(path, "wt", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def small_corpus(multi30k_dir, tmp_path_factory):
+    """300 training and 30 validation pairs of En-De as generic parallel files."""
+    folder = tmp_path_factory.mktemp("corpus")
+    files = {}
+    for split, count in (("train", 300), ("val", 30)):
+        for lang in ("en", "de"):
+            with gzip.open(multi30k_dir / f"{split}.{lang}.gz", "rt", encoding="utf-8") as handle:
+                lines = [next(handle).rstrip("\n") for _ in range(count)]
+            files[split, lang] = folder / f"{split}.{lang}.gz"
+            write_slice(files[split, lang], lines)
+    return files
+
+
+def corpus_args(files, tmp_path):
+    return [
+        "--train-src", str(files["train", "en"]), "--train-tgt", str(files["train", "de"]),
+        "--valid-src", str(files["val", "en"]), "--valid-tgt", str(files["val", "de"]),
+        "--vocab-size", "200", "--tokenizer-cache", str(tmp_path / "spm"), "--device", "cpu",
+    ]
+
+
+def test_search_derive_train_translate_end_to_end(small_corpus, tmp_path, capsys):
+    torch.set_num_threads(1)
+    run = tmp_path / "search"
+    argv = ["search", "--out", str(run), "--max-steps", "2", "--eval-interval", "1", "--max-tokens", "512", *corpus_args(small_corpus, tmp_path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "searched 2 steps" in out and "peak memory" in out and "encoder:" in out
+    assert (run / "genotype.json").is_file() and (run / "alpha_heatmap.png").is_file()
+
+    assert main(argv) == 2  # the run directory holds a run: refused, nothing overwritten
+    assert "holds another search run" in capsys.readouterr().err
+
+    assert main(["derive", str(run)]) == 0
+    derived = capsys.readouterr().out
+    assert derived.startswith("encoder: [") and "weight" in derived
+    assert main(["derive", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["format"] == "mdarts-genotype-1"
+
+    train_dir = tmp_path / "train"
+    train = ["train", "--arch", str(run / "genotype.json"), "--preset", "tiny", "--out", str(train_dir), "--max-steps", "3",
+             "--warmup-steps", "2", "--valid-interval", "3", "--max-tokens", "512", *corpus_args(small_corpus, tmp_path)]
+    assert main(train) == 0
+    checkpoint = train_dir / "checkpoint_last.pt"
+    assert checkpoint.is_file()
+    capsys.readouterr()
+
+    source = tmp_path / "source.txt"
+    source.write_text("A man rides a bike.\nTwo dogs play in the snow.\n")
+    assert main(["translate", "--checkpoint", str(checkpoint), "--input", str(source), "--beam", "2", "--device", "cpu"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
