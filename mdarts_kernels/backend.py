@@ -7,6 +7,9 @@ device, cpp when it has kernels there, else triton (never the slow CPU interpret
 reference.
 
 The choice is held in a ``contextvars.ContextVar``, so threads and tasks each see their own.
+Under ``torch.compile`` the choice is read once, at tracing (``assume_constant_result``:
+Dynamo cannot trace ``ContextVar.get`` in every torch version), so a compiled function
+keeps the backend it was traced with.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ def use_backend(name: str) -> Iterator[None]:
         _current.reset(token)
 
 
+@torch.compiler.assume_constant_result
 def current_backend() -> str:
     """The backend name in force here ("auto" unless inside ``use_backend``)."""
     return _current.get()
@@ -110,7 +114,7 @@ def resolve_backend(device: torch.device) -> str:
 
     Raises RuntimeError when a backend was asked for explicitly and does not work there.
     """
-    choice = _current.get()
+    choice = current_backend()
     if choice != "auto":
         status = backend_availability(choice, device.type)
         if not status.ok:
