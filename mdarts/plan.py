@@ -1,0 +1,365 @@
+"""Memory planner: predicted peak memory of one supernet training step (DESIGN.md 4).
+
+:func:`predict_memory` models one step (forward, backward, Adam on the weights and on the
+architecture logits) of a :class:`~mdarts.model.Supernet` analytically:
+
+* parameters, their gradients and the Adam state (2 x parameters), float32, counted exactly
+  by building the supernet on the meta device;
+* the activations autograd saves for backward, per candidate op and per layer: every layer
+  in "store" (plain DARTS), the input of every layer in "checkpoint", only the top output of
+  each stack in "reconstruct"; plus the ends (embeddings, final norms, output projection);
+* the logits: (tokens x vocab) log-probabilities and their gradients, or one
+  (chunk_rows x vocab) block with the chunked loss (:func:`mdarts.loss.chunked_output_loss`);
+* the peak transient of the backward: the loss backward, or the recomputed graph of one node
+  ("reconstruct") or one layer ("checkpoint") with the gradients flowing through it, and
+  the optimizer's temporaries.
+
+The per-op constants (``_op_saved_bytes``) were read off ``saved_tensors_hooks`` counts of
+each candidate op on the CPU (each storage once, parameters excluded); they are exact there
+for float32 and are checked by ``tests/test_plan.py`` and :func:`calibrate`. The transient
+terms were fitted to the peaks measured by ``benchmarks/memory.py``.
+
+Units: bytes. ``tokens`` is the number of target tokens per batch (batch x seq_len); the
+source has as many. Attention terms grow with ``seq_len`` (tokens x seq_len per head).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from .config import MEMORY_MODES, SearchConfig
+from .ops import PARAMETRIC
+
+DEVICES = ("cpu", "cuda")
+FLOAT32 = 4  # parameters, gradients, Adam state and LayerNorm statistics stay float32
+INDEX = 8  # token ids (int64)
+# memory the first training step of a process takes besides tensors (thread pools, kernel
+# caches, the autograd engine's thread), measured on the CPU as the offset of the peak
+# resident set at constant slope in tokens x vocab; on CUDA the cuBLAS workspace
+RUNTIME_OVERHEAD = {"cpu": 20 * 2**20, "cuda": 8 * 2**20}
+# page rounding of the many small saved tensors (each mmapped block takes whole pages plus a
+# header on the CPU), as a fraction of the saved bytes: fitted to the store-mode peaks
+ALLOCATOR_SLACK = {"cpu": 0.05, "cuda": 0.0}
+
+
+def _op_saved_bytes(name: str, rows: int, seq_len: int, width: int, config: SearchConfig, f: int) -> int:
+    """Bytes autograd saves inside candidate op ``name`` on input h (rows = batch x seq_len, width).
+
+    The op's input h, its parameters and the encoder memory are not counted (they belong to
+    the layer). f: bytes per activation element (dropout masks have the activations' dtype on
+    the CPU). Constants from saved_tensors_hooks counts, float32, CPU.
+    """
+    c, heads = width, config.heads
+    if name in ("zero", "identity"):
+        return 0
+    if name.startswith("dynconv"):
+        # GLU input projection, kernels (heads x w), unfolded windows (c x w), output projection
+        w = int(name.removeprefix("dynconv"))
+        return f * rows * (5 * c + w * (c + 3 * heads))
+    if name.startswith("conv"):
+        # padded input (seq_len + w - 1 per sequence), depthwise output, dropout
+        w = int(name.removeprefix("conv"))
+        return f * (3 * rows * c + (rows // seq_len) * (w - 1) * c)
+    if name == "attention":
+        # q, k, v, attention output, probabilities and their dropout (heads x seq_len per row)
+        return f * (5 * rows * c + 3 * rows * heads * seq_len) + rows
+    if name == "cross_attention":
+        # q, output; keys and values of the source (src rows = rows); probabilities
+        return f * (3 * rows * c + 2 * rows * c + 3 * rows * heads * seq_len)
+    if name == "ffn":
+        return f * rows * c * (3 * config.ffn_mult + 1)
+    if name == "glu":
+        return f * rows * c * 4
+    raise ValueError(f"op: unknown candidate op {name!r}")
+
+
+def _node_saved_bytes(candidates: Sequence[str], rows: int, seq_len: int, width: int, config: SearchConfig, f: int) -> int:
+    """A node's saved bytes: its ops plus the fused LayerNorm-sum (op outputs and the 2 x K
+    row statistics); the pooled input h is counted by the layer."""
+    parametric = [name for name in candidates if name in PARAMETRIC]
+    ops = sum(_op_saved_bytes(name, rows, seq_len, width, config, f) for name in parametric)
+    return ops + len(parametric) * (f * rows * width + 2 * FLOAT32 * rows)
+
+
+def _node_backward_bytes(candidates: Sequence[str], rows: int, seq_len: int, width: int, config: SearchConfig, f: int) -> int:
+    """Transient of a node's backward beyond its saved bytes: the K gradients of the op outputs
+    (made at once by the fused LayerNorm-sum) and gradients as large as the ops' saved
+    tensors (fitted to the measured peaks of benchmarks/memory.py)."""
+    parametric = [name for name in candidates if name in PARAMETRIC]
+    ops = sum(_op_saved_bytes(name, rows, seq_len, width, config, f) for name in parametric)
+    return len(parametric) * f * rows * width + ops
+
+
+def _side(config: SearchConfig, side: str) -> tuple[int, int, list[tuple[str, ...]]]:
+    """(layers, splits, candidate lists of the nodes of one layer) of the encoder or decoder."""
+    if side == "encoder":
+        return config.encoder_layers, config.encoder_splits, [config.encoder_candidates] * config.encoder_splits
+    searched = [config.decoder_candidates] * (config.decoder_splits - 1)
+    return config.decoder_layers, config.decoder_splits, [*searched, ("cross_attention",)]
+
+
+def _layer_saved_bytes(config: SearchConfig, side: str, rows: int, seq_len: int, f: int) -> int:
+    """Saved bytes of one layer in plain autograd: its n outputs (the next layer's input),
+    the pooled inputs when n > 2 (n = 2 pools one part, which is that part), and its nodes."""
+    _, splits, nodes = _side(config, side)
+    width = config.d_model // splits
+    stream = f * rows * config.d_model * (2 if splits > 2 else 1)
+    return stream + sum(_node_saved_bytes(node, rows, seq_len, width, config, f) for node in nodes)
+
+
+def count_parameters(config: SearchConfig, vocab_size: int) -> tuple[int, int]:
+    """(number of weights, number of architecture logits) of the supernet.
+
+    The weight count is a quadratic polynomial in d_model (every weight matrix is d/n x d/n,
+    d/n x d, d x e or vocab x e, every vector d/n or d long): it is counted exactly by building
+    the supernet on the meta device at the three smallest valid widths and interpolating.
+    """
+    step = _d_step(config)
+    counts = _counts_at_small_widths(config.replace(d_model=step), vocab_size)
+    m = config.d_model // step  # counts[i] is the count at d = (i + 1) * step
+    c0, c1, c2 = counts
+    # Lagrange interpolation through (1, c0), (2, c1), (3, c2)
+    weights = (c0 * (m - 2) * (m - 3) - 2 * c1 * (m - 1) * (m - 3) + c2 * (m - 1) * (m - 2)) // 2
+    arch = config.unit_layers * (
+        config.encoder_splits * len(config.encoder_candidates) + (config.decoder_splits - 1) * len(config.decoder_candidates)
+    )
+    return weights, arch
+
+
+@functools.lru_cache(maxsize=64)
+def _counts_at_small_widths(config: SearchConfig, vocab_size: int) -> tuple[int, int, int]:
+    """Weight counts of the supernet at d = 1, 2 and 3 times config.d_model (meta device)."""
+    from .model import Supernet
+
+    counts = []
+    for multiple in (1, 2, 3):
+        with torch.device("meta"):
+            model = Supernet(config.replace(d_model=multiple * config.d_model), vocab_size)
+        arch = {id(p) for p in model.arch_parameters()}
+        counts.append(sum(p.numel() for p in model.parameters() if id(p) not in arch))
+    return counts[0], counts[1], counts[2]
+
+
+def _largest_parameter(config: SearchConfig, vocab_size: int) -> int:
+    """Elements of the largest parameter tensor (the embedding table or an op's weight)."""
+    d, c = config.d_model, config.d_model // min(config.encoder_splits, config.decoder_splits)
+    return max(vocab_size * config.embed_dim, d * config.embed_dim, config.ffn_mult * c * c, 2 * d * (d // config.decoder_splits))
+
+
+def predict_memory(
+    config: SearchConfig,
+    vocab_size: int,
+    tokens: int,
+    mode: str,
+    chunk_rows: int = 0,
+    dtype_bytes: int = 4,
+    seq_len: Optional[int] = None,
+    device: str = "cpu",
+) -> dict:
+    """Predicted memory of one supernet training step, by component, in bytes.
+
+    Args:
+        config: the search space (its ``memory_mode`` is ignored: ``mode`` decides).
+        vocab_size: V, rows of the (tied) output layer.
+        tokens: target tokens per batch (batch x seq_len); the source batch has as many.
+        mode: "reconstruct", "checkpoint" or "store".
+        chunk_rows: 0 for the full (tokens x V) logits, else the chunked loss's block rows.
+        dtype_bytes: bytes per activation element (4: float32).
+        seq_len: tokens per sequence, for the attention terms (default min(tokens, 64,
+            config.max_positions)).
+        device: "cpu" (Adam updates one tensor at a time) or "cuda" (foreach Adam, whose
+            temporaries span all parameters).
+
+    Returns a dict with ``parameters``, ``gradients``, ``optimizer_state``, ``setup`` (their
+    sum), ``activations`` (saved for backward at the end of the forward, logits included),
+    ``activations_by_part`` (a dict: embeddings, encoder, decoder, output, logits), ``logits``
+    (bytes of the log-probabilities or chunk held), ``backward_transient`` (the largest
+    transient above what is saved), ``optimizer_transient``, ``runtime_overhead`` (non-tensor
+    memory of the first step), ``allocator_slack``, ``peak_above_setup`` (what benchmarks/memory.py measures)
+    and ``total`` (setup + peak_above_setup), all ints.
+
+    Raises ValueError naming the field for a d_model that does not split (SearchConfig.
+    check_splits), and naming the argument for an unknown mode or device, tokens < 1,
+    vocab_size < 1, chunk_rows < 0, dtype_bytes not in (2, 4, 8) or seq_len < 1.
+    """
+    config.check_splits()
+    if mode not in MEMORY_MODES:
+        raise ValueError(f"mode: expected one of {', '.join(MEMORY_MODES)}, got {mode!r}")
+    if device not in DEVICES:
+        raise ValueError(f"device: expected one of {', '.join(DEVICES)}, got {device!r}")
+    for name, value in (("tokens", tokens), ("vocab_size", vocab_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    if not isinstance(chunk_rows, int) or chunk_rows < 0:
+        raise ValueError(f"chunk_rows: expected 0 (full logits) or a positive integer, got {chunk_rows!r}")
+    if dtype_bytes not in (2, 4, 8):
+        raise ValueError(f"dtype_bytes: expected 2, 4 or 8, got {dtype_bytes!r}")
+    if seq_len is None:
+        seq_len = min(tokens, 64, config.max_positions)
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len: expected a positive integer, got {seq_len!r}")
+    f, rows, d, e, vocab = dtype_bytes, tokens, config.d_model, config.embed_dim, vocab_size
+
+    weights, arch = count_parameters(config, vocab_size)
+    parameters = FLOAT32 * (weights + arch)
+    gradients = parameters
+    optimizer_state = 2 * parameters
+
+    # the ends: per side the embedding (ids, projection input, dropout mask), the final
+    # LayerNorm's input and statistics; the encoder memory (read by every cross-attention)
+    embed = INDEX * rows + (f * rows * e if e != d else 0) + f * rows * d
+    norm = f * rows * d + 2 * FLOAT32 * rows
+    embeddings = 2 * embed
+    output = 2 * norm + f * rows * d + (f * rows * d if e != d else 0) + INDEX * rows
+    if chunk_rows:
+        logits = FLOAT32 * (rows * e + vocab * e)  # the chunked loss keeps its two gradients
+        logits_live = 3 * FLOAT32 * min(chunk_rows, rows) * vocab  # logits, log-probs, product
+        loss_backward = FLOAT32 * (rows * e + vocab * e)
+    else:
+        output += f * rows * e  # the features, saved by the output projection
+        logits = FLOAT32 * rows * vocab  # log-probabilities saved by log_softmax
+        logits_live = FLOAT32 * rows * vocab  # the logits themselves, until the loss is formed
+        loss_backward = 2 * FLOAT32 * rows * vocab  # gradients of log-probabilities and logits
+
+    body: dict[str, int] = {}
+    recompute: dict[str, int] = {}
+    for side in ("encoder", "decoder"):
+        layers, splits, nodes = _side(config, side)
+        width = d // splits
+        layer = _layer_saved_bytes(config, side, rows, seq_len, f)
+        node_backward = max(_node_backward_bytes(node, rows, seq_len, width, config, f) for node in nodes)
+        node_peak = max(
+            _node_saved_bytes(node, rows, seq_len, width, config, f) + _node_backward_bytes(node, rows, seq_len, width, config, f)
+            for node in nodes
+        )
+        # part gradients (input and output of the layer) and, in the decoder, the memory's
+        grads = 2 * f * rows * d + (2 * f * rows * d if side == "decoder" else 0)
+        if mode == "store":
+            body[side] = layers * layer
+            recompute[side] = node_backward + grads  # the node's saved tensors are counted in body
+        elif mode == "checkpoint":
+            body[side] = layers * f * rows * d
+            recompute[side] = layer + node_backward + grads  # one layer rebuilt, then its backward
+        else:
+            body[side] = f * rows * d  # the top layer's output
+            recompute[side] = f * rows * d * (2 if splits > 2 else 1) + node_peak + grads  # one node rebuilt
+    activations = embeddings + body["encoder"] + body["decoder"] + output + logits
+    if mode == "store":
+        # the loss backward, or the first node's backward with every layer still saved
+        transient = max(logits_live, loss_backward, recompute["decoder"])
+    else:
+        # after the loss backward, the decoder recomputes with the encoder's ends still held
+        transient = max(logits_live, loss_backward, recompute["decoder"], recompute["encoder"] - body["decoder"])
+    largest = FLOAT32 * _largest_parameter(config, vocab_size)
+    optimizer_transient = parameters if device == "cuda" else 2 * largest
+    slack = int(ALLOCATOR_SLACK[device] * activations)
+    peak = max(activations + transient + slack, optimizer_transient) + RUNTIME_OVERHEAD[device]
+    setup = parameters + gradients + optimizer_state
+    return {
+        "mode": mode,
+        "parameters": parameters,
+        "gradients": gradients,
+        "optimizer_state": optimizer_state,
+        "setup": setup,
+        "activations": activations,
+        "activations_by_part": {
+            "embeddings": embeddings,
+            "encoder": body["encoder"],
+            "decoder": body["decoder"],
+            "output": output,
+            "logits": logits,
+        },
+        "logits": logits,
+        "backward_transient": transient,
+        "optimizer_transient": optimizer_transient,
+        "runtime_overhead": RUNTIME_OVERHEAD[device],
+        "allocator_slack": slack,
+        "peak_above_setup": peak,
+        "total": setup + peak,
+    }
+
+
+def _d_step(config: SearchConfig) -> int:
+    """The step of valid widths: d must split into encoder_splits and decoder_splits parts,
+    each divisible by heads."""
+    a, b = config.encoder_splits * config.heads, config.decoder_splits * config.heads
+    return a * b // math.gcd(a, b)
+
+
+def largest_d(
+    budget_bytes: int, config: SearchConfig, vocab_size: int, tokens: int, mode: str, chunk_rows: int = 0, **kwargs
+) -> Optional[int]:
+    """The largest valid d_model (at most 16384) whose predicted total (set-up + peak) fits in
+    ``budget_bytes``, with the other sizes of ``config``; None when even the smallest valid d
+    does not fit. ``kwargs`` go to :func:`predict_memory` (dtype_bytes, seq_len, device).
+
+    Raises ValueError naming the argument for a budget < 1 (and as predict_memory).
+    """
+    if not isinstance(budget_bytes, (int, float)) or budget_bytes < 1:
+        raise ValueError(f"budget_bytes: expected a positive number of bytes, got {budget_bytes!r}")
+    step = _d_step(config)
+
+    def fits(multiple: int) -> bool:
+        candidate = config.replace(d_model=multiple * step)
+        return predict_memory(candidate, vocab_size, tokens, mode, chunk_rows, **kwargs)["total"] <= budget_bytes
+
+    if not fits(1):
+        return None
+    low, high = 1, max(1, 16384 // step)  # fits(low); the predicted total grows with d
+    if fits(high):
+        return high * step
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low * step
+
+
+def _gib(value: int) -> str:
+    return f"{value / 2**30:.3f}"
+
+
+def format_plan(
+    config: SearchConfig,
+    vocab_size: int,
+    tokens: int,
+    chunk_rows: int = 0,
+    dtype_bytes: int = 4,
+    seq_len: Optional[int] = None,
+    device: str = "cpu",
+    budget_bytes: Optional[int] = None,
+    modes: Sequence[str] = MEMORY_MODES,
+) -> str:
+    """A markdown table of :func:`predict_memory` (GiB) with one column per mode, and with a
+    ``budget_bytes`` the largest d that fits it per mode (or a message when none does)."""
+    plans = [predict_memory(config, vocab_size, tokens, mode, chunk_rows, dtype_bytes, seq_len, device) for mode in modes]
+    title = (
+        f"Predicted memory (GiB) of one training step: d {config.d_model}, {config.encoder_layers}+{config.decoder_layers} layers, "
+        f"{len(config.encoder_candidates)}/{len(config.decoder_candidates)} candidate ops, {tokens} tokens, vocab {vocab_size}, "
+        f"{'chunked loss (' + str(chunk_rows) + ' rows)' if chunk_rows else 'full logits'}, {device}"
+    )
+    lines = [title, "", "| component | " + " | ".join(modes) + " |", "|---|" + "---:|" * len(modes)]
+    rows = [
+        ("parameters", lambda p: p["parameters"]),
+        ("gradients", lambda p: p["gradients"]),
+        ("optimizer state (Adam)", lambda p: p["optimizer_state"]),
+        *((f"saved: {part}", lambda p, part=part: p["activations_by_part"][part]) for part in ("embeddings", "encoder", "decoder", "output", "logits")),
+        ("saved for backward (total)", lambda p: p["activations"]),
+        ("backward transient", lambda p: p["backward_transient"]),
+        ("peak above set-up", lambda p: p["peak_above_setup"]),
+        ("**total peak**", lambda p: p["total"]),
+    ]
+    for label, get in rows:
+        lines.append(f"| {label} | " + " | ".join(_gib(get(p)) for p in plans) + " |")
+    if budget_bytes is not None:
+        lines += ["", f"Largest d that fits {budget_bytes / 2**30:.1f} GiB (other sizes as above):"]
+        for mode in modes:
+            best = largest_d(budget_bytes, config, vocab_size, tokens, mode, chunk_rows, dtype_bytes=dtype_bytes, seq_len=seq_len, device=device)
+            if best is None:
+                lines.append(f"- {mode}: no valid d fits (even d = {_d_step(config)} needs more than the budget)")
+            else:
+                lines.append(f"- {mode}: d = {best}")
+    return "\n".join(lines)
