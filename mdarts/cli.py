@@ -392,13 +392,59 @@ def _run_bench(args: argparse.Namespace) -> int:
     return subprocess.call([sys.executable, str(script), *args.options])
 
 
+def _plan_parser(sub) -> None:
+    parser = sub.add_parser(
+        "plan",
+        help="predicted peak memory of a search configuration in each memory mode",
+        description="Analytic memory model of one supernet training step (parameters, gradients, Adam state, "
+        "activations saved per op and layer, logits) for reconstruct, checkpoint and store; with --budget-gb, the "
+        "largest d_model that fits per mode. benchmarks/memory.py prints these predictions next to measurements.",
+    )
+    parser.add_argument("--preset", default="tiny", choices=list(PRESETS), help="supernet preset (default tiny)")
+    parser.add_argument("--d-model", type=_positive_int, help="override the preset's d_model")
+    parser.add_argument("--layers", type=_positive_int, help="override the encoder and decoder depth (each)")
+    parser.add_argument("--tokens", type=_positive_int, default=4096, help="target tokens per batch (default 4096)")
+    parser.add_argument("--seq-len", type=_positive_int, help="sentence length in tokens (default: the planner's)")
+    parser.add_argument("--vocab-size", type=_positive_int, default=8000, help="vocabulary size (default 8000)")
+    parser.add_argument("--chunk-rows", type=int, default=0, help="chunked output loss with this many rows per chunk (0: full logits)")
+    parser.add_argument("--bf16", action="store_true", help="2-byte activations")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="the allocator to model (default cpu)")
+    parser.add_argument("--budget-gb", type=_positive_float, help="also give the largest d_model that fits this many GiB")
+    parser.set_defaults(func=_run_plan)
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from .plan import format_plan
+
+    config = preset(args.preset)
+    if args.d_model:
+        config = config.replace(d_model=args.d_model)
+    if args.layers:
+        config = config.replace(encoder_layers=args.layers, decoder_layers=args.layers)
+    config.check_splits()
+    budget = int(args.budget_gb * 2**30) if args.budget_gb else None
+    print(
+        format_plan(
+            config,
+            args.vocab_size,
+            args.tokens,
+            chunk_rows=args.chunk_rows,
+            dtype_bytes=2 if args.bf16 else 4,
+            seq_len=args.seq_len,
+            device=args.device,
+            budget_bytes=budget,
+        )
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mdarts",
         description="Memory-efficient differentiable architecture search for Transformers.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_search_parser, _derive_parser, _train_parser, _translate_parser, _evaluate_parser, _bench_parser):
+    for add in (_search_parser, _derive_parser, _train_parser, _translate_parser, _evaluate_parser, _bench_parser, _plan_parser):
         add(sub)
     return parser
 

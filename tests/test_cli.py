@@ -10,7 +10,7 @@ import torch
 
 from mdarts.cli import build_parser, main
 
-COMMANDS = ("search", "derive", "train", "translate", "evaluate", "bench")
+COMMANDS = ("search", "derive", "train", "translate", "evaluate", "bench", "plan")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -40,6 +40,14 @@ def test_bad_options_are_rejected_with_a_message(argv, message, capsys):
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_plan_prints_each_mode_and_the_largest_d(capsys):
+    assert main(["plan", "--preset", "tiny", "--tokens", "1024", "--budget-gb", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "reconstruct" in text and "store" in text and "checkpoint" in text
+    assert main(["plan", "--d-model", "100"]) == 2
+    assert "SearchConfig" in capsys.readouterr().err
 
 
 def test_user_errors_print_one_line(tmp_path, capsys):
