@@ -1,11 +1,12 @@
-"""Helpers shared by the benchmarks: device names, versions, timing, peak memory, JSON lines."""
+"""Helpers shared by the benchmarks: device names, versions, timing, fresh processes, JSON lines.
+
+Memory is measured with :mod:`mdarts.memory`."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -63,32 +64,6 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], device: torch.devi
             synchronize(device)
             times[name].append((time.perf_counter() - start) * 1e3)
     return {name: statistics.median(values) for name, values in times.items()}
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def reset_peak_rss() -> None:
-    """Reset the peak resident set size to the current one (Linux: /proc/self/clear_refs)
-    so that the import of torch, whose transient peak can exceed the set-up, does not count."""
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def current_rss_bytes() -> int:
-    """Resident set size of this process now."""
-    return _status_kib("VmRSS") * 1024
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size since the start or the last reset_peak_rss()."""
-    try:
-        return _status_kib("VmHWM") * 1024
-    except (OSError, RuntimeError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_child(module_file: str, args: Iterable[str]) -> dict:

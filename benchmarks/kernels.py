@@ -28,16 +28,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     append_json_lines,
-    current_rss_bytes,
     device_name,
     interleaved_medians,
-    peak_rss_bytes,
-    reset_peak_rss,
     run_child,
     versions,
 )
 
 import mdarts_kernels as mk  # noqa: E402
+from mdarts.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss  # noqa: E402
 
 OPS = ("mixed_sum", "mixed_ln_sum")
 PASSES = ("forward", "forward+backward")

@@ -42,10 +42,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
-from common import append_json_lines, current_rss_bytes, device_name, peak_rss_bytes, reset_peak_rss, run_child  # noqa: E402
+from common import append_json_lines, device_name, run_child  # noqa: E402
 
 from mdarts.config import MEMORY_MODES, SearchConfig  # noqa: E402
+from mdarts.memory import (  # noqa: E402
+    current_rss_bytes,
+    peak_rss_bytes,
+    reset_peak_rss,
+    saved_tensor_bytes,
+)
 from mdarts.ops import DECODER_CANDIDATES, ENCODER_CANDIDATES  # noqa: E402
 from mdarts.plan import largest_d, predict_memory  # noqa: E402
 
@@ -87,23 +92,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 # --- the measured child --------------------------------------------------------------------
-
-
-def saved_bytes(model: torch.nn.Module, fn) -> int:
-    """Bytes autograd saves while ``fn()`` runs, each storage once, parameters excluded."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        result = fn()
-    del result
-    return sum(storages.values())
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
@@ -153,7 +141,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()) - baseline
-    saved = saved_bytes(model, lambda: sequence_loss(model, src, tgt_in, tgt_out, 0.1, spec["chunk_rows"]))
+    saved = saved_tensor_bytes(lambda: sequence_loss(model, src, tgt_in, tgt_out, 0.1, spec["chunk_rows"]), exclude=model.parameters())
     return {
         "peak_bytes": peak,
         "saved_bytes": saved,

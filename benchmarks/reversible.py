@@ -44,8 +44,14 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import current_rss_bytes, device_name, peak_rss_bytes, reset_peak_rss  # noqa: E402
+from common import device_name  # noqa: E402
 
+from mdarts.memory import (  # noqa: E402
+    current_rss_bytes,
+    peak_rss_bytes,
+    reset_peak_rss,
+    saved_tensor_bytes,
+)
 from mdarts.reversible import MODES, ReversibleLayer, ReversibleSequence  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -82,23 +88,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("results/reversible.jsonl"))
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
-
-
-def saved_activation_bytes(model: nn.Module, x: Tensor) -> int:
-    """Bytes autograd saves for the backward of model(x), each storage once, parameters excluded."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = model(x)
-    del y
-    return sum(storages.values())
 
 
 def measure(config: dict[str, Any]) -> dict[str, Any]:
@@ -150,7 +139,7 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
     else:
         peak = peak_rss_bytes() - baseline
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        saved = saved_activation_bytes(model, x)
+        saved = saved_tensor_bytes(lambda: model(x), exclude=model.parameters())
     return {
         "benchmark": "reversible",
         "mode": config["mode"],

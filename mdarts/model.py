@@ -29,7 +29,15 @@ import mdarts_kernels as mk
 
 from .config import SearchConfig
 from .genotype import Genotype
-from .ops import PARAMETRIC, FeedForward, OpContext, SelfAttention, CrossAttention, build_candidate, reorder_state
+from .ops import (
+    PARAMETRIC,
+    CrossAttention,
+    FeedForward,
+    OpContext,
+    SelfAttention,
+    build_candidate,
+    reorder_state,
+)
 from .reversible import ReversibleLayer, ReversibleSequence
 
 

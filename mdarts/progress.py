@@ -4,33 +4,12 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 from typing import Optional
 
 import torch
 from tqdm import tqdm
 
-
-def memory_in_use(device: torch.device) -> int:
-    """Bytes in use: CUDA allocated memory on a GPU, the resident set on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def peak_memory(device: torch.device) -> int:
-    """Peak bytes so far: CUDA max allocated on a GPU, the peak resident set on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from .memory import memory_in_use
 
 
 class Progress:

@@ -41,9 +41,10 @@ from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_sta
 from .config import SearchConfig
 from .genotype import Genotype
 from .loss import label_smoothed_loss
+from .memory import peak_memory
 from .model import Supernet
 from .prepare import EncodedSplit, PreparedData
-from .progress import Progress, peak_memory
+from .progress import Progress
 
 CHECKPOINT_FILE = "search_checkpoint.pt"
 GENOTYPE_FILE = "genotype.json"

@@ -43,9 +43,10 @@ from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_sta
 from .config import SearchConfig
 from .genotype import Genotype
 from .loss import label_smoothed_loss
+from .memory import peak_memory
 from .model import DerivedNet, TransformerBaseline
 from .prepare import EncodedSplit
-from .progress import Progress, peak_memory
+from .progress import Progress
 from .tokenizer import Tokenizer
 
 PathLike = Union[str, "os.PathLike[str]"]

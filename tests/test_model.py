@@ -9,8 +9,20 @@ import torch
 
 from mdarts.config import PRESETS, SearchConfig, preset
 from mdarts.genotype import Genotype
-from mdarts.model import DerivedNet, Node, Supernet, TransformerBaseline, baseline_config_for, iter_nodes
-from mdarts.ops import DECODER_CANDIDATES, ENCODER_CANDIDATES, PARAMETRIC, build_candidate
+from mdarts.model import (
+    DerivedNet,
+    Node,
+    Supernet,
+    TransformerBaseline,
+    baseline_config_for,
+    iter_nodes,
+)
+from mdarts.ops import (
+    DECODER_CANDIDATES,
+    ENCODER_CANDIDATES,
+    PARAMETRIC,
+    build_candidate,
+)
 
 VOCAB = 61
 TINY = SearchConfig(d_model=24, embed_dim=16, encoder_layers=2, decoder_layers=2, heads=2, max_positions=32)

@@ -14,30 +14,20 @@ import torch
 
 from mdarts.config import SearchConfig
 from mdarts.loss import sequence_loss
+from mdarts.memory import saved_tensor_bytes
 from mdarts.model import Supernet
 from mdarts.ops import DECODER_CANDIDATES, OpContext, build_candidate
-from mdarts.plan import _op_saved_bytes, count_parameters, format_plan, largest_d, predict_memory
+from mdarts.plan import (
+    _op_saved_bytes,
+    count_parameters,
+    format_plan,
+    largest_d,
+    predict_memory,
+)
 
 VOCAB = 120
 TOLERANCE = 0.05
 TINY = SearchConfig(d_model=48, embed_dim=32, encoder_layers=2, decoder_layers=2, heads=4, max_positions=64)
-
-
-def saved_bytes(fn, exclude: list[torch.Tensor]) -> int:
-    """Bytes autograd saves while fn() runs, each storage once, storages of ``exclude`` not counted."""
-    excluded = {t.untyped_storage().data_ptr() for t in exclude}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in excluded:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        result = fn()
-    del result
-    return sum(storages.values())
 
 
 @pytest.mark.parametrize("name", [op for op in DECODER_CANDIDATES if op not in ("zero", "identity")])
@@ -52,7 +42,7 @@ def test_op_constants_match_saved_tensor_counts(name: str, batch: int, time: int
         memory=memory,
         memory_pad_mask=torch.zeros(batch, time, dtype=torch.bool),
     )
-    measured = saved_bytes(lambda: op(h, ctx), [h, memory, ctx.pad_mask, ctx.memory_pad_mask, *op.parameters()])
+    measured = saved_tensor_bytes(lambda: op(h, ctx), [h, memory, ctx.pad_mask, ctx.memory_pad_mask, *op.parameters()])
     predicted = _op_saved_bytes(name, batch * time, time, width, config, 4)
     assert predicted == pytest.approx(measured, rel=0.01)
 
@@ -79,7 +69,7 @@ def test_saved_bytes_of_supernet_match_prediction(mode: str, config: SearchConfi
     batch, time = 3, 10
     src = torch.randint(1, VOCAB, (batch, time))
     tgt = torch.randint(1, VOCAB, (batch, time))
-    measured = saved_bytes(lambda: sequence_loss(model, src, tgt, tgt, 0.1, chunk_rows), list(model.parameters()))
+    measured = saved_tensor_bytes(lambda: sequence_loss(model, src, tgt, tgt, 0.1, chunk_rows), list(model.parameters()))
     predicted = predict_memory(config, VOCAB, batch * time, mode, chunk_rows, seq_len=time)["activations"]
     assert predicted == pytest.approx(measured, rel=TOLERANCE)
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import mdarts_kernels
+from mdarts.memory import saved_tensor_bytes
 from mdarts.reversible import ReversibleLayer, ReversibleSequence, reconstruction_error
 
 D = 12
@@ -282,17 +283,7 @@ def saved_bytes(mode: str, depth: int) -> int:
     """Bytes autograd keeps for the backward of one forward pass, each storage counted once."""
     layers = make_layers(2, depth, torch.float32)
     x, ctx = make_inputs(torch.float32)
-    storages: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = ReversibleSequence(layers, mode=mode)(x, **ctx)
-    y.sum().backward()
-    return sum(storages.values())
+    return saved_tensor_bytes(lambda: ReversibleSequence(layers, mode=mode)(x, **ctx))
 
 
 def test_saved_bytes_do_not_grow_with_depth_in_reconstruct() -> None:
