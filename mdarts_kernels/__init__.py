@@ -4,7 +4,13 @@ couplings and split pooling, with reference, C++/CUDA and Triton backends.
 See ``mdarts_kernels.api`` for the ops and ``mdarts_kernels.backend`` for backend choice.
 """
 
-from .api import mixed_ln_sum, mixed_sum, rev_coupling_forward, rev_coupling_inverse, split_pool
+from .api import (
+    mixed_ln_sum,
+    mixed_sum,
+    rev_coupling_forward,
+    rev_coupling_inverse,
+    split_pool,
+)
 from .backend import Availability, available_backends, current_backend, use_backend
 
 __all__ = [
