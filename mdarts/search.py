@@ -512,7 +512,10 @@ def plot_alpha_history(history: Sequence[dict], config: SearchConfig, path: Path
     columns = max(config.encoder_splits, config.decoder_splits - 1)
     height = max(len(config.encoder_candidates), len(config.decoder_candidates)) * 0.22 + 1.0
     fig, axes = plt.subplots(len(rows), columns, figsize=(3.2 * columns + 1.5, height * len(rows)), squeeze=False)
-    vmax = max(max(max(max(node) for node in layer) for layer in record[side]) for record in history for side in ("encoder", "decoder"))
+    # one colour scale over the range the weights actually take (early in a search they all sit
+    # near 1/K, and a scale from 0 would show no difference)
+    weights = [p for record in history for side in ("encoder", "decoder") for layer in record[side] for node in layer for p in node]
+    vmin, vmax = min(weights), max(weights)
     image = None
     for r, (side, i) in enumerate(rows):
         candidates = getattr(config, f"{side}_candidates")
@@ -522,7 +525,7 @@ def plot_alpha_history(history: Sequence[dict], config: SearchConfig, path: Path
                 ax.axis("off")
                 continue
             values = np.array([record[side][i][k] for record in history]).T  # (candidates, evaluations)
-            image = ax.imshow(values, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0, vmax=vmax)
+            image = ax.imshow(values, aspect="auto", interpolation="nearest", cmap="viridis", vmin=vmin, vmax=vmax)
             ax.set_yticks(range(len(candidates)), candidates, fontsize=7)
             ticks = sorted({0, len(steps) - 1, *range(0, len(steps), max(1, len(steps) // 5))})
             ax.set_xticks(ticks, [str(steps[t]) for t in ticks], fontsize=7)
@@ -531,9 +534,9 @@ def plot_alpha_history(history: Sequence[dict], config: SearchConfig, path: Path
             if r == len(rows) - 1:
                 ax.set_xlabel("step", fontsize=7)
     fig.suptitle("softmax(alpha) per node over the search")
-    fig.tight_layout(rect=(0, 0, 0.92, 0.96))
+    fig.tight_layout(rect=(0, 0, 0.86, 0.96))
     if image is not None:
-        fig.colorbar(image, cax=fig.add_axes((0.935, 0.1, 0.015, 0.8)))
+        fig.colorbar(image, cax=fig.add_axes((0.88, 0.1, 0.015, 0.8)), format="%.3f")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
