@@ -13,11 +13,31 @@ from dataclasses import dataclass, field
 from .ops import DECODER_CANDIDATES, ENCODER_CANDIDATES
 
 MEMORY_MODES = ("reconstruct", "checkpoint", "store")
+
+
+class DictFields:
+    """``to_dict`` / ``from_dict`` / ``replace`` for a (frozen) dataclass of settings;
+    ``from_dict`` rejects unknown fields by name, and construction validates."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}")
+        return cls(**values)
+
+    def replace(self, **changes):
+        """A copy with ``changes`` applied (validated)."""
+        return dataclasses.replace(self, **changes)
 POOLS = ("max", "mean")
 
 
 @dataclass(frozen=True)
-class SearchConfig:
+class SearchConfig(DictFields):
     """Sizes and settings of a search space and its networks.
 
     d_model: width d of the residual stream (divisible by both split counts, and each part
@@ -54,6 +74,8 @@ class SearchConfig:
     decoder_candidates: tuple[str, ...] = field(default=DECODER_CANDIDATES)
 
     def __post_init__(self) -> None:
+        for name in ("encoder_candidates", "decoder_candidates"):  # JSON gives lists
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("d_model", "embed_dim", "encoder_layers", "decoder_layers", "unit_layers", "heads", "ffn_mult", "max_positions"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -87,25 +109,6 @@ class SearchConfig:
                 raise ValueError(
                     f"SearchConfig.heads: {self.heads} does not divide the part width d_model/{name} = {self.d_model // splits}"
                 )
-
-    def replace(self, **changes) -> "SearchConfig":
-        """A copy with ``changes`` applied (validated)."""
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "SearchConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"SearchConfig: unknown field(s) {', '.join(unknown)}")
-        values = dict(values)
-        for name in ("encoder_candidates", "decoder_candidates"):
-            if name in values:
-                values[name] = tuple(values[name])
-        return cls(**values)
 
 
 def _check_candidates(name: str, chosen: tuple[str, ...], allowed: tuple[str, ...]) -> None:

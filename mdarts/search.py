@@ -22,7 +22,6 @@ never interrupted).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random
@@ -38,7 +37,7 @@ from torch import Tensor, nn
 
 from .batching import Batch, TokenBatches
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import SearchConfig
+from .config import DictFields, SearchConfig
 from .genotype import Genotype
 from .loss import label_smoothed_loss
 from .memory import peak_memory
@@ -64,7 +63,7 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 
 
 @dataclass(frozen=True)
-class SearchSettings:
+class SearchSettings(DictFields):
     """How to search (the supernet itself is a :class:`~mdarts.config.SearchConfig`).
 
     Budget (at least one): max_steps: search steps (one theta and one alpha update each);
@@ -135,21 +134,6 @@ class SearchSettings:
         if self.second_order and self.bf16:
             raise ValueError("SearchSettings.bf16: the second-order finite differences need float32; use one of bf16, second_order")
         resolve_device(self.device)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "SearchSettings":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"SearchSettings: unknown field(s) {', '.join(unknown)}")
-        return cls(**values)
-
-    def replace(self, **changes: Any) -> "SearchSettings":
-        """A copy with ``changes`` applied (validated)."""
-        return dataclasses.replace(self, **changes)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -21,7 +21,6 @@ Every checkpoint carries the model spec and the SentencePiece model, so
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import math
@@ -40,7 +39,7 @@ from torch import Tensor, nn
 
 from .batching import TokenBatches
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import SearchConfig
+from .config import DictFields, SearchConfig
 from .genotype import Genotype
 from .loss import label_smoothed_loss
 from .memory import peak_memory
@@ -73,7 +72,7 @@ _TRAJECTORY_FIELDS = (
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(DictFields):
     """Settings of a training run.
 
     lr: peak learning rate, reached after ``warmup_steps`` updates; the rate at update
@@ -153,17 +152,6 @@ class TrainConfig:
     def learning_rate(self, step: int) -> float:
         """Learning rate of update ``step`` (1-based): linear warm-up, then inverse square root."""
         return self.lr * min(step / self.warmup_steps, math.sqrt(self.warmup_steps / step))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"TrainConfig: unknown field(s) {', '.join(unknown)}")
-        return cls(**values)
 
 
 # ---------------------------------------------------------------------------- models and specs

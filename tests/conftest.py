@@ -15,6 +15,16 @@ if not torch.cuda.is_available():
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tiny models gain nothing from more, and on shared
+    cores the thread hand-offs of many small ops cost more than the work itself."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def multi30k_dir() -> Path:
     """The Multi30k raw-data folder: $MDARTS_DATA, else ../shared/data/multi30k beside the repo."""

@@ -6,7 +6,6 @@ import gzip
 import json
 
 import pytest
-import torch
 
 from mdarts.cli import build_parser, main
 
@@ -84,8 +83,8 @@ def corpus_args(files, tmp_path):
     ]
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_search_derive_train_translate_end_to_end(small_corpus, tmp_path, capsys):
-    torch.set_num_threads(1)
     run = tmp_path / "search"
     argv = ["search", "--out", str(run), "--max-steps", "2", "--eval-interval", "1", "--max-tokens", "512", *corpus_args(small_corpus, tmp_path)]
     assert main(argv) == 0

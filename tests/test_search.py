@@ -30,6 +30,8 @@ from mdarts.search import (
 )
 from mdarts.tokenizer import train_or_load_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CONFIG = SearchConfig(
     d_model=24,
     embed_dim=16,
@@ -45,15 +47,6 @@ CONFIG = SearchConfig(
 def tiny_settings(**changes) -> SearchSettings:
     values = {"max_steps": 8, "max_tokens": 600, "warmup_steps": 10, "eval_interval": 4, "checkpoint_interval": 4, "device": "cpu"}
     return SearchSettings(**{**values, **changes})
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread avoids oversubscribing shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

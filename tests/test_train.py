@@ -35,18 +35,11 @@ from mdarts.train import (
     write_average_checkpoint,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = SearchConfig(d_model=24, embed_dim=16, encoder_layers=1, decoder_layers=1, heads=2, max_positions=128)
 TRAIN_SENTENCES = 2000
 VALID_SENTENCES = 200
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls on a shared 2-core machine: one thread avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import sacrebleu
@@ -18,19 +17,11 @@ from mdarts.model import DerivedNet, Seq2Seq, Supernet, TransformerBaseline
 from mdarts.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from mdarts.translate import beam_search, greedy_decode, max_lengths, translate
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 40
 TINY = SearchConfig(d_model=24, embed_dim=16, encoder_layers=1, decoder_layers=1, heads=2, max_positions=32)
 SOURCE_LENGTHS = (3, 7, 1, 5, 0, 9, 4, 6, 2, 8)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads, and on busy shared cores the thread
-    hand-offs of thousands of small decoding steps cost ten times the work itself."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_model(kind: str) -> Seq2Seq:
