@@ -19,6 +19,8 @@ Per configuration it prints and appends to ``--out`` one JSON line with:
     median_ms     median wall time of the timed steps.
     median_cpu_ms median CPU time of the process over the timed steps (steadier than wall
                   time on a shared machine; with --threads 1 it is the compute time).
+    interleaved_ms median wall time of a step with every mode of that depth built in the
+                  main process and timed round-robin (the fair comparison of modes).
 and at the end a summary of the two targets: reconstruct peak(depth 32) / peak(depth 4)
 <= 1.15, and reconstruct / store step time <= 1.4.
 
@@ -29,9 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,7 +44,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import device_name  # noqa: E402
+from common import device_name, interleaved_medians, run_child  # noqa: E402
 
 from mdarts.memory import (  # noqa: E402
     current_rss_bytes,
@@ -90,8 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def measure(config: dict[str, Any]) -> dict[str, Any]:
-    """One configuration, in this process: set up, time config["steps"] + 1 training steps."""
+def set_up(config: dict[str, Any]):
+    """The stack of one configuration with its gradient buffers and Adam state allocated,
+    and a function running one training step (forward, backward, Adam) on a fixed batch."""
     device = torch.device(config["device"])
     if config["threads"] is not None:
         torch.set_num_threads(config["threads"])
@@ -109,7 +110,6 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     optimizer.step()
-    state_bytes = sum(p.numel() * p.element_size() * 4 for p in model.parameters())
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=False)
@@ -117,6 +117,17 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
             y = model(x)
         y.float().square().mean().backward()
         optimizer.step()
+
+    return model, x, step
+
+
+def measure(config: dict[str, Any]) -> dict[str, Any]:
+    """One configuration, in this (fresh) process: set up, then config["steps"] + 1 training steps."""
+    device = torch.device(config["device"])
+    dtype = DTYPES[config["dtype"]]
+    n, d = config["splits"], config["d"]
+    model, x, step = set_up(config)
+    state_bytes = sum(p.numel() * p.element_size() * 4 for p in model.parameters())
 
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -161,15 +172,11 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_fresh(config: dict[str, Any]) -> dict[str, Any]:
-    """measure(config) in a fresh Python process with MALLOC_MMAP_THRESHOLD_=65536."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    done = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(config)], env=env, capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"configuration {config} failed:\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def interleaved_step_ms(configs: list[dict[str, Any]], repeats: int) -> dict[str, float]:
+    """Median wall ms of a training step of each mode, all built in this process and timed
+    round-robin, so that a busy machine slows every mode alike."""
+    steps = {config["mode"]: set_up(config)[2] for config in configs}
+    return interleaved_medians(steps, torch.device(configs[0]["device"]), repeats)
 
 
 def ratio(results: list[dict[str, Any]], field: str, a: tuple[str, int], b: tuple[str, int]) -> float | None:
@@ -186,7 +193,7 @@ def summarise(results: list[dict[str, Any]]) -> None:
     if memory is not None:
         print(f"target: reconstruct peak(depth 32) / peak(depth 4) = {memory:.3f} (<= 1.15: {'met' if memory <= 1.15 else 'MISSED'})")
     for depth in sorted({r["depth"] for r in results}):
-        for field in ("median_ms", "median_cpu_ms"):
+        for field in ("interleaved_ms", "median_cpu_ms"):
             slowdown = ratio(results, field, ("reconstruct", depth), ("store", depth))
             if slowdown is not None:
                 verdict = "met" if slowdown <= 1.4 else "MISSED"
@@ -205,6 +212,7 @@ def main() -> None:
     results = []
     with args.out.open("a") as out:
         for depth in args.depths:
+            configs = []
             for mode in args.modes:
                 config = {
                     "mode": mode,
@@ -220,11 +228,13 @@ def main() -> None:
                     "device": args.device,
                     "dtype": args.dtype,
                 }
-                result = run_fresh(config)
+                configs.append(config)
+                results.append(run_child(__file__, ["--worker", json.dumps(config)]))
+            for result, (mode, ms) in zip(results[-len(configs):], interleaved_step_ms(configs, args.steps).items()):
+                result["interleaved_ms"] = ms
                 line = json.dumps(result)
                 print(line, flush=True)
                 out.write(line + "\n")
-                results.append(result)
     summarise(results)
 
 
