@@ -309,17 +309,25 @@ def _translate_parser(sub) -> None:
     parser.set_defaults(func=_run_translate)
 
 
-def _run_translate(args: argparse.Namespace) -> int:
-    from .data import read_lines
+def _translate_lines(args: argparse.Namespace, lines: list[str], progress: bool = False) -> list[str]:
+    """Translations of ``lines`` by the checkpoint and decoding options in ``args``."""
     from .search import resolve_device
     from .train import load_model
     from .translate import translate
 
     device = resolve_device(args.device)
     model, tokenizer, _ = load_model(args.checkpoint, device)
+    ids = translate(
+        model, tokenizer.encode(lines), beam_size=args.beam, len_penalty=args.len_penalty, max_tokens=args.max_tokens, device=device, progress=progress
+    )
+    return tokenizer.decode(ids)
+
+
+def _run_translate(args: argparse.Namespace) -> int:
+    from .data import read_lines
+
     lines = read_lines(args.input) if args.input else [line.rstrip("\n") for line in sys.stdin]
-    ids = translate(model, tokenizer.encode(lines), beam_size=args.beam, len_penalty=args.len_penalty, max_tokens=args.max_tokens, device=device)
-    text = "\n".join(tokenizer.decode(ids)) + ("\n" if lines else "")
+    text = "\n".join(_translate_lines(args, lines)) + ("\n" if lines else "")
     if args.output:
         args.output.write_text(text)
     else:
@@ -346,17 +354,10 @@ def _evaluate_parser(sub) -> None:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from .data import load_pair
     from .evaluate import format_scores, load_tok_references, score
-    from .search import resolve_device
-    from .train import load_model
-    from .translate import translate
 
-    device = resolve_device(args.device)
-    model, tokenizer, _ = load_model(args.checkpoint, device)
     corpus = load_pair(args.pair, args.split, args.data_dir)
     src, refs = corpus.src[: args.limit], corpus.tgt[: args.limit]
-    hyps = tokenizer.decode(
-        translate(model, tokenizer.encode(src), beam_size=args.beam, len_penalty=args.len_penalty, max_tokens=args.max_tokens, device=device, progress=True)
-    )
+    hyps = _translate_lines(args, src, progress=True)
     data_dir = args.data_dir or os.environ.get("MDARTS_DATA")
     tok_refs = load_tok_references(data_dir, args.split, corpus.tgt_lang) if data_dir else None
     if tok_refs is not None:
