@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mdarts_kernels.reference import accumulation_dtype
+
 
 def label_smoothed_loss(logits: Tensor, target: Tensor, pad_id: int, smoothing: float = 0.1) -> tuple[Tensor, Tensor, int]:
     """Summed loss, summed NLL and the number of non-padding tokens.
@@ -38,7 +40,7 @@ class _ChunkedOutputLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, features: Tensor, weight: Tensor, target: Tensor, pad_id: int, smoothing: float, chunk_rows: int):
         rows, vocab = features.shape[0], weight.shape[0]
-        acc = torch.float64 if features.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(features.dtype)
         w32 = weight.to(acc)
         grad_features = torch.zeros(features.shape, dtype=acc, device=features.device)
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)

@@ -95,7 +95,7 @@ class Node(nn.Module):
         weights = self.weights().to(h.device)
         residual = None if x is None else x
         if self.identity is not None:
-            acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+            acc = mk.reference.accumulation_dtype(h.dtype)
             term = sign * weights[self.identity].to(acc) * h.to(acc)
             residual = term if residual is None else residual.to(acc) + term
         if residual is not None:

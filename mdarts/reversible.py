@@ -69,15 +69,12 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 import mdarts_kernels
+from mdarts_kernels.reference import accumulation_dtype
 
 MODES = ("reconstruct", "checkpoint", "store")
 POOLS = ("max", "mean")
 
 Rebuild = Callable[[Iterator[Tensor]], Any]
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _describe(ctx: dict[str, Any]) -> str:
@@ -158,7 +155,7 @@ class ReversibleLayer(nn.Module):
             raise ValueError("ReversibleLayer: " + what.format(k=k, got=got, want=tuple(expected.shape)))
         if hasattr(fn, "coupled"):
             return out
-        acc = _accumulation_dtype(x.dtype)
+        acc = accumulation_dtype(x.dtype)
         return x.to(acc).add(out.to(acc), alpha=sign).to(x.dtype)
 
     def forward_parts(

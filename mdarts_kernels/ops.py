@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .reference import accumulation_dtype
+
 try:
     from . import _C  # noqa: F401  (importing registers torch.ops.mdarts.*)
 
@@ -39,10 +41,6 @@ def has_cuda_kernels() -> bool:
     return EXTENSION_ERROR is None and all(
         torch._C._dispatch_has_kernel_for_dispatch_key(f"mdarts::{name}", "CUDA") for name in OP_NAMES
     )
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _new_like(t: Tensor) -> Tensor:
@@ -73,7 +71,7 @@ def _fake_mixed_ln_sum(
 ) -> tuple[Tensor, Tensor, Tensor]:
     torch._check(len(outs) >= 1, lambda: "outs: expected at least one tensor")
     rows = math.prod(h.shape[:-1])
-    acc = _accumulation_dtype(h.dtype)
+    acc = accumulation_dtype(h.dtype)
     mean = h.new_empty((len(outs), rows), dtype=acc)
     rstd = h.new_empty((len(outs), rows), dtype=acc)
     return _new_like(h), mean, rstd
@@ -134,7 +132,7 @@ def _register_autograd(ops: SimpleNamespace, qualname: str) -> None:
     def backward_mixed_sum(ctx, grad):
         weights, *outs = ctx.saved_tensors
         if not ctx.weights_need_grad:
-            w = weights.to(_accumulation_dtype(grad.dtype))
+            w = weights.to(accumulation_dtype(grad.dtype))
             return [(grad * w[k]).to(grad.dtype) for k in range(ctx.num_outs)], None
         grad_outs, grad_weights = ops.mixed_sum_backward(grad.contiguous(), outs, weights)
         return grad_outs, grad_weights

@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import accumulation_dtype
+
 __all__ = [
     "MAX_BLOCK_D",
     "mixed_sum",
@@ -60,11 +62,6 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64
 # --------------------------------------------------------------------------------------------
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 data, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 _TL_DTYPES = {
     torch.float16: tl.float16,
     torch.bfloat16: tl.bfloat16,
@@ -75,7 +72,7 @@ _TL_DTYPES = {
 
 def _tl_dtypes(dtype: torch.dtype) -> tuple[tl.dtype, tl.dtype]:
     """(Triton data dtype, Triton accumulation dtype) for data of ``dtype``."""
-    return _TL_DTYPES[dtype], _TL_DTYPES[_acc_dtype(dtype)]
+    return _TL_DTYPES[dtype], _TL_DTYPES[accumulation_dtype(dtype)]
 
 
 def _check_list(tensors: Sequence[torch.Tensor], name: str) -> list[torch.Tensor]:
@@ -356,7 +353,7 @@ def mixed_sum(outs: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tens
         ``(S)`` tensor in the dtype of ``outs``, contiguous.
     """
     xs = _check_list(outs, "outs")
-    acc = _acc_dtype(xs[0].dtype)
+    acc = accumulation_dtype(xs[0].dtype)
     w = _check_vector(weights, (len(xs),), xs[0].device, acc, "weights")
     y = torch.empty_like(xs[0], memory_format=torch.contiguous_format)
     numel = y.numel()
@@ -387,7 +384,7 @@ def mixed_sum_backward(
     xs = _check_list(outs, "outs")
     g = _check_like(grad, xs[0], "grad")
     k_count = len(xs)
-    acc = _acc_dtype(xs[0].dtype)
+    acc = accumulation_dtype(xs[0].dtype)
     w = _check_vector(weights, (k_count,), xs[0].device, acc, "weights")
     grad_outs = [torch.empty_like(x) for x in xs]
     numel = g.numel()
@@ -434,7 +431,7 @@ def mixed_ln_sum(
         raise ValueError("h: expected at least one dimension")
     k_count, d = len(xs), h.shape[-1]
     block_d, block_rows, num_warps = _row_config(d)
-    acc = _acc_dtype(h.dtype)
+    acc = accumulation_dtype(h.dtype)
     w = _check_vector(weights, (k_count,), h.device, acc, "weights")
     lnw = _check_vector(ln_weight, (k_count, d), h.device, acc, "ln_weight")
     lnb = _check_vector(ln_bias, (k_count, d), h.device, acc, "ln_bias")
@@ -489,7 +486,7 @@ def mixed_ln_sum_backward(
     k_count, d = len(xs), h.shape[-1]
     block_d, block_rows, num_warps = _row_config(d)
     n_rows = h.numel() // d
-    acc = _acc_dtype(h.dtype)
+    acc = accumulation_dtype(h.dtype)
     w = _check_vector(weights, (k_count,), h.device, acc, "weights")
     lnw = _check_vector(ln_weight, (k_count, d), h.device, acc, "ln_weight")
     lnb = _check_vector(ln_bias, (k_count, d), h.device, acc, "ln_bias")
