@@ -204,6 +204,7 @@ def _train_parser(sub) -> None:
     parser.add_argument("--params", type=_positive_int, help="size the Transformer baseline to about this many parameters")
     parser.add_argument("--max-steps", type=_positive_int, help="stop after this many updates")
     parser.add_argument("--max-epochs", type=_positive_int, help="stop after this many passes over the data")
+    parser.add_argument("--max-minutes", type=_positive_float, help="stop after this many minutes of training (validations included, summed over resumes)")
     parser.add_argument("--lr", type=_positive_float, default=5e-4, help="peak learning rate (default 5e-4)")
     parser.add_argument("--warmup-steps", type=_positive_int, default=4000, help="learning-rate warm-up updates (default 4000)")
     parser.add_argument("--max-tokens", type=_positive_int, default=4096, help="batch size in padded positions (default 4096)")
@@ -225,8 +226,8 @@ def _run_train(args: argparse.Namespace) -> int:
     from .model import DerivedNet, TransformerBaseline, baseline_config_for
     from .train import TrainConfig, Trainer, model_spec
 
-    if args.max_steps is None and args.max_epochs is None:
-        raise ValueError("give a budget: --max-steps and/or --max-epochs")
+    if args.max_steps is None and args.max_epochs is None and args.max_minutes is None:
+        raise ValueError("give a budget: --max-steps, --max-epochs and/or --max-minutes")
     config = preset(args.preset, training=True)
     data = _prepared(args, ("train", "val"))
     vocab = data.tokenizer.vocab_size
@@ -244,6 +245,7 @@ def _run_train(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         max_steps=args.max_steps,
         max_epochs=args.max_epochs,
+        max_minutes=args.max_minutes,
         valid_interval=args.valid_interval,
         patience=args.patience,
         keep_last=args.keep_last,

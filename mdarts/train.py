@@ -80,8 +80,9 @@ class TrainConfig(DictFields):
     betas, weight_decay: Adam's; label_smoothing: of the cross-entropy (0.1);
     clip_norm: largest global gradient L2 norm (0 = no clipping);
     max_tokens: batch size limit, ``batch_size * max(S, T)`` positions (see batching);
-    max_steps / max_epochs: stop after this many updates / passes (None = no limit; at
-        least one of them must be set); valid_interval: updates between validations
+    max_steps / max_epochs / max_minutes: stop after this many updates / passes / minutes
+        of training (None = no limit; at least one must be set; the minutes count the
+        training loop, validations included, summed over resumes); valid_interval: updates between validations
         (each also writes checkpoints); log_interval: updates between training log lines;
     patience: stop after this many validations in a row without a lower validation loss
         (0 = never stop early); keep_last: ``checkpoint_step{N}.pt`` files kept for
@@ -100,6 +101,7 @@ class TrainConfig(DictFields):
     max_tokens: int = 4096
     max_steps: Optional[int] = None
     max_epochs: Optional[int] = None
+    max_minutes: Optional[float] = None
     valid_interval: int = 1000
     log_interval: int = 100
     patience: int = 0
@@ -122,8 +124,14 @@ class TrainConfig(DictFields):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 fail(name, "a positive integer or None")
-        if self.max_steps is None and self.max_epochs is None:
-            raise ValueError("TrainConfig.max_steps / max_epochs: set at least one, or training never ends")
+        if self.max_minutes is not None and not (
+            isinstance(self.max_minutes, (int, float)) and self.max_minutes > 0 and math.isfinite(self.max_minutes)
+        ):
+            fail("max_minutes", "a positive finite number or None")
+        if self.max_steps is None and self.max_epochs is None and self.max_minutes is None:
+            raise ValueError(
+                "TrainConfig.max_steps / max_epochs / max_minutes: set at least one, or training never ends"
+            )
         for name in ("patience", "keep_last", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -468,6 +476,8 @@ class Trainer:
         self.best_loss = math.inf
         self.bad_validations = 0
         self.validated_step = -1  # checkpoints are written right after a validation
+        self.train_seconds = 0.0  # time spent in run(), summed over resumes (for max_minutes)
+        self._clock: Optional[tuple[float, float]] = None  # (perf_counter at run(), train_seconds then)
         if resume:
             self._resume()
         else:
@@ -512,6 +522,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.best_loss, self.bad_validations = state["best_loss"], state["bad_validations"]
+        self.train_seconds = state.get("train_seconds", 0.0)
         self.validated_step = self.step
         set_rng_state(state["rng"])
         log = self.out_dir / LOG_NAME
@@ -524,10 +535,11 @@ class Trainer:
         """Train until max_steps, max_epochs or early stopping; validate and checkpoint every
         ``valid_interval`` updates and at the end; write ``curves.png`` and, with
         ``keep_last`` > 1, ``checkpoint_avg.pt``. Returns a summary: steps, epochs,
-        stopped_by ("max_steps", "max_epochs" or "patience"), best / last validation loss,
+        stopped_by ("max_steps", "max_epochs", "max_minutes" or "patience"), best / last validation loss,
         wall_s, tokens_per_s, peak_memory_bytes, parameters and the checkpoint paths."""
         config = self.config
         started = time.perf_counter()
+        self._clock = (started, self.train_seconds)
         progress = Progress(config.max_steps, "train", self.device, initial=self.step, enabled=self.show_progress)
         window = _Window()
         stopped_by = self._stop_reason()
@@ -583,9 +595,18 @@ class Trainer:
             return "max_steps"
         if config.max_epochs is not None and self.epoch >= config.max_epochs:
             return "max_epochs"
+        if config.max_minutes is not None and self._elapsed_seconds() >= 60.0 * config.max_minutes:
+            return "max_minutes"
         if config.patience and self.bad_validations >= config.patience:
             return "patience"
         return None
+
+    def _elapsed_seconds(self) -> float:
+        """Training time so far: earlier runs of this directory plus the current run()."""
+        if self._clock is None:
+            return self.train_seconds
+        started, before = self._clock
+        return before + time.perf_counter() - started
 
     def _train_step(self, batch) -> tuple[float, float, int, float]:
         """One update on ``batch``: (summed loss, summed NLL, target tokens, gradient norm
@@ -650,6 +671,7 @@ class Trainer:
             "rng": rng_state(),
             "best_loss": self.best_loss,
             "bad_validations": self.bad_validations,
+            "train_seconds": self._elapsed_seconds(),
             "train_config": self.config.to_dict(),
             "spec": self.spec,
             "tokenizer": self.tokenizer_bytes,

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -125,6 +126,25 @@ def test_resume_log_is_cut_back_to_the_checkpoint(data, tmp_path):
     steps = [e["step"] for e in read_log(tmp_path) if e["kind"] == "train"]
     assert steps == [1, 2, 3, 4]
     assert all(e["loss"] != 9.9 for e in read_log(tmp_path))
+
+
+def test_max_minutes_stops_and_counts_across_resumes(data, tmp_path, monkeypatch):
+    """The minutes budget stops training, is written into the checkpoint, and a resume
+    continues the count: a run whose budget is spent takes no further step."""
+    clock = iter(range(0, 10_000, 10))  # every reading of the clock: 10 s later
+    monkeypatch.setattr(train_module, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    config = _short(max_steps=None, max_minutes=0.5, valid_interval=100)
+    summary = _trainer(data, tmp_path, config).run()
+    assert summary["stopped_by"] == "max_minutes"
+    steps = summary["steps"]
+    assert 1 <= steps < 6
+    state = load_checkpoint(tmp_path / "checkpoint_last.pt", "train")
+    assert state["train_seconds"] >= 30.0
+    resumed = _trainer(data, tmp_path, config, resume=True)
+    assert resumed.train_seconds == state["train_seconds"]
+    assert resumed.run()["steps"] == steps
+    more = _trainer(data, tmp_path, dataclasses.replace(config, max_minutes=5.0), resume=True).run()
+    assert more["stopped_by"] == "max_minutes" and more["steps"] > steps
 
 
 def test_resume_refuses_other_settings_or_model(data, tmp_path):
@@ -304,6 +324,8 @@ def test_derived_spec_round_trip(data):
         ({"max_tokens": -5}, "max_tokens"),
         ({"valid_interval": 0}, "valid_interval"),
         ({"max_epochs": 1.5}, "max_epochs"),
+        ({"max_minutes": 0.0}, "max_minutes"),
+        ({"max_minutes": float("inf")}, "max_minutes"),
         ({"patience": -1}, "patience"),
         ({"keep_last": -1}, "keep_last"),
         ({"betas": (0.9, 1.0)}, "betas"),
