@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -66,10 +66,15 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], device: torch.devi
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def run_child(module_file: str, args: Iterable[str]) -> dict:
-    """Run ``python module_file args`` in a fresh process with glibc's mmap threshold at 64 KiB
-    (so freed blocks go back to the system and RSS follows live tensors); parse its last line as JSON."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+def run_child(module_file: str, args: Iterable[str], mmap_threshold: Optional[int] = 65536) -> dict:
+    """Run ``python module_file args`` in a fresh process and parse its last line as JSON.
+
+    ``mmap_threshold`` sets glibc's M_MMAP_THRESHOLD (bytes): blocks at least that large are
+    mapped on their own and go back to the system when freed, so the resident set follows the
+    live tensors; None leaves malloc as it is (for timing, where mapping costs system calls)."""
+    env = dict(os.environ)
+    if mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     done = subprocess.run([sys.executable, module_file, *args], env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"child {module_file} {' '.join(args)} failed:\n{done.stderr[-2000:]}")

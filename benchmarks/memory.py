@@ -1,11 +1,15 @@
 """Peak memory of one supernet training step in the three memory modes, against the planner.
 
-Each configuration runs in a fresh Python process (``run_child``, glibc mmap threshold at
-64 KiB, DESIGN.md 4) that builds a :class:`mdarts.model.Supernet`, allocates the gradient
-buffers and the Adam state of the weights and of the architecture logits (set-up), resets the
-peak, then runs ``--steps`` + 1 training steps: forward and label-smoothed loss (full logits,
-or the chunked output loss), backward, Adam step on the weights, Adam step on the alphas
-(first-order DARTS on the same batch). Per configuration one JSON line (``--out``) with:
+Each configuration and mode is measured in a fresh Python process (``run_child``, glibc's
+mmap threshold at 4 KiB so that freed blocks go back to the system and the resident set
+follows the live tensors, DESIGN.md 4) that builds a :class:`mdarts.model.Supernet`,
+allocates the gradient buffers and the Adam state of the weights and of the architecture
+logits (set-up), resets the peak, then runs two training steps: forward and label-smoothed
+loss (full logits, or the chunked output loss), backward, Adam step on the weights, Adam
+step on the alphas (first-order DARTS on the same batch). The step time is measured apart:
+one more fresh process (malloc as usual) builds the configuration in every mode and times
+``--steps`` steps of each round-robin, so that a busy machine slows every mode alike. Per
+configuration and mode one JSON line (``--out``) with:
 
     sweep, mode, layers_per_side, d, ops (candidates per encoder node), tokens, seq_len,
     vocab, chunk_rows, device, threads,
@@ -14,7 +18,7 @@ or the chunked output loss), backward, Adam step on the weights, Adam step on th
     saved_bytes      bytes saved for backward by one forward + loss (saved_tensors_hooks,
                      each storage once, parameters excluded)
     setup_bytes      weights + gradients + Adam state (4 x parameters, float32)
-    median_ms, median_cpu_ms   median wall and process CPU time of the timed steps
+    median_ms        median wall time of a step, modes timed round-robin in one process
     predicted_peak_bytes, predicted_saved_bytes, predicted_setup_bytes   mdarts.plan
     plan_error       predicted / measured peak - 1
 
@@ -42,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import append_json_lines, device_name, run_child  # noqa: E402
+from common import append_json_lines, device_name, interleaved_medians, run_child  # noqa: E402
 
 from mdarts.config import MEMORY_MODES, SearchConfig  # noqa: E402
 from mdarts.memory import (  # noqa: E402
@@ -81,27 +85,31 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=8000)
     parser.add_argument("--chunk-rows", type=int, default=256, help="rows per chunk of the chunked loss (loss sweep)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per mode (round-robin, after two warm-up rounds)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each child (1: steady on a shared CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--budget-gb", type=float, default=16.0, help="memory budget of the largest-d table (GiB)")
     parser.add_argument("--out", type=Path, default=Path("results/memory.jsonl"))
     parser.add_argument("--results-dir", type=Path, default=None, help="plots and table (default: the folder of --out)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--time-worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 # --- the measured child --------------------------------------------------------------------
 
 
-def measure(spec: dict[str, Any]) -> dict[str, Any]:
-    """One configuration in this process: set up, then spec["steps"] + 1 training steps."""
+MMAP_THRESHOLD = 4096  # bytes: glibc maps every block from 4 KiB up on its own (see run_child)
+
+
+def build(spec: dict[str, Any], config: SearchConfig):
+    """Set up one configuration in this process: the supernet, its gradient buffers and
+    Adam states (weights and alphas), a random batch. Returns (model, step) where step()
+    runs one training step."""
     from mdarts.loss import sequence_loss
     from mdarts.model import Supernet
 
-    torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
-    config = SearchConfig.from_dict(spec["config"])
     torch.manual_seed(0)
     model = Supernet(config, spec["vocab"]).to(device).train()
     weight_opt = torch.optim.Adam(model.weight_parameters(), lr=1e-4)
@@ -124,6 +132,19 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         weight_opt.step()
         arch_opt.step()
 
+    def forward_and_loss():
+        return sequence_loss(model, src, tgt_in, tgt_out, 0.1, spec["chunk_rows"])
+
+    step.forward_and_loss = forward_and_loss
+    return model, step
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """Memory of one configuration in this process: the peak over two training steps above
+    the set-up, and the bytes saved for backward."""
+    torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    model, step = build(spec, SearchConfig.from_dict(spec["config"]))
     if device.type == "cuda":
         torch.cuda.synchronize()
         baseline = torch.cuda.memory_allocated()
@@ -131,27 +152,28 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         reset_peak_rss()
         baseline = current_rss_bytes()
-    times, cpu_times = [], []
-    for i in range(spec["steps"] + 1):
-        start, cpu_start = time.perf_counter(), time.process_time()
+    for _ in range(2):
         step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i > 0:
-            times.append(time.perf_counter() - start)
-            cpu_times.append(time.process_time() - cpu_start)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()) - baseline
-    saved = saved_tensor_bytes(lambda: sequence_loss(model, src, tgt_in, tgt_out, 0.1, spec["chunk_rows"]), exclude=model.parameters())
+    saved = saved_tensor_bytes(step.forward_and_loss, exclude=model.parameters())
     return {
         "peak_bytes": peak,
         "saved_bytes": saved,
         "setup_bytes": 4 * 4 * sum(p.numel() for p in model.parameters()),
-        "median_ms": 1000 * statistics.median(times),
-        "median_cpu_ms": 1000 * statistics.median(cpu_times),
         "device_name": device_name(device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
+
+
+def time_modes(spec: dict[str, Any]) -> dict[str, float]:
+    """Median wall ms of a training step of one configuration in each mode of
+    spec["configs"] (mode -> config dict), all built in this process and timed round-robin."""
+    torch.set_num_threads(spec["threads"])
+    steps = {mode: build(spec, SearchConfig.from_dict(config))[1] for mode, config in spec["configs"].items()}
+    return interleaved_medians(steps, torch.device(spec["device"]), spec["steps"])
 
 
 # --- the sweeps ----------------------------------------------------------------------------
@@ -210,38 +232,52 @@ def plan_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
     return specs
 
 
-def run_spec(args: argparse.Namespace, spec: dict[str, Any], mode: str) -> Optional[dict[str, Any]]:
-    """Measure one configuration in a fresh process and attach the planner's prediction;
-    None (after a message naming the value) when it cannot form a valid supernet."""
-    try:
-        config = make_config(args, spec["layers_per_side"], spec["d"], spec["ops"], mode)
-        if spec["tokens"] % args.seq_len or spec["tokens"] < args.seq_len:
-            raise ValueError(f"tokens: {spec['tokens']} is not a positive multiple of --seq-len {args.seq_len}")
-    except ValueError as error:
-        print(f"{spec['sweep']} sweep: skipping d={spec['d']}, {2 * spec['layers_per_side']} layers, {spec['tokens']} tokens ({mode}): {error}")
-        return None
-    plan = predict_memory(config, args.vocab, spec["tokens"], mode, spec["chunk_rows"], seq_len=args.seq_len, device=args.device)
-    child = {"config": config.to_dict(), "vocab": args.vocab, "tokens": spec["tokens"], "seq_len": args.seq_len,
-             "chunk_rows": spec["chunk_rows"], "steps": args.steps, "threads": args.threads, "device": args.device}
-    try:
-        measured = run_child(__file__, ["--worker", json.dumps(child)])
-    except RuntimeError as error:  # e.g. out of memory: report it, run the others
-        print(f"{spec['sweep']} sweep: d={spec['d']}, {2 * spec['layers_per_side']} layers, {spec['tokens']} tokens ({mode}) failed: "
-              f"{str(error).splitlines()[-1]}")
-        return None
-    return {
-        "benchmark": "memory",
-        **spec,
-        "mode": mode,
-        "seq_len": args.seq_len,
-        "vocab": args.vocab,
-        "device": args.device,
-        **measured,
-        "predicted_peak_bytes": plan["peak_above_setup"],
-        "predicted_saved_bytes": plan["activations"],
-        "predicted_setup_bytes": plan["setup"],
-        "plan_error": plan["peak_above_setup"] / max(measured["peak_bytes"], 1) - 1,
-    }
+def run_spec(args: argparse.Namespace, spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Measure one configuration in every mode of ``args.modes`` (memory: a fresh process per
+    mode; time: one more process, modes round-robin) and attach the planner's prediction.
+    A mode that cannot form a valid supernet or fails is skipped after a message naming the
+    value; the others still run."""
+    where = f"{spec['sweep']} sweep: d={spec['d']}, {2 * spec['layers_per_side']} layers, {spec['tokens']} tokens"
+    child = {"vocab": args.vocab, "tokens": spec["tokens"], "seq_len": args.seq_len, "chunk_rows": spec["chunk_rows"],
+             "threads": args.threads, "device": args.device}
+    rows: dict[str, dict[str, Any]] = {}
+    for mode in args.modes:
+        try:
+            config = make_config(args, spec["layers_per_side"], spec["d"], spec["ops"], mode)
+            if spec["tokens"] % args.seq_len or spec["tokens"] < args.seq_len:
+                raise ValueError(f"tokens: {spec['tokens']} is not a positive multiple of --seq-len {args.seq_len}")
+        except ValueError as error:
+            print(f"{where} ({mode}): skipped: {error}")
+            continue
+        plan = predict_memory(config, args.vocab, spec["tokens"], mode, spec["chunk_rows"], seq_len=args.seq_len, device=args.device)
+        try:
+            measured = run_child(__file__, ["--worker", json.dumps({**child, "config": config.to_dict()})], MMAP_THRESHOLD)
+        except RuntimeError as error:  # e.g. out of memory: report it, run the others
+            print(f"{where} ({mode}) failed: {str(error).splitlines()[-1]}")
+            continue
+        rows[mode] = {
+            "benchmark": "memory",
+            **spec,
+            "mode": mode,
+            "seq_len": args.seq_len,
+            "vocab": args.vocab,
+            "device": args.device,
+            **measured,
+            "predicted_peak_bytes": plan["peak_above_setup"],
+            "predicted_saved_bytes": plan["activations"],
+            "predicted_setup_bytes": plan["setup"],
+            "plan_error": plan["peak_above_setup"] / max(measured["peak_bytes"], 1) - 1,
+        }
+    if rows:
+        configs = {mode: make_config(args, spec["layers_per_side"], spec["d"], spec["ops"], mode).to_dict() for mode in rows}
+        try:
+            medians = run_child(__file__, ["--time-worker", json.dumps({**child, "configs": configs, "steps": args.steps})], None)
+        except RuntimeError as error:
+            print(f"{where}: timing failed: {str(error).splitlines()[-1]}")
+            medians = {}
+        for mode, row in rows.items():
+            row["median_ms"] = medians.get(mode)
+    return list(rows.values())
 
 
 # --- report --------------------------------------------------------------------------------
@@ -249,6 +285,10 @@ def run_spec(args: argparse.Namespace, spec: dict[str, Any], mode: str) -> Optio
 
 def _mib(value: float) -> str:
     return f"{value / 2**20:.1f}"
+
+
+def _ms(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def find(results: list[dict], **keys: Any) -> Optional[dict]:
@@ -279,13 +319,12 @@ def targets(results: list[dict]) -> list[str]:
         lines.append("reconstruct peak at 32 / 4 layers: not measured (depth sweep with 4 and 32)")
     pairs = [(r, find(results, **{k: r[k] for k in ("sweep", "layers_per_side", "d", "ops", "tokens", "chunk_rows")}, mode="store"))
              for r in results if r["mode"] == "reconstruct"]
-    ratios = [(r["median_cpu_ms"] / s["median_cpu_ms"], r["median_ms"] / s["median_ms"]) for r, s in pairs if s]
+    ratios = [r["median_ms"] / s["median_ms"] for r, s in pairs if s and r.get("median_ms") and s.get("median_ms")]
     if ratios:
-        cpu = statistics.median(x[0] for x in ratios)
-        wall = statistics.median(x[1] for x in ratios)
-        worst = max(x[0] for x in ratios)
-        lines.append(f"reconstruct / store step time: median {cpu:.2f} (CPU time), {wall:.2f} (wall) over {len(ratios)} configurations, "
-                     f"worst {worst:.2f} (<= 1.4: {'met' if cpu <= 1.4 else 'MISSED'} on the median)")
+        worst = max(ratios)
+        lines.append(f"reconstruct / store step time (round-robin in one process): median {statistics.median(ratios):.2f} over "
+                     f"{len(ratios)} configurations, best {min(ratios):.2f}, worst {worst:.2f} "
+                     f"(<= 1.4: {'met' if worst <= 1.4 else 'MISSED'} on {sum(x <= 1.4 for x in ratios)}/{len(ratios)})")
     errors = [abs(r["plan_error"]) for r in results]
     if errors:
         bad = sum(e > 0.15 for e in errors)
@@ -302,6 +341,8 @@ def plot(results: list[dict], folder: Path) -> None:
     import matplotlib.pyplot as plt
 
     for sweep, key, name, label in (("depth", "layers_per_side", "memory_vs_depth.png", "total layers"), ("d", "d", "memory_vs_d.png", "d_model")):
+        if not any(r["sweep"] == sweep for r in results):
+            continue
         fig, ax = plt.subplots(figsize=(6, 4))
         for mode in MEMORY_MODES:
             rows = sorted((r for r in results if r["sweep"] == sweep and r["mode"] == mode), key=lambda r: r[key])
@@ -324,13 +365,13 @@ def plot(results: list[dict], folder: Path) -> None:
         if r["mode"] == "store":
             continue
         store = find(results, **{k: r[k] for k in ("sweep", "layers_per_side", "d", "ops", "tokens", "chunk_rows")}, mode="store")
-        if store:
+        if store and r.get("median_ms") and store.get("median_ms"):
             labels.append(f"{r['mode'][:5]} {r['sweep']} L{2 * r['layers_per_side']} d{r['d']} {r['ops']} T{r['tokens']}{' ch' if r['chunk_rows'] else ''}")
-            values.append(r["median_cpu_ms"] / store["median_cpu_ms"])
+            values.append(r["median_ms"] / store["median_ms"])
     ax.barh(range(len(values)), values)
     ax.axvline(1.4, color="red", linestyle="--", label="target 1.4")
     ax.set_yticks(range(len(values)), labels, fontsize=5)
-    ax.set_xlabel("step time / store (CPU time)")
+    ax.set_xlabel("step time / store (wall, modes round-robin)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(folder / "step_time_ratio.png", dpi=120)
@@ -343,13 +384,13 @@ def table(args: argparse.Namespace, results: list[dict], target_lines: list[str]
              f"Command: `python benchmarks/memory.py {' '.join(args.argv)}`".rstrip() + f" on {results[0]['device_name'] if results else args.device}, "
              f"vocab {args.vocab}, {args.seq_len} tokens per sequence, {args.threads} thread(s). MiB above the set-up "
              "(weights, gradients and Adam state allocated before measuring).", "",
-             "| sweep | mode | layers | d | ops | tokens | loss | peak | plan | plan error | saved | plan saved | set-up | step ms (CPU) |",
+             "| sweep | mode | layers | d | ops | tokens | loss | peak | plan | plan error | saved | plan saved | set-up | step ms |",
              "|---|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r['sweep']} | {r['mode']} | {r['layers_per_side']}+{r['layers_per_side']} | {r['d']} | {r['ops']} | {r['tokens']} | "
                      f"{'chunked ' + str(r['chunk_rows']) if r['chunk_rows'] else 'full'} | {_mib(r['peak_bytes'])} | {_mib(r['predicted_peak_bytes'])} | "
                      f"{100 * r['plan_error']:+.1f}% | {_mib(r['saved_bytes'])} | {_mib(r['predicted_saved_bytes'])} | {_mib(r['setup_bytes'])} | "
-                     f"{r['median_cpu_ms']:.0f} |")
+                     f"{_ms(r.get('median_ms'))} |")
     budget = int(args.budget_gb * 2**30)
     lines += ["", f"## Largest d that fits {args.budget_gb:g} GiB (planner; 12+12 layers, all ops, 4096 tokens, full logits)", "",
               "| mode | largest d | checked against measurements |", "|---|---:|---|"]
@@ -374,22 +415,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.worker is not None:
         print(json.dumps(measure(json.loads(args.worker))))
         return 0
+    if args.time_worker is not None:
+        print(json.dumps(time_modes(json.loads(args.time_worker))))
+        return 0
     if args.budget_gb <= 0:
         raise SystemExit(f"--budget-gb: expected a positive size, got {args.budget_gb}")
     folder = args.results_dir or args.out.parent
     folder.mkdir(parents=True, exist_ok=True)
     results = []
     for spec in plan_specs(args):
-        for mode in args.modes:
-            row = run_spec(args, spec, mode)
-            if row is None:
-                continue
-            print(f"{row['sweep']:6} {mode:11} {row['layers_per_side']:2}+{row['layers_per_side']:<2} d {row['d']:4} ops {row['ops']:3} "
+        rows = run_spec(args, spec)
+        for row in rows:
+            print(f"{row['sweep']:6} {row['mode']:11} {row['layers_per_side']:2}+{row['layers_per_side']:<2} d {row['d']:4} ops {row['ops']:3} "
                   f"tokens {row['tokens']:5} {'chunked' if row['chunk_rows'] else 'full   '} peak {_mib(row['peak_bytes']):>8} MiB "
                   f"plan {_mib(row['predicted_peak_bytes']):>8} MiB ({100 * row['plan_error']:+.1f}%) saved {_mib(row['saved_bytes']):>8} MiB "
-                  f"step {row['median_cpu_ms']:.0f} ms", flush=True)
-            append_json_lines(args.out, [row])
-            results.append(row)
+                  f"step {_ms(row['median_ms'])} ms", flush=True)
+        append_json_lines(args.out, rows)
+        results += rows
     if not results:
         print("no configuration ran")
         return 1
