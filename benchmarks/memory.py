@@ -107,8 +107,8 @@ MMAP_THRESHOLD = 4096  # bytes: glibc maps every block from 4 KiB up on its own 
 
 def build(spec: dict[str, Any], config: SearchConfig):
     """Set up one configuration in this process: the supernet, its gradient buffers and
-    Adam states (weights and alphas), a random batch. Returns (model, step) where step()
-    runs one training step."""
+    Adam states (weights and alphas), a random batch. Returns (model, step, forward_and_loss):
+    step() runs one training step, forward_and_loss() only the forward and the loss."""
     from mdarts.loss import sequence_loss
     from mdarts.model import Supernet
 
@@ -138,8 +138,7 @@ def build(spec: dict[str, Any], config: SearchConfig):
     def forward_and_loss():
         return sequence_loss(model, src, tgt_in, tgt_out, 0.1, spec["chunk_rows"])
 
-    step.forward_and_loss = forward_and_loss
-    return model, step
+    return model, step, forward_and_loss
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
@@ -147,7 +146,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     the set-up, and the bytes saved for backward."""
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
-    model, step = build(spec, SearchConfig.from_dict(spec["config"]))
+    model, step, forward_and_loss = build(spec, SearchConfig.from_dict(spec["config"]))
     if device.type == "cuda":
         torch.cuda.synchronize()
         baseline = torch.cuda.memory_allocated()
@@ -160,7 +159,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()) - baseline
-    saved = saved_tensor_bytes(step.forward_and_loss, exclude=model.parameters())
+    saved = saved_tensor_bytes(forward_and_loss, exclude=model.parameters())
     return {
         "peak_bytes": peak,
         "saved_bytes": saved,
@@ -247,6 +246,7 @@ def run_spec(args: argparse.Namespace, spec: dict[str, Any]) -> list[dict[str, A
     child = {"vocab": args.vocab, "tokens": spec["tokens"], "seq_len": args.seq_len, "chunk_rows": spec["chunk_rows"],
              "threads": args.threads, "device": args.device}
     rows: dict[str, dict[str, Any]] = {}
+    configs: dict[str, dict[str, Any]] = {}
     for mode in args.modes:
         try:
             config = make_config(args, spec["layers_per_side"], spec["d"], spec["ops"], mode)
@@ -261,6 +261,7 @@ def run_spec(args: argparse.Namespace, spec: dict[str, Any]) -> list[dict[str, A
         except RuntimeError as error:  # e.g. out of memory: report it, run the others
             print(f"{where} ({mode}) failed: {str(error).splitlines()[-1]}")
             continue
+        configs[mode] = config.to_dict()
         rows[mode] = {
             "benchmark": "memory",
             **spec,
@@ -275,7 +276,6 @@ def run_spec(args: argparse.Namespace, spec: dict[str, Any]) -> list[dict[str, A
             "plan_error": plan["peak_above_setup"] / max(measured["peak_bytes"], 1) - 1,
         }
     if rows:
-        configs = {mode: make_config(args, spec["layers_per_side"], spec["d"], spec["ops"], mode).to_dict() for mode in rows}
         try:
             medians = run_child(__file__, ["--time-worker", json.dumps({**child, "configs": configs, "steps": args.steps})], None)
         except RuntimeError as error:
