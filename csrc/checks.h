@@ -66,6 +66,10 @@ inline int64_t feature_dim(const at::Tensor& t, const char* name) {
   return t.size(-1);
 }
 
+inline void check_dropout_p(double p) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "p: expected a dropout probability in [0, 1), got ", p);
+}
+
 inline bool pool_is_max(c10::string_view mode) {
   TORCH_CHECK(mode == "max" || mode == "mean", "mode: expected 'max' or 'mean', got '",
               std::string(mode), "'");

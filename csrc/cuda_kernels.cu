@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "dropout_hash.h"
 
 namespace mdarts {
 namespace {
@@ -652,6 +653,40 @@ std::vector<at::Tensor> split_pool_backward_cuda(const at::Tensor& grad_in, at::
   return grad_xs;
 }
 
+// ---------------------------------------------------------------------------
+// seeded_dropout
+// ---------------------------------------------------------------------------
+
+// out[i] = x[i] * (keep(i) ? scale : 0), keep from dropout_hash.h; x, out: (numel,)
+template <typename scalar_t, typename acc_t>
+__global__ void seeded_dropout_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int64_t numel,
+                                      uint32_t k0, uint32_t k1, uint32_t threshold, acc_t scale) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
+    out[i] = static_cast<scalar_t>(to_acc<acc_t>(x[i]) * (dropout_keep(i, k0, k1, threshold) ? scale : acc_t(0)));
+  }
+}
+
+at::Tensor seeded_dropout_cuda(const at::Tensor& x_in, double p, int64_t seed) {
+  check_data_dtype(x_in, "x");
+  check_dropout_p(p);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  const int64_t numel = x.numel();
+  if (numel == 0) return out;
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mdarts_seeded_dropout_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto blocks = static_cast<unsigned int>(elementwise_blocks(numel));
+    seeded_dropout_kernel<scalar_t, acc_t><<<blocks, kElementwiseThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), numel, k0, k1, dropout_threshold(p),
+        static_cast<acc_t>(1.0 / (1.0 - p)));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace mdarts
 
@@ -662,4 +697,5 @@ TORCH_LIBRARY_IMPL(mdarts, CUDA, m) {
   m.impl("mixed_ln_sum_backward", &mdarts::mixed_ln_sum_backward_cuda);
   m.impl("split_pool", &mdarts::split_pool_cuda);
   m.impl("split_pool_backward", &mdarts::split_pool_backward_cuda);
+  m.impl("seeded_dropout", &mdarts::seeded_dropout_cuda);
 }

@@ -33,4 +33,7 @@ TORCH_LIBRARY(mdarts, m) {
   // elementwise max (first maximum wins the gradient) or mean of xs
   m.def("split_pool(Tensor[] xs, str mode) -> Tensor");
   m.def("split_pool_backward(Tensor grad, Tensor[] xs, str mode) -> Tensor[]");
+  // x * keep / (1 - p), keep a pure function of (seed, element index) (dropout_hash.h);
+  // also its own backward (applied to the gradient with the same seed)
+  m.def("seeded_dropout(Tensor x, float p, int seed) -> Tensor");
 }

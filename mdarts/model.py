@@ -32,6 +32,7 @@ from .genotype import Genotype
 from .ops import (
     PARAMETRIC,
     CrossAttention,
+    Dropout,
     FeedForward,
     OpContext,
     SelfAttention,
@@ -131,7 +132,7 @@ class Embedding(nn.Module):
             self.table.weight[config.pad_id].zero_()
         self.project = nn.Linear(config.embed_dim, config.d_model, bias=False) if config.embed_dim != config.d_model else None
         self.register_buffer("positions", sinusoidal_positions(config.max_positions, config.d_model), persistent=False)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.scale = math.sqrt(config.embed_dim)
 
     def forward(self, tokens: Tensor, start: int = 0) -> Tensor:

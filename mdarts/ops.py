@@ -18,6 +18,12 @@ instead of d * d * 11. Every parametric op ends with dropout on its output (resi
 dropout); FFN adds dropout after its ReLU, dynamic convolution drops kernel weights
 (DropConnect), attention drops attention probabilities. Zero and identity have no
 parameters; the LayerNorm of DESIGN.md 1.1 wraps the parametric ops elsewhere.
+
+Dropout (:class:`Dropout`, :func:`dropout`) is the counter-based
+``mdarts_kernels.seeded_dropout``: a seed drawn from the CPU RNG per call, the mask rebuilt
+from it in the backward, so autograd saves no mask and a reconstruction replays the same
+mask from the restored RNG state. Only the attention probabilities use the dropout of
+``F.scaled_dot_product_attention``.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+import mdarts_kernels
 
 CONV_WIDTHS: tuple[int, ...] = (3, 5, 7, 11)
 DYNCONV_WIDTHS: tuple[int, ...] = (3, 7, 11, 15)
@@ -81,6 +89,32 @@ def reorder_state(state: dict, new_order: Tensor) -> None:
             state[key] = value.index_select(0, new_order.to(value.device))
         elif isinstance(value, dict):
             reorder_state(value, new_order)
+
+
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """``x`` with each element zeroed with probability p and the rest scaled by 1 / (1 - p)
+    when training; ``x`` itself otherwise. Any shape. One seed is drawn from the CPU RNG."""
+    if not training or p == 0.0:
+        return x
+    return mdarts_kernels.seeded_dropout(x, p, mdarts_kernels.draw_seed())
+
+
+class Dropout(nn.Module):
+    """Drop-in for ``nn.Dropout(p)`` built on :func:`dropout`: the same distribution of masks,
+    nothing saved for the backward."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"Dropout: p must be a probability in [0, 1), got {p!r}")
+        self.p = p
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (any shape) -> the same shape."""
+        return dropout(x, self.p, self.training)
 
 
 def _context(ctx: Optional[OpContext]) -> OpContext:
@@ -182,7 +216,7 @@ class StandardConv(CandidateOp):
         self.width = width
         self.depthwise = nn.Conv1d(d_model, d_model, width, groups=d_model)
         self.pointwise = nn.Linear(d_model, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, h: Tensor, ctx: Optional[OpContext] = None) -> Tensor:
         """h (batch, time, d_model) -> (batch, time, d_model)."""
@@ -218,7 +252,7 @@ class DynamicConv(CandidateOp):
         self.input_proj = nn.Linear(d_model, 2 * d_model)
         self.kernel_proj = nn.Linear(d_model, heads * width)
         self.output_proj = nn.Linear(d_model, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, h: Tensor, ctx: Optional[OpContext] = None) -> Tensor:
         """h (batch, time, d_model) -> (batch, time, d_model)."""
@@ -237,7 +271,7 @@ class DynamicConv(CandidateOp):
         """x (batch, time, d_model) -> kernels (batch, time, heads, width), summing to 1
         over width before DropConnect."""
         logits = self.kernel_proj(x).unflatten(-1, (self.heads, self.width))
-        return F.dropout(logits.softmax(dim=-1), self.weight_dropout, self.training)
+        return dropout(logits.softmax(dim=-1), self.weight_dropout, self.training)
 
 
 def _split_heads(x: Tensor, heads: int) -> Tensor:
@@ -310,7 +344,7 @@ class SelfAttention(CandidateOp):
         self.attn_dropout = dropout
         self.qkv_proj = nn.Linear(d_model, 3 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, h: Tensor, ctx: Optional[OpContext] = None) -> Tensor:
         """h (batch, time, d_model) -> (batch, time, d_model)."""
@@ -348,7 +382,7 @@ class CrossAttention(CandidateOp):
         self.q_proj = nn.Linear(d_model, d_model)
         self.kv_proj = nn.Linear(d_memory, 2 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, h: Tensor, ctx: Optional[OpContext] = None) -> Tensor:
         """h (batch, time, d_model), ctx.memory (batch, src_time, d_memory)
@@ -391,9 +425,9 @@ class FeedForward(CandidateOp):
         self.net = nn.Sequential(
             nn.Linear(d_model, ffn_mult * d_model),
             nn.ReLU(),
-            nn.Dropout(dropout),
+            Dropout(dropout),
             nn.Linear(ffn_mult * d_model, d_model),
-            nn.Dropout(dropout),
+            Dropout(dropout),
         )
 
     def forward(self, h: Tensor, ctx: Optional[OpContext] = None) -> Tensor:
@@ -409,7 +443,7 @@ class GatedLinear(CandidateOp):
         _check_positive("d_model", d_model)
         self.in_proj = nn.Linear(d_model, 2 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, h: Tensor, ctx: Optional[OpContext] = None) -> Tensor:
         """h (batch, time, d_model) -> (batch, time, d_model)."""

@@ -50,8 +50,9 @@ def _op_saved_bytes(name: str, rows: int, seq_len: int, width: int, config: Sear
     """Bytes autograd saves inside candidate op ``name`` on input h (rows = batch x seq_len, width).
 
     The op's input h, its parameters and the encoder memory are not counted (they belong to
-    the layer). f: bytes per activation element (dropout masks have the activations' dtype on
-    the CPU). Constants from saved_tensors_hooks counts, float32, CPU.
+    the layer). f: bytes per activation element. Dropout (the seeded one of mdarts.ops) saves
+    nothing; the attention probabilities' dropout inside scaled_dot_product_attention does.
+    Constants from saved_tensors_hooks counts, float32, CPU.
     """
     c, heads = width, config.heads
     if name in ("zero", "identity"):
@@ -59,21 +60,21 @@ def _op_saved_bytes(name: str, rows: int, seq_len: int, width: int, config: Sear
     if name.startswith("dynconv"):
         # GLU input projection, kernels (heads x w), unfolded windows (c x w), output projection
         w = int(name.removeprefix("dynconv"))
-        return f * rows * (5 * c + w * (c + 3 * heads))
+        return f * rows * (4 * c + w * (c + 2 * heads))
     if name.startswith("conv"):
-        # padded input (seq_len + w - 1 per sequence), depthwise output, dropout
+        # padded input (seq_len + w - 1 per sequence), depthwise output
         w = int(name.removeprefix("conv"))
-        return f * (3 * rows * c + (rows // seq_len) * (w - 1) * c)
+        return f * (2 * rows * c + (rows // seq_len) * (w - 1) * c)
     if name == "attention":
         # q, k, v, attention output, probabilities and their dropout (heads x seq_len per row)
-        return f * (5 * rows * c + 3 * rows * heads * seq_len) + rows
+        return f * (4 * rows * c + 3 * rows * heads * seq_len) + rows
     if name == "cross_attention":
         # q, output; keys and values of the source (src rows = rows); probabilities
-        return f * (3 * rows * c + 2 * rows * c + 3 * rows * heads * seq_len)
+        return f * (2 * rows * c + 2 * rows * c + 3 * rows * heads * seq_len)
     if name == "ffn":
-        return f * rows * c * (3 * config.ffn_mult + 1)
+        return f * rows * c * 2 * config.ffn_mult
     if name == "glu":
-        return f * rows * c * 4
+        return f * rows * c * 3
     raise ValueError(f"op: unknown candidate op {name!r}")
 
 
@@ -209,9 +210,9 @@ def predict_memory(
     gradients = parameters
     optimizer_state = 2 * parameters
 
-    # the ends: per side the embedding (ids, projection input, dropout mask), the final
-    # LayerNorm's input and statistics; the encoder memory (read by every cross-attention)
-    embed = INDEX * rows + (f * rows * e if e != d else 0) + f * rows * d
+    # the ends: per side the embedding (ids, projection input), the final LayerNorm's input
+    # and statistics; the encoder memory (read by every cross-attention)
+    embed = INDEX * rows + (f * rows * e if e != d else 0)
     norm = f * rows * d + 2 * FLOAT32 * rows
     embeddings = 2 * embed
     output = 2 * norm + f * rows * d + (f * rows * d if e != d else 0) + INDEX * rows

@@ -1,14 +1,16 @@
 """Fused DARTS ops for PyTorch: mixed sums, LayerNorm-wrapped mixed sums, reversible
-couplings and split pooling, with reference, C++/CUDA and Triton backends.
+couplings, split pooling and seeded (counter-based) dropout, with reference, C++/CUDA and Triton backends.
 
 See ``mdarts_kernels.api`` for the ops and ``mdarts_kernels.backend`` for backend choice.
 """
 
 from .api import (
+    draw_seed,
     mixed_ln_sum,
     mixed_sum,
     rev_coupling_forward,
     rev_coupling_inverse,
+    seeded_dropout,
     split_pool,
 )
 from .backend import Availability, available_backends, current_backend, use_backend
@@ -17,10 +19,12 @@ __all__ = [
     "Availability",
     "available_backends",
     "current_backend",
+    "draw_seed",
     "mixed_ln_sum",
     "mixed_sum",
     "rev_coupling_forward",
     "rev_coupling_inverse",
+    "seeded_dropout",
     "split_pool",
     "use_backend",
 ]

@@ -144,3 +144,33 @@ def split_pool(xs: Sequence[Tensor], mode: str = "max") -> Tensor:
     if backend is None:
         return reference.split_pool(xs, mode)
     return backend.split_pool(xs, mode)
+
+
+def seeded_dropout(x: Tensor, p: float, seed: int) -> Tensor:
+    """Dropout whose mask is a pure function of (seed, element index): x * keep / (1 - p).
+
+    x: a float tensor of any shape; p: drop probability in [0, 1); seed: an int in
+    [-2**63, 2**63). Returns a tensor shaped like x. The same (x, p, seed) always gives the
+    same result on every backend and device, and nothing is saved for the backward (the
+    gradient is this dropout of the incoming gradient, the mask rebuilt from the seed), so
+    the caller owns the randomness: draw a new seed per call (``draw_seed``).
+    """
+    if not isinstance(x, Tensor):
+        raise ValueError(f"x: expected a tensor, got {type(x).__name__}")
+    if x.dtype not in _DATA_DTYPES:
+        raise ValueError(f"x: expected a float64, float32, float16 or bfloat16 tensor, got {x.dtype}")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"p: expected a dropout probability in [0, 1), got {p!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**63:
+        raise ValueError(f"seed: expected an int in [-2**63, 2**63), got {seed!r}")
+    backend = _backend_ops(x.device)
+    if backend is None:
+        return reference.seeded_dropout(x, float(p), seed)
+    return backend.seeded_dropout(x, float(p), seed)
+
+
+def draw_seed(generator: Optional[torch.Generator] = None) -> int:
+    """A seed for :func:`seeded_dropout` in [0, 2**63), drawn from the CPU generator
+    (the default one unless ``generator`` is given), so torch.manual_seed and saving or
+    restoring the CPU RNG state govern it, whatever the data's device."""
+    return int(torch.randint(0, 2**63 - 1, (), generator=generator).item())

@@ -33,6 +33,7 @@ OP_NAMES = (
     "mixed_ln_sum_backward",
     "split_pool",
     "split_pool_backward",
+    "seeded_dropout",
 )
 
 
@@ -106,6 +107,10 @@ def _fake_split_pool_backward(grad: Tensor, xs: list[Tensor], mode: str) -> list
     return [_new_like(x) for x in xs]
 
 
+def _fake_seeded_dropout(x: Tensor, p: float, seed: int) -> Tensor:
+    return _new_like(x)
+
+
 _FAKES = {
     "mixed_sum": _fake_mixed_sum,
     "mixed_sum_backward": _fake_mixed_sum_backward,
@@ -113,6 +118,7 @@ _FAKES = {
     "mixed_ln_sum_backward": _fake_mixed_ln_sum_backward,
     "split_pool": _fake_split_pool,
     "split_pool_backward": _fake_split_pool_backward,
+    "seeded_dropout": _fake_seeded_dropout,
 }
 
 
@@ -120,7 +126,7 @@ _FAKES = {
 
 
 def _register_autograd(ops: SimpleNamespace, qualname: str) -> None:
-    """Attach autograd to the forward ops of one backend; ``ops`` holds its six op handles."""
+    """Attach autograd to the forward ops of one backend; ``ops`` holds its op handles."""
 
     def setup_mixed_sum(ctx, inputs, output):
         outs, weights = inputs
@@ -168,9 +174,18 @@ def _register_autograd(ops: SimpleNamespace, qualname: str) -> None:
             xs = xs * ctx.num_xs
         return ops.split_pool_backward(grad.contiguous(), xs, ctx.mode), None
 
+    def setup_seeded_dropout(ctx, inputs, output):
+        _x, ctx.p, ctx.seed = inputs  # the mask is rebuilt from the seed: nothing is saved
+
+    def backward_seeded_dropout(ctx, grad):
+        return ops.seeded_dropout(grad.contiguous(), ctx.p, ctx.seed), None, None
+
     torch.library.register_autograd(f"{qualname}mixed_sum", backward_mixed_sum, setup_context=setup_mixed_sum)
     torch.library.register_autograd(f"{qualname}mixed_ln_sum", backward_mixed_ln_sum, setup_context=setup_mixed_ln_sum)
     torch.library.register_autograd(f"{qualname}split_pool", backward_split_pool, setup_context=setup_split_pool)
+    torch.library.register_autograd(
+        f"{qualname}seeded_dropout", backward_seeded_dropout, setup_context=setup_seeded_dropout
+    )
 
 
 def _register_fakes(qualname: str) -> None:
@@ -242,6 +257,11 @@ def _triton_split_pool(xs: list[Tensor], mode: str) -> Tensor:
 @torch.library.custom_op("mdarts::triton_split_pool_backward", mutates_args=())
 def _triton_split_pool_backward(grad: Tensor, xs: list[Tensor], mode: str) -> list[Tensor]:
     return _triton_kernels().split_pool_backward(grad, xs, mode)
+
+
+@torch.library.custom_op("mdarts::triton_seeded_dropout", mutates_args=())
+def _triton_seeded_dropout(x: Tensor, p: float, seed: int) -> Tensor:
+    return _triton_kernels().seeded_dropout(x, p, seed)
 
 
 triton = SimpleNamespace(**{name: getattr(torch.ops.mdarts, f"triton_{name}") for name in OP_NAMES})

@@ -66,3 +66,51 @@ def split_pool(xs: Sequence[torch.Tensor], mode: str = "max") -> torch.Tensor:
     else:
         raise ValueError(f"mode: expected 'max' or 'mean', got {mode!r}")
     return pooled.to(xs[0].dtype)
+
+
+# --- seeded dropout: a counter-based mask, a pure function of (seed, element index) ---------
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
+    """(h * c) mod 2**32 for int64 h in [0, 2**32), without int64 overflow."""
+    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser (xor-shift-multiply, 'lowbias32')."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x7FEB352D)
+    h = h ^ (h >> 15)
+    h = _mul32(h, 0x846CA68B)
+    return h ^ (h >> 16)
+
+
+def dropout_threshold(p: float) -> int:
+    """The uint32 threshold of keep probability 1 - p: an element is kept when its hash >= it."""
+    return min(int(p * 4294967296.0), _MASK32)
+
+
+def dropout_keep(shape: Sequence[int], p: float, seed: int, device: torch.device) -> torch.Tensor:
+    """The keep mask (bool, ``shape``) of :func:`seeded_dropout`.
+
+    Element i (row-major index) is kept when mix(mix(lo ^ k0) + (k1 ^ hi)) >= threshold(p),
+    where lo, hi are the low and high 32 bits of i and k0, k1 those of ``seed``.
+    """
+    numel = 1
+    for size in shape:
+        numel *= size
+    index = torch.arange(numel, dtype=torch.int64, device=device)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    h = _mix32(((_mix32((index & _MASK32) ^ k0) + ((index >> 32) ^ k1)) & _MASK32))
+    return (h >= dropout_threshold(p)).reshape(tuple(shape))
+
+
+def seeded_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Dropout with a mask that is a pure function of (seed, index): x * (keep ? 1 / (1 - p) : 0)
+    in the accumulation dtype (a NaN stays NaN, as in torch's dropout); shape of x.
+    Its gradient is the same dropout applied to the incoming gradient."""
+    acc = accumulation_dtype(x.dtype)
+    factor = dropout_keep(x.shape, p, seed, x.device).to(acc) * (1.0 / (1.0 - p))
+    return (x.to(acc) * factor).to(x.dtype)

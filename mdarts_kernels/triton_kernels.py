@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import accumulation_dtype
+from .reference import accumulation_dtype, dropout_threshold
 
 __all__ = [
     "MAX_BLOCK_D",
@@ -47,6 +47,7 @@ __all__ = [
     "mixed_ln_sum_backward",
     "split_pool",
     "split_pool_backward",
+    "seeded_dropout",
 ]
 
 MAX_BLOCK_D = 16384
@@ -338,6 +339,35 @@ def _split_pool_bwd_kernel(
             tl.store(gx_ptr + offs, gx, mask=mask)
 
 
+@triton.jit
+def _mix32(h):
+    """The 32-bit finaliser of csrc/dropout_hash.h on uint32 values."""
+    h ^= h >> 16
+    h = (h * 0x7FEB352D).to(tl.uint32)
+    h ^= h >> 15
+    h = (h * 0x846CA68B).to(tl.uint32)
+    h ^= h >> 16
+    return h
+
+
+@triton.jit(do_not_specialize=["k0", "k1", "threshold"])
+def _seeded_dropout_kernel(
+    x_ptr, y_ptr, numel, k0, k1, threshold, scale, DTYPE: tl.constexpr, ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """y = x * (scale if mix32(mix32(lo ^ k0) + (k1 ^ hi)) >= threshold else 0) (lo, hi: the
+    32-bit halves of the element index)."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    lo = (offs & 0xFFFFFFFF).to(tl.uint32)
+    hi = (offs >> 32).to(tl.uint32)
+    h = _mix32((_mix32(lo ^ k0.to(tl.uint32)) + (k1.to(tl.uint32) ^ hi)).to(tl.uint32))
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    y = x * tl.where(h >= threshold.to(tl.uint32), scale, 0.0)
+    tl.store(y_ptr + offs, y.to(DTYPE), mask=mask)
+
+
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
@@ -580,3 +610,33 @@ def split_pool_backward(grad: torch.Tensor, xs: Sequence[torch.Tensor], mode: st
         ACC=acc_tl, BLOCK=_ELEMENTWISE_BLOCK,
     )
     return grads
+
+
+def seeded_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Dropout whose keep mask is a pure function of (seed, element index), as
+    ``reference.seeded_dropout``; also its own backward (applied to the gradient).
+
+    Args:
+        x: a float tensor of any shape ``S``.
+        p: drop probability in [0, 1).
+        seed: int in [-2**63, 2**63); its two 32-bit halves key the hash.
+    Returns:
+        ``(S)`` tensor in the dtype of x, contiguous.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"p: expected a dropout probability in [0, 1), got {p!r}")
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"x: expected a float64, float32, float16 or bfloat16 tensor, got {x.dtype}")
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    numel = x.numel()
+    if numel == 0:
+        return y
+    dtype, acc_tl = _tl_dtypes(x.dtype)
+    grid = (triton.cdiv(numel, _ELEMENTWISE_BLOCK),)
+    scale = 1.0 / (1.0 - p)
+    _seeded_dropout_kernel[grid](
+        x, y, numel, seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, dropout_threshold(p),
+        scale, DTYPE=dtype, ACC=acc_tl, BLOCK=_ELEMENTWISE_BLOCK,
+    )
+    return y

@@ -9,10 +9,12 @@ import pytest
 import torch
 from torch import Tensor
 
+from mdarts.memory import saved_tensor_bytes
 from mdarts.ops import (
     DECODER_CANDIDATES,
     ENCODER_CANDIDATES,
     PARAMETRIC,
+    Dropout,
     OpContext,
     build_candidate,
     reorder_state,
@@ -227,3 +229,25 @@ def test_search_space_counts() -> None:
 def test_conv_is_depthwise_separable() -> None:
     op = build_candidate("conv11", D, causal=False)
     assert sum(p.numel() for p in op.parameters()) == D * 11 + D + D * D + D
+
+
+def test_dropout_module_follows_manual_seed_and_saves_nothing():
+    x = torch.randn(6, 40, requires_grad=True)
+    layer = Dropout(0.3).train()
+    torch.manual_seed(5)
+    first = layer(x)
+    torch.manual_seed(5)
+    assert torch.equal(layer(x), first)
+    assert not torch.equal(layer(x), first)  # the next call draws a new seed
+    kept = first != 0
+    assert 0.5 < kept.float().mean().item() < 0.9
+    torch.testing.assert_close(first[kept], x[kept] / 0.7)
+    assert saved_tensor_bytes(lambda: layer(x), [x]) == 0
+    assert saved_tensor_bytes(lambda: torch.nn.Dropout(0.3)(x), [x]) > 0  # torch's keeps its mask
+
+
+def test_dropout_module_is_identity_in_eval_and_checks_p():
+    x = torch.randn(3, 4)
+    assert Dropout(0.5).eval()(x) is x
+    with pytest.raises(ValueError, match=r"Dropout: p must be a probability in \[0, 1\), got 1.0"):
+        Dropout(1.0)
