@@ -22,8 +22,9 @@ parameters; the LayerNorm of DESIGN.md 1.1 wraps the parametric ops elsewhere.
 Dropout (:class:`Dropout`, :func:`dropout`) is the counter-based
 ``mdarts_kernels.seeded_dropout``: a seed drawn from the CPU RNG per call, the mask rebuilt
 from it in the backward, so autograd saves no mask and a reconstruction replays the same
-mask from the restored RNG state. Only the attention probabilities use the dropout of
-``F.scaled_dot_product_attention``.
+mask from the restored RNG state. Attention probabilities use it too on the CPU (an
+unfused attention when training); on CUDA they keep the fused dropout of
+``F.scaled_dot_product_attention``, whose Philox state the reversible layers replay.
 """
 
 from __future__ import annotations
@@ -305,13 +306,27 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, visible: Optional[Tensor], dropout:
     (a padded query at the start of a causal sequence, or an all-padding memory) yields 0
     instead of NaN.
     """
-    if visible is None:
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+    blind = None if visible is None else ~visible.any(dim=-1, keepdim=True)
+    mask = None if visible is None else visible | blind
+    if dropout > 0.0 and q.device.type == "cpu":
+        out = _attend_seeded_dropout(q, k, v, mask, p=dropout)
     else:
-        blind = ~visible.any(dim=-1, keepdim=True)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible | blind, dropout_p=dropout)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    if blind is not None:
         out = out.masked_fill(blind, 0.0)
     return out.transpose(1, 2).flatten(2)
+
+
+def _attend_seeded_dropout(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], p: float) -> Tensor:
+    """softmax(q k^T / sqrt(d_head), keys where ``mask`` is False excluded) with seeded
+    dropout on the probabilities, times v: (batch, heads, q_len, d_head). The CPU training
+    path: there scaled_dot_product_attention falls back to its unfused form with torch's
+    dropout, whose Bernoulli mask costs more than the attention itself at small widths and
+    is saved for the backward."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return dropout(scores.softmax(dim=-1), p, True) @ v
 
 
 def _extend_cache(

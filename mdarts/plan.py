@@ -66,11 +66,13 @@ def _op_saved_bytes(name: str, rows: int, seq_len: int, width: int, config: Sear
         w = int(name.removeprefix("conv"))
         return f * (2 * rows * c + (rows // seq_len) * (w - 1) * c)
     if name == "attention":
-        # q, k, v, attention output, probabilities and their dropout (heads x seq_len per row)
-        return f * (4 * rows * c + 3 * rows * heads * seq_len) + rows
+        # q, k, v, attention output; probabilities before and after dropout (heads x seq_len
+        # per row); the (causal) key mask and the rows that see no key, as bytes
+        return f * (4 * rows * c + 2 * rows * heads * seq_len) + rows * seq_len + rows
     if name == "cross_attention":
-        # q, output; keys and values of the source (src rows = rows); probabilities
-        return f * (2 * rows * c + 2 * rows * c + 3 * rows * heads * seq_len)
+        # q, output; keys and values of the source (src rows = rows); probabilities before
+        # and after dropout; the source key mask and the sequences that see no key, as bytes
+        return f * (2 * rows * c + 2 * rows * c + 2 * rows * heads * seq_len) + rows + rows // seq_len
     if name == "ffn":
         return f * rows * c * 2 * config.ffn_mult
     if name == "glu":

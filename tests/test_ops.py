@@ -251,3 +251,25 @@ def test_dropout_module_is_identity_in_eval_and_checks_p():
     assert Dropout(0.5).eval()(x) is x
     with pytest.raises(ValueError, match=r"Dropout: p must be a probability in \[0, 1\), got 1.0"):
         Dropout(1.0)
+
+
+@pytest.mark.parametrize("causal,padded", [(False, False), (True, False), (True, True), (False, True)])
+def test_cpu_training_attention_matches_fused_attention(causal, padded):
+    """The unfused CPU path (seeded dropout on the probabilities) equals
+    scaled_dot_product_attention when almost nothing is dropped, masks and blind rows included,
+    and differs from it with p = 0.5."""
+    from mdarts.ops import _attend, _visible_keys
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 6, 8, generator=gen) for _ in range(3))
+    key_pad = torch.zeros(2, 6, dtype=torch.bool)
+    if padded:
+        key_pad[0, :] = True  # a sequence with no visible key at all
+        key_pad[1, 4:] = True
+    visible = _visible_keys(key_pad if padded else None, 6, 6, causal, q.device)
+    fused = _attend(q, k, v, visible, 0.0)
+    unfused = _attend(q, k, v, visible, 1e-9)
+    torch.testing.assert_close(unfused, fused, rtol=1e-5, atol=1e-6)
+    torch.manual_seed(1)
+    dropped = _attend(q, k, v, visible, 0.5)
+    assert not torch.allclose(dropped, fused, atol=1e-3)
