@@ -28,7 +28,7 @@ Depth is given as total layers, split evenly: ``--depths 2 4 8`` means 1+1, 2+2,
 Sweeps: depth, d, ops (4, 8, all candidates per node), tokens, loss (full vs chunked) and
 target (the issue's 12+12 layers, all ops configuration, chunked loss, and 2+2 beside it;
 --quick shrinks it to d 96 and 512 tokens, since plain DARTS at d 528 and 4096 tokens needs
-about 20 GiB and minutes per step on a CPU; ``--target-d`` and ``--target-tokens`` choose
+about 19 GiB and minutes per step on a CPU; ``--target-d`` and ``--target-tokens`` choose
 other sizes). Then PNG plots, a markdown table with the largest d that fits ``--budget-gb``
 per mode, and the targets: the peak and step-time ratios are judged at the 12+12 target row.
 
@@ -96,7 +96,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--budget-gb", type=float, default=16.0, help="memory budget of the largest-d table (GiB)")
     parser.add_argument("--out", type=Path, default=Path("results/memory.jsonl"))
     parser.add_argument("--results-dir", type=Path, default=None, help="plots and table (default: the folder of --out)")
-    parser.add_argument("--report-only", action="store_true", help="measure nothing: rebuild memory.md and the plots from the JSON lines in --out")
+    parser.add_argument("--report-only", action="store_true", help="measure nothing: rebuild memory.md and the plots from the JSON lines in --out, with the planner's predictions recomputed")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--time-worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -239,6 +239,16 @@ def plan_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
     return specs
 
 
+def attach_plan(args: argparse.Namespace, row: dict[str, Any]) -> None:
+    """Set the planner's prediction for the configuration of a measured row (in place)."""
+    config = make_config(args, row["layers_per_side"], row["d"], row["ops"], row["mode"])
+    plan = predict_memory(config, row["vocab"], row["tokens"], row["mode"], row["chunk_rows"], seq_len=row["seq_len"], device=row["device"])
+    row["predicted_peak_bytes"] = plan["peak_above_setup"]
+    row["predicted_saved_bytes"] = plan["activations"]
+    row["predicted_setup_bytes"] = plan["setup"]
+    row["plan_error"] = plan["peak_above_setup"] / max(row["peak_bytes"], 1) - 1
+
+
 def run_spec(args: argparse.Namespace, spec: dict[str, Any]) -> list[dict[str, Any]]:
     """Measure one configuration in every mode of ``args.modes`` (memory: a fresh process per
     mode; time: one more process, modes round-robin) and attach the planner's prediction.
@@ -257,7 +267,6 @@ def run_spec(args: argparse.Namespace, spec: dict[str, Any]) -> list[dict[str, A
         except ValueError as error:
             print(f"{where} ({mode}): skipped: {error}")
             continue
-        plan = predict_memory(config, args.vocab, spec["tokens"], mode, spec["chunk_rows"], seq_len=args.seq_len, device=args.device)
         try:
             measured = run_child(__file__, ["--worker", json.dumps({**child, "config": config.to_dict()})], MMAP_THRESHOLD)
         except RuntimeError as error:  # e.g. out of memory: report it, run the others
@@ -272,11 +281,8 @@ def run_spec(args: argparse.Namespace, spec: dict[str, Any]) -> list[dict[str, A
             "vocab": args.vocab,
             "device": args.device,
             **measured,
-            "predicted_peak_bytes": plan["peak_above_setup"],
-            "predicted_saved_bytes": plan["activations"],
-            "predicted_setup_bytes": plan["setup"],
-            "plan_error": plan["peak_above_setup"] / max(measured["peak_bytes"], 1) - 1,
         }
+        attach_plan(args, rows[mode])
     if rows:
         try:
             medians = run_child(__file__, ["--time-worker", json.dumps({**child, "configs": configs, "steps": args.steps})], None)
@@ -440,6 +446,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not args.out.is_file():
             raise SystemExit(f"--report-only: {args.out} does not exist (run the benchmark first)")
         results = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
+        for row in results:  # the planner of this code, on the stored measurements
+            attach_plan(args, row)
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in results))
+        tmp.replace(args.out)
     for spec in [] if args.report_only else plan_specs(args):
         rows = run_spec(args, spec)
         for row in rows:
