@@ -32,6 +32,15 @@ def device_name(device: torch.device) -> str:
     return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
+def backends_for(device: torch.device) -> list[str]:
+    """The mdarts_kernels backends to time on ``device``: reference, cpp and (on CUDA) triton,
+    those that run there; the Triton CPU interpreter is for tests, not speed."""
+    import mdarts_kernels as mk
+
+    names = ["reference", "cpp"] + (["triton"] if device.type == "cuda" else [])
+    return [b for b in names if mk.available_backends(device)[b].ok]
+
+
 def versions() -> dict:
     """Versions of the pieces that decide the figures."""
     info = {"python": platform.python_version(), "torch": torch.__version__}

@@ -2,7 +2,7 @@
 
 Every variant runs round-robin in one process (medians of --repeats runs; on the CPU the
 process CPU time, on CUDA the wall time): ``F.dropout`` (torch's Bernoulli mask, saved for
-the backward) and ``mk.seeded_dropout`` on each backend that runs on the device (the mask a
+the backward) and ``mk.seeded_dropout`` on each backend timed on the device (the mask a
 hash of seed and index, rebuilt in the backward), with a new seed per call as the model
 draws it. Prints a markdown table and writes it to --table.
 
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, interleaved_medians  # noqa: E402
+from common import backends_for, device_name, interleaved_medians  # noqa: E402
 
 import mdarts_kernels as mk  # noqa: E402
 
@@ -29,17 +29,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def variants(device: torch.device) -> dict[str, object]:
-    """name -> dropout(x, p): torch's, and seeded_dropout on every backend usable here."""
+    """name -> dropout(x, p): torch's, and seeded_dropout on every backend timed here."""
     found = {"F.dropout": lambda x, p: F.dropout(x, p, True)}
-    backends = ["cpp"] + (["triton"] if device.type == "cuda" else [])  # the CPU interpreter is for tests
-    for backend in backends:
-        if mk.available_backends(device)[backend].ok:
+    for backend in backends_for(device):
 
-            def seeded(x, p, backend=backend):
-                with mk.use_backend(backend):
-                    return mk.seeded_dropout(x, p, mk.draw_seed())
+        def seeded(x, p, backend=backend):
+            with mk.use_backend(backend):
+                return mk.seeded_dropout(x, p, mk.draw_seed())
 
-            found[f"seeded_dropout ({backend})"] = seeded
+        found[f"seeded_dropout ({backend})"] = seeded
     return found
 
 

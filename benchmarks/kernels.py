@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     append_json_lines,
+    backends_for,
     device_name,
     interleaved_medians,
     run_child,
@@ -82,13 +83,6 @@ def step(op: str, pass_: str, backend: str, inputs: dict, grad_out: torch.Tensor
                 return call(op, inputs)
         out = call(op, inputs)
         return torch.autograd.grad(out, leaves_of(inputs), grad_out)
-
-
-def backends_for(device: torch.device) -> list[str]:
-    names = ["reference", "cpp", "triton"]
-    if device.type == "cpu":
-        names.remove("triton")  # the CPU interpreter is for tests, not speed
-    return [b for b in names if mk.available_backends(device)[b].ok]
 
 
 def result_bytes(result) -> int:

@@ -9,7 +9,6 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <type_traits>
 #include <vector>
 
 #include "checks.h"
@@ -404,41 +403,33 @@ std::vector<at::Tensor> split_pool_backward_cpu(const at::Tensor& grad_in, at::T
 #define MDARTS_TARGET_CLONES
 #endif
 
-// factor[j] = scale if element start + j is kept, else 0, for one tile that does not cross
-// a multiple of 2^32 (so the high half of the index is constant): 32-bit integer
+// keep[j] = 1 if element start + j is kept, else 0, for a run of elements that does not
+// cross a multiple of 2^32 (so the high half of the index is constant): 32-bit integer
 // arithmetic only, which the compiler vectorises.
-MDARTS_TARGET_CLONES void factor_tile(int64_t start, int64_t len, uint32_t k0, uint32_t k1, uint32_t threshold,
-                                      float scale, float* factor) {
+MDARTS_TARGET_CLONES void keep_run(int64_t start, int64_t len, uint32_t k0, uint32_t k1, uint32_t threshold,
+                                   float* keep) {
   const uint32_t base = static_cast<uint32_t>(start);
   const uint32_t key = k1 ^ static_cast<uint32_t>(static_cast<uint64_t>(start) >> 32);
 #pragma omp simd
   for (int64_t j = 0; j < len; ++j) {
-    factor[j] = mix32(mix32((base + static_cast<uint32_t>(j)) ^ k0) + key) >= threshold ? scale : 0.0f;
+    keep[j] = mix32(mix32((base + static_cast<uint32_t>(j)) ^ k0) + key) >= threshold ? 1.0f : 0.0f;
   }
 }
 
-// out[i] = in[i] * (keep(i) ? scale : 0) for i in [begin, end)
+// out[i] = in[i] * (keep(i) * scale) for i in [begin, end)
 template <typename scalar_t, typename acc_t>
 void dropout_range(const scalar_t* in, scalar_t* out, int64_t begin, int64_t end, uint32_t k0, uint32_t k1,
                    uint32_t threshold, acc_t scale) {
-  float factor[kTile];
+  float keep[kTile];
   for (int64_t start = begin; start < end; start += kTile) {
     const int64_t len = std::min(kTile, end - start);
-    if ((static_cast<uint64_t>(start) >> 32) == (static_cast<uint64_t>(start + len - 1) >> 32)) {
-      factor_tile(start, len, k0, k1, threshold, static_cast<float>(scale), factor);
-    } else {
-      for (int64_t j = 0; j < len; ++j) factor[j] = dropout_keep(start + j, k0, k1, threshold) ? static_cast<float>(scale) : 0.0f;
-    }
-    if (std::is_same<acc_t, float>::value) {
+    // the first part up to the next multiple of 2^32 (all of it, but for tensors over 4G elements)
+    const int64_t first = std::min<int64_t>(len, static_cast<int64_t>((static_cast<uint64_t>(start) | 0xFFFFFFFFull) + 1) - start);
+    keep_run(start, first, k0, k1, threshold, keep);
+    keep_run(start + first, len - first, k0, k1, threshold, keep + first);
 #pragma omp simd
-      for (int64_t j = 0; j < len; ++j) {
-        out[start + j] = static_cast<scalar_t>(static_cast<acc_t>(in[start + j]) * static_cast<acc_t>(factor[j]));
-      }
-    } else {  // double: the scale in double precision, the factor only says kept (non-zero) or not
-#pragma omp simd
-      for (int64_t j = 0; j < len; ++j) {
-        out[start + j] = static_cast<scalar_t>(static_cast<acc_t>(in[start + j]) * (factor[j] != 0.0f ? scale : acc_t(0)));
-      }
+    for (int64_t j = 0; j < len; ++j) {
+      out[start + j] = static_cast<scalar_t>(static_cast<acc_t>(in[start + j]) * (static_cast<acc_t>(keep[j]) * scale));
     }
   }
 }

@@ -9,6 +9,7 @@ from torch.autograd.graph import saved_tensors_hooks
 
 import mdarts_kernels as mk
 from mdarts_kernels import ops, reference
+from test_kernels import devices, skip_unless_available
 
 BACKENDS = ["cpp", "triton"]
 SHAPES = [(0,), (1,), (7, 33), (3, 5, 130), (2050, 9)]
@@ -17,16 +18,6 @@ TOLERANCES = {
     torch.float16: dict(rtol=1e-3, atol=1e-3),
     torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
 }
-
-
-def skip_unless_available(backend: str, device: str = "cpu") -> None:
-    status = mk.available_backends(device)[backend]
-    if not status.ok:
-        pytest.skip(f"backend {backend} on {device}: {status.reason}")
-
-
-def devices() -> list:
-    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
 
 
 def value_and_grad(backend: str, x: torch.Tensor, p: float, seed: int, grad_out: torch.Tensor):
@@ -72,7 +63,7 @@ def test_other_dtypes_match_reference(device, backend, dtype):
 def test_mask_statistics(backend):
     """Keep rate 1 - p, scaled mean preserved, and two seeds' masks independent."""
     if backend != "reference":
-        skip_unless_available(backend)
+        skip_unless_available(backend, "cpu")
     n = 200_000 if backend == "triton" else 1_000_000
     ones = torch.ones(n)
     with mk.use_backend(backend):
@@ -90,7 +81,7 @@ def test_mask_statistics(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mask_depends_on_index_not_layout(backend):
-    skip_unless_available(backend)
+    skip_unless_available(backend, "cpu")
     base = torch.randn(40, 60)
     strided = base.t()  # a transposed view: the mask follows the logical (row-major) index
     with mk.use_backend(backend):
@@ -105,7 +96,7 @@ def test_nan_stays_nan_as_in_torch_dropout():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float64_gradcheck(backend):
-    skip_unless_available(backend)
+    skip_unless_available(backend, "cpu")
     x = torch.randn(6, 11, dtype=torch.float64, requires_grad=True)
     with mk.use_backend(backend):
         assert torch.autograd.gradcheck(lambda t: mk.seeded_dropout(t, 0.3, 1234), (x,))
@@ -113,7 +104,7 @@ def test_float64_gradcheck(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
-    skip_unless_available(backend)
+    skip_unless_available(backend, "cpu")
     op = torch.ops.mdarts.seeded_dropout if backend == "cpp" else torch.ops.mdarts.triton_seeded_dropout
     for x in (torch.randn(5, 8, requires_grad=True), torch.randn(4, 6).t(), torch.randn(3, 3, dtype=torch.float64)):
         torch.library.opcheck(op, (x, 0.2, 77))
@@ -121,7 +112,7 @@ def test_opcheck(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_fullgraph(backend):
-    skip_unless_available(backend)
+    skip_unless_available(backend, "cpu")
     torch._dynamo.reset()
     x = torch.randn(8, 16, requires_grad=True)
 
