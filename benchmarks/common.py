@@ -1,6 +1,6 @@
 """Helpers shared by the benchmarks: device names, versions, timing, fresh processes, JSON lines.
 
-Memory is measured with :mod:`mdarts.memory`."""
+Memory is measured with :mod:`mdarts.memory` (``peak_above``: the peak of a step above its set-up)."""
 
 from __future__ import annotations
 
@@ -83,18 +83,24 @@ def interleaved_medians(
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def run_child(module_file: str, args: Iterable[str], mmap_threshold: Optional[int] = 65536) -> dict:
-    """Run ``python module_file args`` in a fresh process and parse its last line as JSON.
+REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_child(module: str, args: Iterable[str], mmap_threshold: Optional[int] = 65536) -> dict:
+    """Run ``python -m module args`` (``module`` such as "benchmarks.memory") in a fresh process
+    started in the repository root, and parse the last line it prints as JSON.
 
     ``mmap_threshold`` sets glibc's M_MMAP_THRESHOLD (bytes): blocks at least that large are
     mapped on their own and go back to the system when freed, so the resident set follows the
     live tensors; None leaves malloc as it is (for timing, where mapping costs system calls)."""
+    args = list(args)
     env = dict(os.environ)
     if mmap_threshold is not None:
         env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
-    done = subprocess.run([sys.executable, module_file, *args], env=env, capture_output=True, text=True, check=False)
+    command = [sys.executable, "-m", module, *args]
+    done = subprocess.run(command, cwd=REPOSITORY_ROOT, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"child {module_file} {' '.join(args)} failed:\n{done.stderr[-2000:]}")
+        raise RuntimeError(f"child {module} {' '.join(args)} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -6,8 +6,8 @@ the backward) and ``mk.seeded_dropout`` on each backend timed on the device (the
 hash of seed and index, rebuilt in the backward), with a new seed per call as the model
 draws it. Prints a markdown table and writes it to --table.
 
-    python benchmarks/dropout.py                       # 65536 and 4194304 elements, float32
-    python benchmarks/dropout.py --sizes 1048576 --dtypes float32 bfloat16
+    python -m benchmarks.dropout                       # 65536 and 4194304 elements, float32
+    python -m benchmarks.dropout --sizes 1048576 --dtypes float32 bfloat16
 """
 
 from __future__ import annotations
@@ -20,10 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import backends_for, device_name, interleaved_medians  # noqa: E402
-
-import mdarts_kernels as mk  # noqa: E402
+import mdarts_kernels as mk
+from benchmarks.common import backends_for, device_name, interleaved_medians
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -56,13 +54,22 @@ def measure(device: torch.device, numel: int, dtype: torch.dtype, p: float, repe
         clock = time.perf_counter if device.type == "cuda" else time.process_time
         medians = interleaved_medians(fns, device, repeats, clock=clock)
         base = medians["F.dropout"]
-        rows += [dict(numel=numel, dtype=str(dtype).removeprefix("torch."), pass_=pass_, variant=name, ms=ms, speedup=base / ms)
-                 for name, ms in medians.items()]
+        rows += [
+            dict(
+                numel=numel,
+                dtype=str(dtype).removeprefix("torch."),
+                pass_=pass_,
+                variant=name,
+                ms=ms,
+                speedup=base / ms,
+            )
+            for name, ms in medians.items()
+        ]
     return rows
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.dropout", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", type=int, nargs="+", default=[65536, 4194304], help="elements per tensor")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32"])
@@ -76,16 +83,24 @@ def main(argv=None) -> None:
             parser.error(f"--sizes: expected positive element counts, got {size}")
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    rows = [row for size in args.sizes for dtype in args.dtypes for row in measure(device, size, DTYPES[dtype], args.p, args.repeats)]
+    rows = [
+        row
+        for size in args.sizes
+        for dtype in args.dtypes
+        for row in measure(device, size, DTYPES[dtype], args.p, args.repeats)
+    ]
     lines = [
         f"# Dropout: seeded_dropout against F.dropout (p {args.p})",
         "",
-        f"Command: `{' '.join(['python benchmarks/dropout.py', *(argv if argv is not None else sys.argv[1:])])}` on "
+        f"Command: `{' '.join(['python -m benchmarks.dropout', *(argv if argv is not None else sys.argv[1:])])}` on "
         f"{device_name(device)}, {torch.get_num_threads()} thread(s); medians of {args.repeats} round-robin runs.",
         "",
         "| elements | dtype | pass | variant | ms | speed-up over F.dropout |",
         "|---:|---|---|---|---:|---:|",
-        *(f"| {r['numel']:,} | {r['dtype']} | {r['pass_']} | {r['variant']} | {r['ms']:.3f} | {r['speedup']:.1f}x |" for r in rows),
+        *(
+            f"| {r['numel']:,} | {r['dtype']} | {r['pass_']} | {r['variant']} | {r['ms']:.3f} | {r['speedup']:.1f}x |"
+            for r in rows
+        ),
     ]
     text = "\n".join(lines) + "\n"
     args.table.parent.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,8 @@ the input gradients, the same for every backend): it is the op's workspace plus 
 saves for backward. On CUDA the forward's achieved GB/s is also reported,
 as a fraction of a measured device-to-device copy.
 
-    python benchmarks/kernels.py                      # full sweep, writes results/kernels.*
-    python benchmarks/kernels.py --ks 14 --shapes 8192x512 --dtypes float32
+    python -m benchmarks.kernels                      # full sweep, writes results/kernels.*
+    python -m benchmarks.kernels --ks 14 --shapes 8192x512 --dtypes float32
 
 Writes one JSON line per measurement to --out and a markdown table to --table.
 """
@@ -19,14 +19,14 @@ Writes one JSON line per measurement to --out and a markdown table to --table.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+import mdarts_kernels as mk
+from benchmarks.common import (
     append_json_lines,
     backends_for,
     device_name,
@@ -34,9 +34,7 @@ from common import (  # noqa: E402
     run_child,
     versions,
 )
-
-import mdarts_kernels as mk  # noqa: E402
-from mdarts.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss  # noqa: E402
+from mdarts.memory import peak_above
 
 OPS = ("mixed_sum", "mixed_ln_sum")
 PASSES = ("forward", "forward+backward")
@@ -101,18 +99,7 @@ def measure_memory(config: dict) -> dict:
     step(config["op"], config["pass"], config["backend"], small, torch.ones(8, 16, dtype=dtype, device=device))
     inputs = make_inputs(config["op"], config["K"], config["rows"], config["dim"], dtype, device, grad)
     grad_out = torch.ones(config["rows"], config["dim"], dtype=dtype, device=device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        result = step(config["op"], config["pass"], config["backend"], inputs, grad_out)
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-    else:
-        reset_peak_rss()
-        base = current_rss_bytes()
-        result = step(config["op"], config["pass"], config["backend"], inputs, grad_out)
-        peak = max(0, peak_rss_bytes() - base)
+    result, peak = peak_above(lambda: step(config["op"], config["pass"], config["backend"], inputs, grad_out), device)
     return {"peak_bytes": peak, "extra_peak_bytes": max(0, peak - result_bytes(result))}
 
 
@@ -146,15 +133,17 @@ def run_sweep(args) -> list[dict]:
                         grad_out = torch.ones(rows, dim, dtype=dtype, device=device)
                         backends = backends_for(device)
                         times = interleaved_medians(
-                            {b: (lambda b=b: step(op, pass_, b, inputs, grad_out)) for b in backends},
+                            {b: functools.partial(step, op, pass_, b, inputs, grad_out) for b in backends},
                             device,
                             args.repeats,
                         )
                         for backend in backends:
-                            config = dict(op=op, pass_=pass_, backend=backend, dtype=dtype_name, K=K, rows=rows, dim=dim)
+                            config = dict(
+                                op=op, pass_=pass_, backend=backend, dtype=dtype_name, K=K, rows=rows, dim=dim
+                            )
                             child = dict(config, device=args.device)
                             child["pass"] = child.pop("pass_")
-                            memory = run_child(__file__, ["--measure-memory", json.dumps(child)])
+                            memory = run_child("benchmarks.kernels", ["--measure-memory", json.dumps(child)])
                             row = dict(
                                 benchmark="kernels",
                                 op=op,
@@ -170,7 +159,11 @@ def run_sweep(args) -> list[dict]:
                             row["pass"] = pass_
                             if copy_gbps and pass_ == "forward":
                                 gbps = moved_bytes(op, K, rows, dim, dtype) / (times[backend] * 1e-3) / 1e9
-                                row.update(gbps=round(gbps, 1), copy_gbps=round(copy_gbps, 1), fraction_of_copy=round(gbps / copy_gbps, 3))
+                                row.update(
+                                    gbps=round(gbps, 1),
+                                    copy_gbps=round(copy_gbps, 1),
+                                    fraction_of_copy=round(gbps / copy_gbps, 3),
+                                )
                             rows_out.append(row)
                             print(json.dumps(row), flush=True)
     return rows_out
@@ -218,7 +211,9 @@ def parse_shape(text: str) -> tuple[int, int]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.kernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--ks", type=int, nargs="+", default=[4, 8, 14], help="numbers of candidate ops K")
     parser.add_argument("--shapes", type=parse_shape, nargs="+", default=[(8192, 512), (4096, 960)], help="ROWSxD")

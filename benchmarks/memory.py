@@ -2,7 +2,7 @@
 
 Each configuration and mode is measured in a fresh Python process (``run_child``, glibc's
 mmap threshold at 4 KiB so that freed blocks go back to the system and the resident set
-follows the live tensors, DESIGN.md 4) that builds a :class:`mdarts.model.Supernet`,
+follows the live tensors, docs/design.md 4) that builds a :class:`mdarts.model.Supernet`,
 allocates the gradient buffers and the Adam state of the weights and of the architecture
 logits (set-up), resets the peak, then runs two training steps: forward and label-smoothed
 loss (full logits, or the chunked output loss), backward, Adam step on the weights, Adam
@@ -26,13 +26,13 @@ configuration and mode one JSON line (``--out``) with:
 
 Depth is given as total layers, split evenly: ``--depths 2 4 8`` means 1+1, 2+2, 4+4 layers.
 Sweeps: depth, d, ops (4, 8, all candidates per node), tokens, loss (full vs chunked) and
-target (the issue's 12+12 layers, all ops configuration, chunked loss, and 2+2 beside it;
+target (the full-size 12+12 layers, all ops configuration, chunked loss, and 2+2 beside it;
 --quick shrinks it to d 96 and 512 tokens, since plain DARTS at d 528 and 4096 tokens needs
 about 19 GiB and minutes per step on a CPU; ``--target-d`` and ``--target-tokens`` choose
 other sizes). Then PNG plots, a markdown table with the largest d that fits ``--budget-gb``
 per mode, and the targets: the peak and step-time ratios are judged at the 12+12 target row.
 
-Run:  python benchmarks/memory.py [--quick] [--sweeps depth d ops tokens loss target]
+Run:  python -m benchmarks.memory [--quick] [--sweeps depth d ops tokens loss target]
 """
 
 from __future__ import annotations
@@ -45,21 +45,13 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-from common import append_json_lines, device_name, interleaved_medians, run_child  # noqa: E402
-
-from mdarts.config import MEMORY_MODES, SearchConfig  # noqa: E402
-from mdarts.memory import (  # noqa: E402
-    current_rss_bytes,
-    peak_rss_bytes,
-    reset_peak_rss,
-    saved_tensor_bytes,
-)
-from mdarts.ops import DECODER_CANDIDATES, ENCODER_CANDIDATES  # noqa: E402
-from mdarts.plan import largest_d, predict_memory  # noqa: E402
+from benchmarks.common import append_json_lines, device_name, interleaved_medians, run_child
+from mdarts.config import MEMORY_MODES, ModelConfig
+from mdarts.memory import peak_above, saved_tensor_bytes
+from mdarts.ops import DECODER_CANDIDATES, ENCODER_CANDIDATES
+from mdarts.plan import largest_d, predict_memory
 
 SWEEPS = ("depth", "d", "ops", "tokens", "loss", "target")
 # candidate subsets: zero and identity plus parametric ops; cross_attention stays in the decoder
@@ -74,29 +66,56 @@ OP_SETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sweeps", nargs="+", default=list(SWEEPS), choices=SWEEPS)
     parser.add_argument("--modes", nargs="+", default=list(MEMORY_MODES), choices=MEMORY_MODES)
-    parser.add_argument("--quick", action="store_true", help="smaller sizes (a CPU run of minutes); the target sweep shrinks d and tokens")
-    parser.add_argument("--depths", nargs="+", type=int, default=[2, 4, 8, 16, 32], help="total layers, split evenly encoder/decoder")
-    parser.add_argument("--ds", nargs="+", type=int, default=None, help="widths of the d sweep (default 128 192 384 576 768 1008; 128 shows the invalid-width message)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller sizes (a CPU run of minutes); the target sweep shrinks d and tokens",
+    )
+    parser.add_argument(
+        "--depths", nargs="+", type=int, default=[2, 4, 8, 16, 32], help="total layers, split evenly encoder/decoder"
+    )
+    parser.add_argument(
+        "--ds",
+        nargs="+",
+        type=int,
+        default=None,
+        help="widths of the d sweep (default 128 192 384 576 768 1008; 128 shows the invalid-width message)",
+    )
     parser.add_argument("--ops", nargs="+", default=list(OP_SETS), choices=list(OP_SETS))
     parser.add_argument("--tokens", nargs="+", type=int, default=None, help="tokens per batch of the tokens sweep")
     parser.add_argument("--d", type=int, default=None, help="width of the other sweeps (default 192, quick 96)")
-    parser.add_argument("--base-tokens", type=int, default=None, help="tokens per batch of the other sweeps (default 1024, quick 512)")
+    parser.add_argument(
+        "--base-tokens", type=int, default=None, help="tokens per batch of the other sweeps (default 1024, quick 512)"
+    )
     parser.add_argument("--target-d", type=int, default=None, help="width of the target sweep (default 528, quick 96)")
-    parser.add_argument("--target-tokens", type=int, default=None, help="tokens per batch of the target sweep (default 4096, quick 512)")
+    parser.add_argument(
+        "--target-tokens", type=int, default=None, help="tokens per batch of the target sweep (default 4096, quick 512)"
+    )
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (source and target)")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=8000)
     parser.add_argument("--chunk-rows", type=int, default=256, help="rows per chunk of the chunked loss (loss sweep)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per mode (round-robin, after two warm-up rounds)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads in each child (1: steady on a shared CPU)")
+    parser.add_argument(
+        "--steps", type=int, default=5, help="timed steps per mode (round-robin, after two warm-up rounds)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads in each child (1: steady on a shared CPU)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--budget-gb", type=float, default=16.0, help="memory budget of the largest-d table (GiB)")
     parser.add_argument("--out", type=Path, default=Path("results/memory.jsonl"))
     parser.add_argument("--results-dir", type=Path, default=None, help="plots and table (default: the folder of --out)")
-    parser.add_argument("--report-only", action="store_true", help="measure nothing: rebuild memory.md and the plots from the JSON lines in --out, with the planner's predictions recomputed")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help=(
+            "measure nothing: rebuild memory.md and the plots from the JSON lines in --out, "
+            "with the planner's predictions recomputed"
+        ),
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--time-worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -108,7 +127,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 MMAP_THRESHOLD = 4096  # bytes: glibc maps every block from 4 KiB up on its own (see run_child)
 
 
-def build(spec: dict[str, Any], config: SearchConfig):
+def build(spec: dict[str, Any], config: ModelConfig):
     """Set up one configuration in this process: the supernet, its gradient buffers and
     Adam states (weights and alphas), a random batch. Returns (model, step, forward_and_loss):
     step() runs one training step, forward_and_loss() only the forward and the loss."""
@@ -149,19 +168,13 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     the set-up, and the bytes saved for backward."""
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
-    model, step, forward_and_loss = build(spec, SearchConfig.from_dict(spec["config"]))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        baseline = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        reset_peak_rss()
-        baseline = current_rss_bytes()
-    for _ in range(2):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()) - baseline
+    model, step, forward_and_loss = build(spec, ModelConfig.from_dict(spec["config"]))
+
+    def two_steps() -> None:
+        for _ in range(2):
+            step()
+
+    _, peak = peak_above(two_steps, device)
     saved = saved_tensor_bytes(forward_and_loss, exclude=model.parameters())
     return {
         "peak_bytes": peak,
@@ -178,7 +191,7 @@ def time_modes(spec: dict[str, Any]) -> dict[str, float]:
     (mode -> config dict), all built in this process and timed round-robin: CPU time of the
     process on the CPU (steady when other processes share the cores), wall time on CUDA."""
     torch.set_num_threads(spec["threads"])
-    steps = {mode: build(spec, SearchConfig.from_dict(config))[1] for mode, config in spec["configs"].items()}
+    steps = {mode: build(spec, ModelConfig.from_dict(config))[1] for mode, config in spec["configs"].items()}
     device = torch.device(spec["device"])
     clock = time.perf_counter if device.type == "cuda" else time.process_time
     return interleaved_medians(steps, device, spec["steps"], clock=clock)
@@ -187,10 +200,10 @@ def time_modes(spec: dict[str, Any]) -> dict[str, float]:
 # --- the sweeps ----------------------------------------------------------------------------
 
 
-def make_config(args: argparse.Namespace, layers_per_side: int, d: int, ops: str, mode: str) -> SearchConfig:
+def make_config(args: argparse.Namespace, layers_per_side: int, d: int, ops: str, mode: str) -> ModelConfig:
     """The supernet of one configuration; ValueError (naming the field) when it is invalid."""
     encoder, decoder = OP_SETS[ops]
-    config = SearchConfig(
+    config = ModelConfig(
         d_model=d,
         embed_dim=min(d, 256),
         encoder_layers=layers_per_side,
@@ -218,7 +231,10 @@ def plan_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
     if "depth" in args.sweeps:
         for depth in args.depths:
             if depth < 2 or depth % 2:
-                print(f"depth sweep: skipping {depth} total layers: expected an even count >= 2 (split evenly encoder/decoder)")
+                print(
+                    f"depth sweep: skipping {depth} total layers: "
+                    "expected an even count >= 2 (split evenly encoder/decoder)"
+                )
                 continue
             specs.append({**base, "sweep": "depth", "layers_per_side": depth // 2, "ops": "4"})
     if "d" in args.sweeps:
@@ -228,13 +244,22 @@ def plan_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
     if "tokens" in args.sweeps:
         specs += [{**base, "sweep": "tokens", "tokens": n} for n in token_list]
     if "loss" in args.sweeps:
-        specs += [{**base, "sweep": "loss", "ops": "4", "tokens": 2 * tokens, "chunk_rows": chunk} for chunk in (0, args.chunk_rows)]
+        specs += [
+            {**base, "sweep": "loss", "ops": "4", "tokens": 2 * tokens, "chunk_rows": chunk}
+            for chunk in (0, args.chunk_rows)
+        ]
     if "target" in args.sweeps:
-        # the issue: 12+12 layers, d 512 (invalid with 3 decoder splits: 528), all ops, 4096
+        # the full-size target: 12+12 layers, d 512 (invalid with 3 decoder splits: 528), all ops, 4096
         # tokens, with the chunked loss (the full logits would dominate every mode alike)
         target_d = args.target_d or (96 if args.quick else 528)
         target_tokens = args.target_tokens or (512 if args.quick else 4096)
-        target = {"sweep": "target", "ops": "all", "chunk_rows": args.chunk_rows, "d": target_d, "tokens": target_tokens}
+        target = {
+            "sweep": "target",
+            "ops": "all",
+            "chunk_rows": args.chunk_rows,
+            "d": target_d,
+            "tokens": target_tokens,
+        }
         specs += [{**target, "layers_per_side": 12}, {**target, "layers_per_side": 2}]
     return specs
 
@@ -242,7 +267,15 @@ def plan_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
 def attach_plan(args: argparse.Namespace, row: dict[str, Any]) -> None:
     """Set the planner's prediction for the configuration of a measured row (in place)."""
     config = make_config(args, row["layers_per_side"], row["d"], row["ops"], row["mode"])
-    plan = predict_memory(config, row["vocab"], row["tokens"], row["mode"], row["chunk_rows"], seq_len=row["seq_len"], device=row["device"])
+    plan = predict_memory(
+        config,
+        row["vocab"],
+        row["tokens"],
+        row["mode"],
+        row["chunk_rows"],
+        seq_len=row["seq_len"],
+        device=row["device"],
+    )
     row["predicted_peak_bytes"] = plan["peak_above_setup"]
     row["predicted_saved_bytes"] = plan["activations"]
     row["predicted_setup_bytes"] = plan["setup"]
@@ -255,8 +288,14 @@ def run_spec(args: argparse.Namespace, spec: dict[str, Any]) -> list[dict[str, A
     A mode that cannot form a valid supernet or fails is skipped after a message naming the
     value; the others still run."""
     where = f"{spec['sweep']} sweep: d={spec['d']}, {2 * spec['layers_per_side']} layers, {spec['tokens']} tokens"
-    child = {"vocab": args.vocab, "tokens": spec["tokens"], "seq_len": args.seq_len, "chunk_rows": spec["chunk_rows"],
-             "threads": args.threads, "device": args.device}
+    child = {
+        "vocab": args.vocab,
+        "tokens": spec["tokens"],
+        "seq_len": args.seq_len,
+        "chunk_rows": spec["chunk_rows"],
+        "threads": args.threads,
+        "device": args.device,
+    }
     rows: dict[str, dict[str, Any]] = {}
     configs: dict[str, dict[str, Any]] = {}
     for mode in args.modes:
@@ -268,7 +307,9 @@ def run_spec(args: argparse.Namespace, spec: dict[str, Any]) -> list[dict[str, A
             print(f"{where} ({mode}): skipped: {error}")
             continue
         try:
-            measured = run_child(__file__, ["--worker", json.dumps({**child, "config": config.to_dict()})], MMAP_THRESHOLD)
+            measured = run_child(
+                "benchmarks.memory", ["--worker", json.dumps({**child, "config": config.to_dict()})], MMAP_THRESHOLD
+            )
         except RuntimeError as error:  # e.g. out of memory: report it, run the others
             print(f"{where} ({mode}) failed: {str(error).splitlines()[-1]}")
             continue
@@ -285,7 +326,11 @@ def run_spec(args: argparse.Namespace, spec: dict[str, Any]) -> list[dict[str, A
         attach_plan(args, rows[mode])
     if rows:
         try:
-            medians = run_child(__file__, ["--time-worker", json.dumps({**child, "configs": configs, "steps": args.steps})], None)
+            medians = run_child(
+                "benchmarks.memory",
+                ["--time-worker", json.dumps({**child, "configs": configs, "steps": args.steps})],
+                None,
+            )
         except RuntimeError as error:
             print(f"{where}: timing failed: {str(error).splitlines()[-1]}")
             medians = {}
@@ -313,42 +358,66 @@ def find(results: list[dict], **keys: Any) -> Optional[dict]:
 
 
 def targets(results: list[dict]) -> list[str]:
-    """The issue's four targets, each met / MISSED / not measured."""
+    """The four targets (peak ratio, depth growth, step-time ratio, plan error), each met / MISSED / not measured."""
     lines = []
     deep = max((r["layers_per_side"] for r in results if r["sweep"] == "target"), default=None)
     recon = find(results, sweep="target", mode="reconstruct", layers_per_side=deep)
     store = find(results, sweep="target", mode="store", layers_per_side=deep)
     if recon and store:
         ratio = recon["peak_bytes"] / store["peak_bytes"]
-        lines.append(f"reconstruct peak / store peak at {deep}+{deep} layers, d {recon['d']}, all ops, {recon['tokens']} tokens: "
-                     f"{ratio:.3f} (<= 1/8 = 0.125: {'met' if ratio <= 0.125 else 'MISSED'})")
+        lines.append(
+            f"reconstruct peak / store peak at {deep}+{deep} layers, d {recon['d']}, all ops, "
+            f"{recon['tokens']} tokens: "
+            f"{ratio:.3f} (<= 1/8 = 0.125: {'met' if ratio <= 0.125 else 'MISSED'})"
+        )
     else:
         lines.append("reconstruct / store peak at 12+12 layers: not measured (run the target sweep in both modes)")
     shallow = find(results, sweep="depth", mode="reconstruct", layers_per_side=2)
     deepest = find(results, sweep="depth", mode="reconstruct", layers_per_side=16)
     if shallow and deepest:
         ratio = deepest["peak_bytes"] / shallow["peak_bytes"]
-        lines.append(f"reconstruct peak at 32 layers / at 4 layers: {ratio:.3f} (<= 1.15: {'met' if ratio <= 1.15 else 'MISSED'})")
+        lines.append(
+            f"reconstruct peak at 32 layers / at 4 layers: {ratio:.3f} "
+            f"(<= 1.15: {'met' if ratio <= 1.15 else 'MISSED'})"
+        )
     else:
         lines.append("reconstruct peak at 32 / 4 layers: not measured (depth sweep with 4 and 32)")
     if recon and store and recon.get("median_ms") and store.get("median_ms"):
         ratio = recon["median_ms"] / store["median_ms"]
-        lines.append(f"reconstruct / store step time at {deep}+{deep} layers, d {recon['d']}, all ops, {recon['tokens']} tokens "
-                     f"(round-robin in one process): {ratio:.2f} (<= 1.4: {'met' if ratio <= 1.4 else 'MISSED'})")
+        lines.append(
+            f"reconstruct / store step time at {deep}+{deep} layers, d {recon['d']}, all ops, {recon['tokens']} tokens "
+            f"(round-robin in one process): {ratio:.2f} (<= 1.4: {'met' if ratio <= 1.4 else 'MISSED'})"
+        )
     else:
         lines.append("reconstruct / store step time at 12+12 layers: not measured (run the target sweep in both modes)")
-    pairs = [(r, find(results, **{k: r[k] for k in ("sweep", "layers_per_side", "d", "ops", "tokens", "chunk_rows")}, mode="store"))
-             for r in results if r["mode"] == "reconstruct"]
+    pairs = [
+        (
+            r,
+            find(
+                results,
+                **{k: r[k] for k in ("sweep", "layers_per_side", "d", "ops", "tokens", "chunk_rows")},
+                mode="store",
+            ),
+        )
+        for r in results
+        if r["mode"] == "reconstruct"
+    ]
     ratios = [r["median_ms"] / s["median_ms"] for r, s in pairs if s and r.get("median_ms") and s.get("median_ms")]
     if ratios:
         within = sum(x <= 1.4 for x in ratios)
-        lines.append(f"reconstruct / store step time over every measured configuration: median {statistics.median(ratios):.2f} over "
-                     f"{len(ratios)}, best {min(ratios):.2f}, worst {max(ratios):.2f}, <= 1.4 on {within}/{len(ratios)}")
+        lines.append(
+            "reconstruct / store step time over every measured configuration: "
+            f"median {statistics.median(ratios):.2f} over "
+            f"{len(ratios)}, best {min(ratios):.2f}, worst {max(ratios):.2f}, <= 1.4 on {within}/{len(ratios)}"
+        )
     errors = [abs(r["plan_error"]) for r in results]
     if errors:
         bad = sum(e > 0.15 for e in errors)
-        lines.append(f"plan within 15% of the measured peak: {len(errors) - bad}/{len(errors)} configurations, worst {100 * max(errors):.1f}% "
-                     f"({'met' if not bad else 'MISSED'})")
+        lines.append(
+            f"plan within 15% of the measured peak: {len(errors) - bad}/{len(errors)} configurations, "
+            f"worst {100 * max(errors):.1f}% "
+            f"({'met' if not bad else 'MISSED'})"
+        )
     return lines
 
 
@@ -359,7 +428,10 @@ def plot(results: list[dict], folder: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for sweep, key, name, label in (("depth", "layers_per_side", "memory_vs_depth.png", "total layers"), ("d", "d", "memory_vs_d.png", "d_model")):
+    for sweep, key, name, label in (
+        ("depth", "layers_per_side", "memory_vs_depth.png", "total layers"),
+        ("d", "d", "memory_vs_d.png", "d_model"),
+    ):
         if not any(r["sweep"] == sweep for r in results):
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -368,8 +440,14 @@ def plot(results: list[dict], folder: Path) -> None:
             if not rows:
                 continue
             xs = [r[key] * (2 if sweep == "depth" else 1) for r in rows]
-            line, = ax.plot(xs, [r["peak_bytes"] / 2**20 for r in rows], "o-", label=f"{mode} measured")
-            ax.plot(xs, [r["predicted_peak_bytes"] / 2**20 for r in rows], "x--", color=line.get_color(), label=f"{mode} plan")
+            (line,) = ax.plot(xs, [r["peak_bytes"] / 2**20 for r in rows], "o-", label=f"{mode} measured")
+            ax.plot(
+                xs,
+                [r["predicted_peak_bytes"] / 2**20 for r in rows],
+                "x--",
+                color=line.get_color(),
+                label=f"{mode} plan",
+            )
         ax.set_xlabel(label)
         ax.set_ylabel("peak above set-up (MiB)")
         ax.set_yscale("log")
@@ -383,9 +461,14 @@ def plot(results: list[dict], folder: Path) -> None:
     for r in results:
         if r["mode"] == "store":
             continue
-        store = find(results, **{k: r[k] for k in ("sweep", "layers_per_side", "d", "ops", "tokens", "chunk_rows")}, mode="store")
+        store = find(
+            results, **{k: r[k] for k in ("sweep", "layers_per_side", "d", "ops", "tokens", "chunk_rows")}, mode="store"
+        )
         if store and r.get("median_ms") and store.get("median_ms"):
-            labels.append(f"{r['mode'][:5]} {r['sweep']} L{2 * r['layers_per_side']} d{r['d']} {r['ops']} T{r['tokens']}{' ch' if r['chunk_rows'] else ''}")
+            labels.append(
+                f"{r['mode'][:5]} {r['sweep']} L{2 * r['layers_per_side']} d{r['d']} {r['ops']} "
+                f"T{r['tokens']}{' ch' if r['chunk_rows'] else ''}"
+            )
             values.append(r["median_ms"] / store["median_ms"])
     ax.barh(range(len(values)), values)
     ax.axvline(1.4, color="red", linestyle="--", label="target 1.4")
@@ -399,26 +482,50 @@ def plot(results: list[dict], folder: Path) -> None:
 
 def table(args: argparse.Namespace, results: list[dict], target_lines: list[str]) -> str:
     """The markdown report: every configuration, the largest d per mode, the targets."""
-    lines = ["# Peak memory of one supernet training step", "",
-             f"Command: `python benchmarks/memory.py {' '.join(a for a in args.argv if a != '--report-only')}`".rstrip() + f" on {results[0]['device_name'] if results else args.device}, "
-             f"vocab {args.vocab}, {args.seq_len} tokens per sequence, {args.threads} thread(s). MiB above the set-up "
-             "(weights, gradients and Adam state allocated before measuring).", "",
-             "| sweep | mode | layers | d | ops | tokens | loss | peak | plan | plan error | saved | plan saved | set-up | step ms |",
-             "|---|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "# Peak memory of one supernet training step",
+        "",
+        f"Command: `python -m benchmarks.memory {' '.join(a for a in args.argv if a != '--report-only')}`".rstrip()
+        + f" on {results[0]['device_name'] if results else args.device}, "
+        f"vocab {args.vocab}, {args.seq_len} tokens per sequence, {args.threads} thread(s). MiB above the set-up "
+        "(weights, gradients and Adam state allocated before measuring).",
+        "",
+        "| sweep | mode | layers | d | ops | tokens | loss | peak | plan | plan error | saved | plan saved "
+        "| set-up | step ms |",
+        "|---|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
-        lines.append(f"| {r['sweep']} | {r['mode']} | {r['layers_per_side']}+{r['layers_per_side']} | {r['d']} | {r['ops']} | {r['tokens']} | "
-                     f"{'chunked ' + str(r['chunk_rows']) if r['chunk_rows'] else 'full'} | {_mib(r['peak_bytes'])} | {_mib(r['predicted_peak_bytes'])} | "
-                     f"{100 * r['plan_error']:+.1f}% | {_mib(r['saved_bytes'])} | {_mib(r['predicted_saved_bytes'])} | {_mib(r['setup_bytes'])} | "
-                     f"{_ms(r.get('median_ms'))} |")
+        lines.append(
+            f"| {r['sweep']} | {r['mode']} | {r['layers_per_side']}+{r['layers_per_side']} | {r['d']} | {r['ops']} "
+            f"| {r['tokens']} | "
+            f"{'chunked ' + str(r['chunk_rows']) if r['chunk_rows'] else 'full'} | {_mib(r['peak_bytes'])} "
+            f"| {_mib(r['predicted_peak_bytes'])} | "
+            f"{100 * r['plan_error']:+.1f}% | {_mib(r['saved_bytes'])} | {_mib(r['predicted_saved_bytes'])} "
+            f"| {_mib(r['setup_bytes'])} | "
+            f"{_ms(r.get('median_ms'))} |"
+        )
     budget = int(args.budget_gb * 2**30)
-    lines += ["", f"## Largest d that fits {args.budget_gb:g} GiB (planner; 12+12 layers, all ops, 4096 tokens, full logits)", "",
-              "| mode | largest d | checked against measurements |", "|---|---:|---|"]
+    lines += [
+        "",
+        f"## Largest d that fits {args.budget_gb:g} GiB (planner; 12+12 layers, all ops, 4096 tokens, full logits)",
+        "",
+        "| mode | largest d | checked against measurements |",
+        "|---|---:|---|",
+    ]
     config = make_config(args, 12, 528, "all", "reconstruct")
     for mode in args.modes:
         best = largest_d(budget, config, args.vocab, 4096, mode, seq_len=args.seq_len, device=args.device)
         measured = [r for r in results if r["mode"] == mode]
-        agree = sum((r["setup_bytes"] + r["peak_bytes"] <= budget) == (r["predicted_setup_bytes"] + r["predicted_peak_bytes"] <= budget) for r in measured)
-        check = f"fits / does not fit agrees on {agree}/{len(measured)} measured configurations" if measured else "not measured"
+        agree = sum(
+            (r["setup_bytes"] + r["peak_bytes"] <= budget)
+            == (r["predicted_setup_bytes"] + r["predicted_peak_bytes"] <= budget)
+            for r in measured
+        )
+        check = (
+            f"fits / does not fit agrees on {agree}/{len(measured)} measured configurations"
+            if measured
+            else "not measured"
+        )
         lines.append(f"| {mode} | {best if best is not None else 'none fits'} | {check} |")
         if best is None:
             print(f"budget {args.budget_gb:g} GiB: no valid d fits in {mode} mode (12+12 layers, all ops, 4096 tokens)")
@@ -454,10 +561,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     for spec in [] if args.report_only else plan_specs(args):
         rows = run_spec(args, spec)
         for row in rows:
-            print(f"{row['sweep']:6} {row['mode']:11} {row['layers_per_side']:2}+{row['layers_per_side']:<2} d {row['d']:4} ops {row['ops']:3} "
-                  f"tokens {row['tokens']:5} {'chunked' if row['chunk_rows'] else 'full   '} peak {_mib(row['peak_bytes']):>8} MiB "
-                  f"plan {_mib(row['predicted_peak_bytes']):>8} MiB ({100 * row['plan_error']:+.1f}%) saved {_mib(row['saved_bytes']):>8} MiB "
-                  f"step {_ms(row['median_ms'])} ms", flush=True)
+            print(
+                f"{row['sweep']:6} {row['mode']:11} {row['layers_per_side']:2}+{row['layers_per_side']:<2} "
+                f"d {row['d']:4} ops {row['ops']:3} "
+                f"tokens {row['tokens']:5} {'chunked' if row['chunk_rows'] else 'full   '} "
+                f"peak {_mib(row['peak_bytes']):>8} MiB "
+                f"plan {_mib(row['predicted_peak_bytes']):>8} MiB ({100 * row['plan_error']:+.1f}%) "
+                f"saved {_mib(row['saved_bytes']):>8} MiB "
+                f"step {_ms(row['median_ms'])} ms",
+                flush=True,
+            )
         append_json_lines(args.out, rows)
         results += rows
     if not results:

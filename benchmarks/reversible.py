@@ -1,7 +1,7 @@
 """Peak memory and step time of a ReversibleSequence against depth, for the three memory modes.
 
 Each configuration (mode, depth) runs in a fresh Python process started with
-``MALLOC_MMAP_THRESHOLD_=65536`` (DESIGN.md 4), which builds the stack, sets up the gradient
+``MALLOC_MMAP_THRESHOLD_=65536`` (docs/design.md 4), which builds the stack, sets up the gradient
 buffers and the Adam state, then times whole training steps (forward, backward, optimizer
 step) on a batch of ``--batch x --time`` tokens of width ``--d``. Every fn is a pre-LayerNorm
 feed-forward block ``Dropout(Linear(GELU(Linear(LayerNorm(h)))))`` on d / n features, so
@@ -24,7 +24,7 @@ Per configuration it prints and appends to ``--out`` one JSON line with:
 and at the end a summary of the two targets: reconstruct peak(depth 32) / peak(depth 4)
 <= 1.15, and reconstruct / store step time <= 1.4.
 
-Run:  python benchmarks/reversible.py [--depths 1 2 4 8 16 32] [--modes ...] [--device cuda]
+Run:  python -m benchmarks.reversible [--depths 1 2 4 8 16 32] [--modes ...] [--device cuda]
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -41,18 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import device_name, interleaved_medians, run_child  # noqa: E402
-
-from mdarts.memory import (  # noqa: E402
-    current_rss_bytes,
-    peak_rss_bytes,
-    reset_peak_rss,
-    saved_tensor_bytes,
-)
-from mdarts.reversible import MODES, ReversibleLayer, ReversibleSequence  # noqa: E402
+from benchmarks.common import device_name, interleaved_medians, run_child
+from mdarts.memory import peak_above, saved_tensor_bytes
+from mdarts.reversible import MODES, ReversibleLayer, ReversibleSequence
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -72,7 +62,7 @@ class FeedForward(nn.Module):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.reversible", description=__doc__.split("\n\n")[0])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--depths", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--d", type=int, default=512, help="model width (default 512)")
@@ -84,7 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4, help="timed training steps, after one warm-up step")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="autocast dtype (float32: no autocast)")
+    parser.add_argument(
+        "--dtype", default="float32", choices=sorted(DTYPES), help="autocast dtype (float32: no autocast)"
+    )
     parser.add_argument("--out", type=Path, default=Path("results/reversible.jsonl"))
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -100,7 +92,10 @@ def set_up(config: dict[str, Any]):
     n, d = config["splits"], config["d"]
     torch.manual_seed(0)
     model = ReversibleSequence(
-        [ReversibleLayer([FeedForward(d // n, config["hidden"], config["dropout"]) for _ in range(n)]) for _ in range(config["depth"])],
+        [
+            ReversibleLayer([FeedForward(d // n, config["hidden"], config["dropout"]) for _ in range(n)])
+            for _ in range(config["depth"])
+        ],
         mode=config["mode"],
     ).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -128,27 +123,19 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
     n, d = config["splits"], config["d"]
     model, x, step = set_up(config)
     state_bytes = sum(p.numel() * p.element_size() * 4 for p in model.parameters())
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        baseline = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        reset_peak_rss()  # the import's transient peak must not count
-        baseline = current_rss_bytes()
     times, cpu_times = [], []
-    for i in range(config["steps"] + 1):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i > 0:
-            times.append(time.perf_counter() - start)
-            cpu_times.append(time.process_time() - cpu_start)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() - baseline
-    else:
-        peak = peak_rss_bytes() - baseline
+
+    def timed_steps() -> None:
+        for i in range(config["steps"] + 1):
+            start, cpu_start = time.perf_counter(), time.process_time()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i > 0:
+                times.append(time.perf_counter() - start)
+                cpu_times.append(time.process_time() - cpu_start)
+
+    _, peak = peak_above(timed_steps, device)  # the import's transient peak does not count
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         saved = saved_tensor_bytes(lambda: model(x), exclude=model.parameters())
     return {
@@ -191,13 +178,19 @@ def summarise(results: list[dict[str, Any]]) -> None:
     """Print the two targets: reconstruct peak(32) / peak(4) <= 1.15; reconstruct / store time <= 1.4."""
     memory = ratio(results, "peak_bytes", ("reconstruct", 32), ("reconstruct", 4))
     if memory is not None:
-        print(f"target: reconstruct peak(depth 32) / peak(depth 4) = {memory:.3f} (<= 1.15: {'met' if memory <= 1.15 else 'MISSED'})")
+        print(
+            f"target: reconstruct peak(depth 32) / peak(depth 4) = {memory:.3f} "
+            f"(<= 1.15: {'met' if memory <= 1.15 else 'MISSED'})"
+        )
     for depth in sorted({r["depth"] for r in results}):
         for field in ("interleaved_ms", "median_cpu_ms"):
             slowdown = ratio(results, field, ("reconstruct", depth), ("store", depth))
             if slowdown is not None:
                 verdict = "met" if slowdown <= 1.4 else "MISSED"
-                print(f"target: reconstruct / store step time ({field}) at depth {depth} = {slowdown:.3f} (<= 1.4: {verdict})")
+                print(
+                    f"target: reconstruct / store step time ({field}) at depth {depth} = {slowdown:.3f} "
+                    f"(<= 1.4: {verdict})"
+                )
 
 
 def main() -> None:
@@ -229,8 +222,8 @@ def main() -> None:
                     "dtype": args.dtype,
                 }
                 configs.append(config)
-                results.append(run_child(__file__, ["--worker", json.dumps(config)]))
-            for result, (mode, ms) in zip(results[-len(configs):], interleaved_step_ms(configs, args.steps).items()):
+                results.append(run_child("benchmarks.reversible", ["--worker", json.dumps(config)]))
+            for result, (_mode, ms) in zip(results[-len(configs) :], interleaved_step_ms(configs, args.steps).items()):
                 result["interleaved_ms"] = ms
                 line = json.dumps(result)
                 print(line, flush=True)

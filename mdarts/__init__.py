@@ -1,3 +1,3 @@
-"""mdarts: memory-efficient differentiable architecture search for Transformers (see DESIGN.md)."""
+"""mdarts: memory-efficient differentiable architecture search for Transformers (see docs/design.md)."""
 
 __version__ = "0.1.0"

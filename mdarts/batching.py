@@ -59,12 +59,11 @@ def positions(ids: Ids) -> int:
     return len(ids) + 1
 
 
-def filter_by_length(
-    src_ids: Sequence[Ids], tgt_ids: Sequence[Ids], max_positions: int
-) -> list[int]:
+def filter_by_length(src_ids: Sequence[Ids], tgt_ids: Sequence[Ids], max_positions: int) -> list[int]:
     """Indices of the pairs whose source and target both fit ``max_positions`` positions."""
     return [
-        i for i, (s, t) in enumerate(zip(src_ids, tgt_ids, strict=True))
+        i
+        for i, (s, t) in enumerate(zip(src_ids, tgt_ids, strict=True))
         if positions(s) <= max_positions and positions(t) <= max_positions
     ]
 
@@ -106,7 +105,8 @@ def make_batches(
     if too_long:
         warnings.warn(
             f"left out {len(too_long)} sentence pair(s) longer than max_tokens={max_tokens} "
-            f"positions (corpus indices {too_long[:10]}{'...' if len(too_long) > 10 else ''})"
+            f"positions (corpus indices {too_long[:10]}{'...' if len(too_long) > 10 else ''})",
+            stacklevel=2,
         )
     batches = _pack([i for i in order if lengths[i] <= max_tokens], lengths, max_tokens)
     if shuffle:
@@ -193,18 +193,15 @@ class TokenBatches:
         shuffle: bool = True,
         max_positions: Optional[int] = None,
         pad_id: int = PAD_ID,
-        bos_id: int = BOS_ID,
-        eos_id: int = EOS_ID,
     ):
         """Batches of ``(src_ids[i], tgt_ids[i])``; pairs over ``max_positions`` are dropped."""
         if len(src_ids) != len(tgt_ids):
             raise ValueError(f"{len(src_ids)} sources but {len(tgt_ids)} targets")
         self.src_ids, self.tgt_ids = src_ids, tgt_ids
         self.max_tokens, self.seed, self.shuffle = max_tokens, seed, shuffle
-        self.special_ids = {"pad_id": pad_id, "bos_id": bos_id, "eos_id": eos_id}
+        self.special_ids = {"pad_id": pad_id, "bos_id": BOS_ID, "eos_id": EOS_ID}
         self.kept = (
-            list(range(len(src_ids))) if max_positions is None
-            else filter_by_length(src_ids, tgt_ids, max_positions)
+            list(range(len(src_ids))) if max_positions is None else filter_by_length(src_ids, tgt_ids, max_positions)
         )
         self.epoch = 0
         self._batches = self._indices()
@@ -230,6 +227,11 @@ class TokenBatches:
 
     def _indices(self) -> list[list[int]]:
         return make_batches(
-            self.src_ids, self.tgt_ids, self.max_tokens, self.seed, self.shuffle,
-            self.epoch, self.kept,
+            self.src_ids,
+            self.tgt_ids,
+            self.max_tokens,
+            self.seed,
+            self.shuffle,
+            self.epoch,
+            self.kept,
         )

@@ -1,47 +1,63 @@
-"""Checkpoints: written atomically (temporary file, then rename), read with clear errors,
-and the random-number state needed for an exact resume."""
+"""Checkpoints: written atomically, read with clear errors, the random-number state needed
+for an exact resume, the model spec a checkpoint rebuilds its model from
+(:func:`model_spec`, :func:`build_model_from_spec`, :func:`load_model`) and checkpoint
+averaging."""
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
-import tempfile
+import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 
+from .config import ModelConfig
+from .evolved import EvolvedTransformer
+from .genotype import Genotype
+from .model import DerivedNet, TransformerBaseline
+from .runs import write_atomic
+from .tokenizer import Tokenizer
+
+PathLike = Union[str, "os.PathLike[str]"]
 FORMAT = "mdarts-checkpoint-1"
+TRAIN_KIND = "train"
+"""``kind`` of the checkpoints the trainer writes (full training state)."""
+AVERAGE_KIND = "average"
+"""``kind`` of ``checkpoint_avg.pt`` (model, spec and tokenizer only)."""
+BASELINES = {"transformer": TransformerBaseline, "evolved": EvolvedTransformer}
+"""The baselines by ``--arch`` name: built from a ModelConfig and a vocabulary size alone."""
+MODEL_KINDS = (*BASELINES, "derived")
+AVERAGE_FILE = "checkpoint_avg.pt"
+STEP_FILE_PATTERN = re.compile(r"^checkpoint_step(\d+)\.pt$")
 
 
 def save_checkpoint(path: os.PathLike, payload: dict[str, Any]) -> None:
     """torch.save ``payload`` (plus the format tag) to ``path`` atomically: a crash while
     writing leaves the previous file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name + ".", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            torch.save({"format": FORMAT, **payload}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda out: torch.save({"format": FORMAT, **payload}, out))
 
 
 def load_checkpoint(path: os.PathLike, kind: Optional[str] = None) -> dict[str, Any]:
     """The payload saved at ``path``; ``kind`` ("train", "search"...) must match if given.
 
-    Raises FileNotFoundError for a missing file and ValueError for a file that is not an
-    mdarts checkpoint, is corrupt or truncated, or is of another kind."""
+    Loaded with ``weights_only=True``: tensors, numbers, strings, bytes and containers only, so
+    a checkpoint from elsewhere cannot run code. Raises FileNotFoundError for a missing file
+    and ValueError for a file that is not an mdarts checkpoint, is corrupt or truncated, holds
+    other objects, or is of another kind."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"checkpoint {path} holds objects other than tensors and plain data; refused: {error}"
+        ) from None
     except Exception as error:  # torch raises several types for damaged files
         raise ValueError(f"checkpoint {path} is corrupt or truncated: {type(error).__name__}: {error}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -52,8 +68,10 @@ def load_checkpoint(path: os.PathLike, kind: Optional[str] = None) -> dict[str, 
 
 
 def rng_state() -> dict[str, Any]:
-    """The Python, NumPy, torch CPU and CUDA random states."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The Python, NumPy, torch CPU and CUDA random states, as plain data and tensors."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached)
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -62,7 +80,191 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what :func:`rng_state` returned."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- models and their specs
+
+
+def model_spec(model: nn.Module) -> dict[str, Any]:
+    """The spec :func:`build_model_from_spec` rebuilds ``model`` from (an untrained copy):
+    ``{"kind": "transformer" | "evolved" | "derived", "config": ModelConfig dict, "genotype": dict or
+    None, "vocab_size": int}``."""
+    for kind, cls in BASELINES.items():
+        if type(model) is cls:
+            return {"kind": kind, "config": model.config.to_dict(), "genotype": None, "vocab_size": model.vocab_size}
+    if isinstance(model, DerivedNet):
+        return {
+            "kind": "derived",
+            "config": model.config.to_dict(),
+            "genotype": model.genotype.to_dict(),
+            "vocab_size": model.vocab_size,
+        }
+    raise ValueError(
+        f"model_spec: expected a TransformerBaseline, EvolvedTransformer or DerivedNet, got {type(model).__name__}"
+    )
+
+
+def build_model_from_spec(spec: dict[str, Any], source: str = "model spec") -> nn.Module:
+    """A freshly initialised model of the kind, sizes and architecture ``spec`` names (see
+    :func:`model_spec`); ValueError naming ``source`` and the bad field otherwise."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"{source}: expected a dict, got {type(spec).__name__}")
+    missing = [key for key in ("kind", "config", "vocab_size") if key not in spec]
+    if missing:
+        raise ValueError(f"{source}: missing field(s) {', '.join(missing)}")
+    if spec["kind"] not in MODEL_KINDS:
+        raise ValueError(f"{source}: kind must be one of {', '.join(MODEL_KINDS)}, got {spec['kind']!r}")
+    try:
+        config = ModelConfig.from_dict(spec["config"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{source}: bad config: {error}") from None
+    if spec["kind"] in BASELINES:
+        return BASELINES[spec["kind"]](config, spec["vocab_size"])
+    if not spec.get("genotype"):
+        raise ValueError(f"{source}: a derived model needs its genotype")
+    genotype = Genotype.from_dict(spec["genotype"], source=f"{source} genotype")
+    return DerivedNet(genotype, config, spec["vocab_size"], memory_mode=config.memory_mode)
+
+
+def check_state_dict(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """Raise ValueError naming ``source`` when ``state`` does not fit ``model``: the missing
+    and unexpected keys, or the keys whose shapes differ (with both shapes)."""
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    problems = []
+    if missing:
+        problems.append(f"missing key(s) {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected key(s) {_listing(unexpected)}")
+    wrong = [
+        f"{key} {tuple(state[key].shape)} (model has {tuple(value.shape)})"
+        for key, value in expected.items()
+        if key in state and tuple(state[key].shape) != tuple(value.shape)
+    ]
+    if wrong:
+        problems.append(f"shape mismatch: {_listing(wrong)}")
+    if problems:
+        raise ValueError(f"{source}: the weights do not fit the model ({type(model).__name__}): " + "; ".join(problems))
+
+
+def _listing(items: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+class LoadedModel(NamedTuple):
+    """What :func:`load_model` returns: the model (eval mode), its tokenizer, its spec (see
+    :func:`model_spec`) and what it was trained on (``{"pair", "tokenizer_sha256",
+    "train_sha256"}``, see :meth:`mdarts.prepare.PreparedData.identity`; None for a checkpoint
+    written before mdarts recorded it)."""
+
+    model: nn.Module
+    tokenizer: Tokenizer
+    spec: dict[str, Any]
+    data: Optional[dict[str, str]]
+
+
+def load_model(checkpoint_path: PathLike, device: Union[str, torch.device] = "cpu") -> LoadedModel:
+    """The trained model (in eval mode, on ``device``), its tokenizer, spec and data record,
+    from a training or averaged checkpoint.
+
+    Raises FileNotFoundError for a missing file and ValueError naming the file for a
+    corrupt, truncated or foreign checkpoint, a bad spec, a tokenizer whose vocabulary
+    differs from the model's, or weights that do not fit the model (which keys, and why).
+    """
+    path = Path(checkpoint_path)
+    payload = load_checkpoint(path)
+    if payload.get("kind") not in (TRAIN_KIND, AVERAGE_KIND):
+        raise ValueError(
+            f"checkpoint {path} is a {payload.get('kind')!r} checkpoint, expected a training "
+            f"({TRAIN_KIND!r}) or averaged ({AVERAGE_KIND!r}) one"
+        )
+    missing = [key for key in ("spec", "model", "tokenizer") if key not in payload]
+    if missing:
+        raise ValueError(f"checkpoint {path}: missing {', '.join(missing)}")
+    spec = payload["spec"]
+    model = build_model_from_spec(spec, source=f"checkpoint {path}")
+    try:
+        tokenizer = Tokenizer(payload["tokenizer"])
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise ValueError(f"checkpoint {path}: the stored SentencePiece model is unreadable ({error})") from None
+    if tokenizer.vocab_size != spec["vocab_size"]:
+        raise ValueError(
+            f"checkpoint {path}: the tokenizer has {tokenizer.vocab_size} ids but the model {spec['vocab_size']}"
+        )
+    check_state_dict(model, payload["model"], f"checkpoint {path}")
+    model.load_state_dict(payload["model"])
+    return LoadedModel(model.to(device).eval(), tokenizer, spec, payload.get("data"))
+
+
+# ----------------------------------------------------------------------------- averaging
+
+
+def average_checkpoints(paths: Sequence[PathLike]) -> dict[str, Tensor]:
+    """Parameter-wise mean of the ``model`` state dicts of ``paths`` (accumulated in float64,
+    returned in each tensor's own dtype; non-float tensors are taken from the last file).
+
+    Raises ValueError when ``paths`` is empty or the state dicts disagree in keys or shapes
+    (naming the file)."""
+    if not paths:
+        raise ValueError("average_checkpoints: no checkpoints given")
+    states = []
+    for path in paths:
+        payload = load_checkpoint(path)
+        if "model" not in payload:
+            raise ValueError(f"checkpoint {path}: holds no model weights")
+        states.append(payload["model"])
+    first = states[0]
+    for path, state in zip(paths[1:], states[1:]):
+        if state.keys() != first.keys():
+            differ = sorted(set(state) ^ set(first))
+            raise ValueError(f"checkpoint {path}: its keys differ from {paths[0]}'s ({_listing(differ)})")
+        wrong = [key for key in first if state[key].shape != first[key].shape]
+        if wrong:
+            raise ValueError(f"checkpoint {path}: shapes differ from {paths[0]}'s at {_listing(wrong)}")
+    averaged = {}
+    for key, last in states[-1].items():
+        if last.is_floating_point():
+            total = sum(state[key].double() for state in states)
+            averaged[key] = (total / len(states)).to(last.dtype)
+        else:
+            averaged[key] = last.clone()
+    return averaged
+
+
+def step_checkpoints(out_dir: PathLike) -> list[Path]:
+    """The ``checkpoint_step{N}.pt`` files of a run, in step order."""
+    found = [(int(m.group(1)), p) for p in Path(out_dir).iterdir() if (m := STEP_FILE_PATTERN.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def write_average_checkpoint(out_dir: PathLike, last: Optional[int] = None) -> Path:
+    """Average the last ``last`` (default all) ``checkpoint_step{N}.pt`` of a run into
+    ``checkpoint_avg.pt`` (atomically; model, spec and tokenizer of the newest); its path."""
+    out_dir = Path(out_dir)
+    paths = step_checkpoints(out_dir)
+    if last is not None:
+        paths = paths[-last:]
+    if not paths:
+        raise FileNotFoundError(f"{out_dir}: no checkpoint_step*.pt files to average")
+    newest = load_checkpoint(paths[-1], TRAIN_KIND)
+    target = out_dir / AVERAGE_FILE
+    save_checkpoint(
+        target,
+        {
+            "kind": AVERAGE_KIND,
+            "model": average_checkpoints(paths),
+            "spec": newest["spec"],
+            "tokenizer": newest["tokenizer"],
+            "data": newest.get("data"),
+            "averaged": [p.name for p in paths],
+            "step": newest["step"],
+        },
+    )
+    return target

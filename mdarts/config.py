@@ -1,29 +1,69 @@
-"""Search and model configuration: a dataclass with presets (DESIGN.md 1.2, 1.4).
+"""Every setting of mdarts in one place: dataclasses whose fields carry their help text, and
+the presets (model, training and search) side by side.
 
-``SearchConfig`` describes the supernet (and the derived network and Transformer baseline
-built at the same sizes). ``dataclasses.replace`` works on it, and every instance is
-validated on creation, with errors that name the field.
+* :class:`ModelConfig`: sizes of a search space and of the networks built from it (the
+  supernet, a derived network, the Transformer and Evolved Transformer baselines);
+* :class:`TrainConfig`: a training run (``mdarts train``);
+* :class:`SearchSettings`: a search run (``mdarts search``).
+
+The command line is generated from the fields (:mod:`mdarts.arguments`): a default and its
+help are written once, here. Every instance is validated on creation; an error is a
+:class:`SettingError` naming the field. The method behind the settings is described in
+docs/design.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+from typing import Any, Optional
 
 from .ops import DECODER_CANDIDATES, ENCODER_CANDIDATES
+from .reversible import MODES as MEMORY_MODES
+from .reversible import POOLS
 
-MEMORY_MODES = ("reconstruct", "checkpoint", "store")
+__all__ = [
+    "MEMORY_MODES",
+    "POOLS",
+    "SettingError",
+    "ModelConfig",
+    "SearchConfig",
+    "TrainConfig",
+    "SearchSettings",
+    "MODEL_PRESETS",
+    "TRAIN_PRESETS",
+    "SEARCH_PRESETS",
+    "preset",
+    "search_preset",
+]
 
 
-class DictFields:
-    """``to_dict`` / ``from_dict`` / ``replace`` for a (frozen) dataclass of settings;
-    ``from_dict`` rejects unknown fields by name, and construction validates."""
+class SettingError(ValueError):
+    """A setting with a bad value; ``field`` is its name (``--field-name`` on the command line)."""
+
+    def __init__(self, owner: str, name: str, message: str) -> None:
+        super().__init__(f"{owner}.{name}: {message}")
+        self.field = name
+        self.message = message
+
+
+def setting(default: Any, help: str, *, resumable: bool = False, cli: bool = True) -> Any:
+    """A dataclass field with its ``help`` text. ``resumable``: may differ when a run is
+    resumed (budgets and reporting; every other setting shapes the trajectory and must match).
+    ``cli=False`` keeps it off the command line."""
+    return field(default=default, metadata={"help": help, "resumable": resumable, "cli": cli})
+
+
+class Settings:
+    """``to_dict`` / ``from_dict`` / ``replace`` and the checks shared by the settings dataclasses."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict):
+        """An instance from ``values``; unknown fields are refused by name."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -33,116 +73,306 @@ class DictFields:
     def replace(self, **changes):
         """A copy with ``changes`` applied (validated)."""
         return dataclasses.replace(self, **changes)
-POOLS = ("max", "mean")
+
+    def changed_on_resume(self, saved: "Settings") -> list[str]:
+        """``"name old -> new"`` for each setting that differs from ``saved`` and may not change
+        when a run is resumed (fields not marked ``resumable``)."""
+        return [
+            f"{f.name} {getattr(saved, f.name)!r} -> {getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if not f.metadata.get("resumable") and getattr(saved, f.name) != getattr(self, f.name)
+        ]
+
+    def _fail(self, name: str, expected: str) -> None:
+        raise SettingError(type(self).__name__, name, f"expected {expected}, got {getattr(self, name)!r}")
+
+    def _check_ints(self, names: tuple[str, ...], minimum: int, optional: bool = False) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if optional and value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+                self._fail(name, kind)
+
+    def _check_positive(self, names: tuple[str, ...], optional: bool = False, zero: bool = False) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if optional and value is None:
+                continue
+            ok = isinstance(value, (int, float)) and math.isfinite(value) and (value >= 0 if zero else value > 0)
+            if not ok:
+                self._fail(name, ("a non-negative" if zero else "a positive") + " finite number")
+
+    def _check_fraction(self, names: tuple[str, ...], low_open: bool = False) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and (0.0 < value < 1.0 if low_open else 0.0 <= value < 1.0)):
+                self._fail(name, "a fraction strictly between 0 and 1" if low_open else "a value in [0, 1)")
+
+    def _check_betas(self, names: tuple[str, ...]) -> None:
+        for name in names:
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+            value = getattr(self, name)
+            if len(value) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in value):
+                self._fail(name, "two numbers in [0, 1)")
+
+    def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
+        if getattr(self, name) not in choices:
+            self._fail(name, f"one of {', '.join(choices)}")
+
+    def _check_device(self) -> None:
+        if not isinstance(self.device, str) or not (self.device == "auto" or _is_device(self.device)):
+            self._fail("device", '"auto", "cpu", "cuda" or "cuda:N"')
+
+
+def _is_device(name: str) -> bool:
+    import torch
+
+    try:
+        return torch.device(name).type in ("cpu", "cuda")
+    except (RuntimeError, TypeError):
+        return False
+
+
+# ----------------------------------------------------------------------------- the model
 
 
 @dataclass(frozen=True)
-class SearchConfig(DictFields):
-    """Sizes and settings of a search space and its networks.
+class ModelConfig(Settings):
+    """Sizes and settings of a search space and of the networks built from it (supernet,
+    derived network, Transformer and Evolved Transformer baselines); docs/design.md 1.2, 1.4."""
 
-    d_model: width d of the residual stream (divisible by both split counts, and each part
-        by ``heads``); embed_dim: e of the factorised embeddings (vocab x e, then e x d);
-        encoder_layers / decoder_layers: depth; unit_layers: s searched layers whose
-        architecture is repeated to the full depth; encoder_splits / decoder_splits: n of the
-        multi-split reversible layers (the decoder's last split is fixed cross-attention);
-        heads: attention heads (and dynamic-convolution channel groups) per op; ffn_mult: the
-        FFN op's hidden size as a multiple of its input width; dropout: inside every op and
-        after the embeddings; memory_mode: "reconstruct" (this method), "checkpoint" or
-        "store" (plain DARTS); pad_id: padding token id; pool: "max" or "mean" split pooling;
-        max_positions: longest sequence (sinusoidal positions); share_embeddings: one source
-        and target embedding (joint vocabulary); tie_output: the output projection reuses the
-        target embedding; encoder_candidates / decoder_candidates: the search space.
-    """
-
-    d_model: int = 96
-    embed_dim: int = 64
-    encoder_layers: int = 2
-    decoder_layers: int = 2
-    unit_layers: int = 2
-    encoder_splits: int = 2
-    decoder_splits: int = 3
-    heads: int = 4
-    ffn_mult: int = 4
-    dropout: float = 0.1
-    memory_mode: str = "reconstruct"
-    pad_id: int = 0
-    pool: str = "max"
-    max_positions: int = 256
-    share_embeddings: bool = True
-    tie_output: bool = True
-    encoder_candidates: tuple[str, ...] = field(default=ENCODER_CANDIDATES)
-    decoder_candidates: tuple[str, ...] = field(default=DECODER_CANDIDATES)
+    d_model: int = setting(96, "width d of the residual stream (divisible by both split counts, each part by heads)")
+    embed_dim: int = setting(64, "e of the factorised embeddings (vocab x e, then e x d)")
+    encoder_layers: int = setting(2, "encoder depth")
+    decoder_layers: int = setting(2, "decoder depth")
+    unit_layers: int = setting(2, "searched layers whose architecture is repeated to the full depth")
+    encoder_splits: int = setting(2, "parts of an encoder layer (multi-split reversible layer)")
+    decoder_splits: int = setting(3, "parts of a decoder layer; the last is fixed cross-attention")
+    heads: int = setting(4, "attention heads (and dynamic-convolution channel groups) per op")
+    ffn_mult: int = setting(4, "FFN hidden size as a multiple of its input width")
+    dropout: float = setting(0.1, "dropout inside every op and after the embeddings")
+    memory_mode: str = setting(
+        "reconstruct",
+        "reconstruct (recompute layers from their outputs, this method), checkpoint (store each "
+        "layer's input) or store (plain autograd: plain DARTS)",
+    )
+    pad_id: int = setting(0, "padding token id", cli=False)
+    pool: str = setting("max", "how a split reads the other parts: elementwise max or mean")
+    max_positions: int = setting(256, "longest sequence (sinusoidal positions)")
+    share_embeddings: bool = setting(True, "one source and target embedding (joint vocabulary)", cli=False)
+    tie_output: bool = setting(True, "the output projection reuses the target embedding", cli=False)
+    encoder_candidates: tuple[str, ...] = setting(ENCODER_CANDIDATES, "the encoder's search space", cli=False)
+    decoder_candidates: tuple[str, ...] = setting(DECODER_CANDIDATES, "the decoder's search space", cli=False)
 
     def __post_init__(self) -> None:
         for name in ("encoder_candidates", "decoder_candidates"):  # JSON gives lists
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        for name in ("d_model", "embed_dim", "encoder_layers", "decoder_layers", "unit_layers", "heads", "ffn_mult", "max_positions"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"SearchConfig.{name}: expected a positive integer, got {value!r}")
-        if self.encoder_splits < 2:
-            raise ValueError(f"SearchConfig.encoder_splits: expected at least 2, got {self.encoder_splits}")
-        if self.decoder_splits < 2:
-            raise ValueError(f"SearchConfig.decoder_splits: expected at least 2 (the last is cross-attention), got {self.decoder_splits}")
+        self._check_ints(
+            (
+                "d_model",
+                "embed_dim",
+                "encoder_layers",
+                "decoder_layers",
+                "unit_layers",
+                "heads",
+                "ffn_mult",
+                "max_positions",
+            ),
+            1,
+        )
+        self._check_ints(("encoder_splits",), 2)
+        self._check_ints(("decoder_splits",), 2)  # the last is cross-attention
+        self._check_ints(("pad_id",), 0)
         if self.d_model % self.heads:
-            raise ValueError(f"SearchConfig.heads: {self.heads} does not divide d_model={self.d_model}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"SearchConfig.dropout: expected a probability in [0, 1), got {self.dropout!r}")
-        if self.memory_mode not in MEMORY_MODES:
-            raise ValueError(f"SearchConfig.memory_mode: expected one of {', '.join(MEMORY_MODES)}, got {self.memory_mode!r}")
-        if self.pool not in POOLS:
-            raise ValueError(f"SearchConfig.pool: expected one of {', '.join(POOLS)}, got {self.pool!r}")
-        if self.pad_id < 0:
-            raise ValueError(f"SearchConfig.pad_id: expected a non-negative id, got {self.pad_id}")
-        _check_candidates("encoder_candidates", self.encoder_candidates, ENCODER_CANDIDATES)
-        _check_candidates("decoder_candidates", self.decoder_candidates, DECODER_CANDIDATES)
+            raise SettingError("ModelConfig", "heads", f"{self.heads} does not divide d_model={self.d_model}")
+        self._check_fraction(("dropout",))
+        self._check_choice("memory_mode", MEMORY_MODES)
+        self._check_choice("pool", POOLS)
+        for name, allowed in (("encoder_candidates", ENCODER_CANDIDATES), ("decoder_candidates", DECODER_CANDIDATES)):
+            chosen = getattr(self, name)
+            if not chosen:
+                raise SettingError("ModelConfig", name, "expected at least one op")
+            unknown = [op for op in chosen if op not in allowed]
+            if unknown:
+                raise SettingError(
+                    "ModelConfig", name, f"unknown op(s) {', '.join(unknown)}; valid: {', '.join(allowed)}"
+                )
+            if len(set(chosen)) != len(chosen):
+                raise SettingError("ModelConfig", name, f"an op is listed twice in {chosen}")
 
     def check_splits(self) -> None:
-        """Raise ValueError naming the field unless d_model splits into encoder_splits and
-        decoder_splits equal parts, each divisible by heads (needed by the reversible nets,
-        not by the Transformer baseline)."""
+        """Raise SettingError unless d_model splits into encoder_splits and decoder_splits equal
+        parts, each divisible by heads (needed by the reversible nets, not by the baselines)."""
         for name in ("encoder_splits", "decoder_splits"):
             splits = getattr(self, name)
             if self.d_model % splits:
-                raise ValueError(f"SearchConfig.d_model: {self.d_model} is not divisible by {name}={splits}")
+                raise SettingError("ModelConfig", "d_model", f"{self.d_model} is not divisible by {name}={splits}")
             if (self.d_model // splits) % self.heads:
-                raise ValueError(
-                    f"SearchConfig.heads: {self.heads} does not divide the part width d_model/{name} = {self.d_model // splits}"
+                raise SettingError(
+                    "ModelConfig",
+                    "heads",
+                    f"{self.heads} does not divide the part width d_model/{name} = {self.d_model // splits}",
                 )
 
 
-def _check_candidates(name: str, chosen: tuple[str, ...], allowed: tuple[str, ...]) -> None:
-    if not chosen:
-        raise ValueError(f"SearchConfig.{name}: expected at least one op")
-    unknown = [op for op in chosen if op not in allowed]
-    if unknown:
-        raise ValueError(f"SearchConfig.{name}: unknown op(s) {', '.join(unknown)}; valid: {', '.join(allowed)}")
-    if len(set(chosen)) != len(chosen):
-        raise ValueError(f"SearchConfig.{name}: an op is listed twice in {chosen}")
+SearchConfig = ModelConfig
+"""Deprecated alias of :class:`ModelConfig` (its name before it also sized the baselines)."""
 
 
-PRESETS: dict[str, SearchConfig] = {
+# ----------------------------------------------------------------------------- runs
+
+
+@dataclass(frozen=True)
+class RunSettings(Settings):
+    """What training and search share: budget, weight optimiser, batches, precision, seed, device."""
+
+    max_steps: Optional[int] = setting(
+        None, "budget: updates (a search step is one weight and one architecture update)", resumable=True
+    )
+    max_minutes: Optional[float] = setting(
+        None, "budget: minutes of the training loop (validations included), summed over resumes", resumable=True
+    )
+    lr: float = setting(5e-4, "peak learning rate of the weights, reached after warmup_steps")
+    warmup_steps: int = setting(4000, "linear warm-up updates; then the rate decays as 1/sqrt(step)")
+    betas: tuple[float, float] = setting((0.9, 0.98), "Adam betas of the weights")
+    clip_norm: float = setting(1.0, "largest global gradient L2 norm (0: no clipping)")
+    max_tokens: int = setting(4096, "batch size: padded positions, batch * max(source, target length)")
+    label_smoothing: float = setting(0.1, "of the cross-entropy")
+    bf16: bool = setting(False, "bfloat16 autocast for forward and backward")
+    seed: int = setting(1, "model initialisation, dropout and batch order")
+    device: str = setting("auto", "auto (CUDA when available, else CPU), cpu, cuda or cuda:N", resumable=True)
+
+    def __post_init__(self) -> None:
+        self._check_ints(("max_steps",), 1, optional=True)
+        self._check_positive(("max_minutes",), optional=True)
+        self._check_positive(("lr",))
+        self._check_ints(("warmup_steps", "max_tokens"), 1)
+        self._check_betas(("betas",))
+        self._check_positive(("clip_norm",), zero=True)
+        self._check_fraction(("label_smoothing",))
+        self._check_ints(("seed",), 0)
+        self._check_device()
+
+    def learning_rate(self, step: int) -> float:
+        """Learning rate of update ``step`` (1-based): ``lr * min(step / warmup, sqrt(warmup / step))``."""
+        from .runs import inverse_sqrt_lr
+
+        return inverse_sqrt_lr(step, self.lr, self.warmup_steps)
+
+
+@dataclass(frozen=True)
+class TrainConfig(RunSettings):
+    """Settings of a training run (``mdarts train``): at least one of max_steps, max_epochs,
+    max_minutes must be set."""
+
+    max_epochs: Optional[int] = setting(None, "budget: passes over the training data", resumable=True)
+    weight_decay: float = setting(0.0, "Adam's L2 term")
+    valid_interval: int = setting(1000, "updates between validations (each also writes checkpoints)", resumable=True)
+    log_interval: int = setting(100, "updates between training log lines", resumable=True)
+    patience: int = setting(0, "stop after this many validations without a lower loss (0: never)", resumable=True)
+    keep_last: int = setting(5, "step checkpoints kept for averaging (0: none)", resumable=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_ints(("max_epochs",), 1, optional=True)
+        if self.max_steps is None and self.max_epochs is None and self.max_minutes is None:
+            raise SettingError(
+                "TrainConfig",
+                "max_steps",
+                "give a budget: at least one of max_steps, max_epochs, max_minutes (or training never ends)",
+            )
+        self._check_positive(("weight_decay",), zero=True)
+        self._check_ints(("valid_interval", "log_interval"), 1)
+        self._check_ints(("patience", "keep_last"), 0)
+
+
+@dataclass(frozen=True)
+class SearchSettings(RunSettings):
+    """How to search (the supernet itself is a :class:`ModelConfig`); docs/design.md 1.1.
+    At least one of max_steps, max_minutes must be set."""
+
+    warmup_steps: int = setting(10_000, "linear warm-up updates of the weights; then the rate decays as 1/sqrt(step)")
+    alpha_lr: float = setting(3e-4, "learning rate of the architecture logits (fixed)")
+    alpha_betas: tuple[float, float] = setting((0.9, 0.98), "Adam betas of the architecture logits")
+    alpha_weight_decay: float = setting(1e-3, "Adam's L2 term on the architecture logits")
+    split_ratio: float = setting(0.55, "fraction of the training pairs for the weights (the rest, disjoint, for alpha)")
+    eval_interval: int = setting(
+        500, "steps between evaluations (genotype, alpha history, heatmap, validation loss)", resumable=True
+    )
+    checkpoint_interval: int = setting(1000, "steps between checkpoints", resumable=True)
+    second_order: bool = setting(False, "unrolled (second-order) DARTS")
+    unrolled_lr: Optional[float] = setting(None, "xi of the unrolled step (none: the current weight learning rate)")
+    seed: int = setting(0, "model initialisation, theta/alpha data split, dropout and batch order")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_steps is None and self.max_minutes is None:
+            raise SettingError("SearchSettings", "max_steps", "give a budget, max_steps and/or max_minutes")
+        self._check_positive(("alpha_lr",))
+        self._check_positive(("clip_norm",))
+        self._check_positive(("unrolled_lr",), optional=True, zero=True)
+        self._check_positive(("alpha_weight_decay",), zero=True)
+        self._check_betas(("alpha_betas",))
+        self._check_fraction(("split_ratio",), low_open=True)
+        self._check_ints(("eval_interval", "checkpoint_interval"), 1)
+        if self.second_order and self.bf16:
+            raise SettingError(
+                "SearchSettings",
+                "bf16",
+                "the second-order finite differences need float32; use one of bf16, second_order",
+            )
+
+
+# ----------------------------------------------------------------------------- presets
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
     # a search that runs on 2 CPU cores in minutes
-    "tiny": SearchConfig(d_model=96, embed_dim=64, encoder_layers=2, decoder_layers=2, heads=4, max_positions=128),
+    "tiny": ModelConfig(d_model=96, embed_dim=64, encoder_layers=2, decoder_layers=2, heads=4, max_positions=128),
     # a search for one GPU
-    "small": SearchConfig(d_model=240, embed_dim=128, encoder_layers=6, decoder_layers=6, heads=8),
-    # the paper's search width (DESIGN.md 1.2): e = 256, d = 960
-    "paper": SearchConfig(d_model=960, embed_dim=256, encoder_layers=6, decoder_layers=6, heads=8),
+    "small": ModelConfig(d_model=240, embed_dim=128, encoder_layers=6, decoder_layers=6, heads=8),
+    # the paper's search width (docs/design.md 1.2): e = 256, d = 960
+    "paper": ModelConfig(d_model=960, embed_dim=256, encoder_layers=6, decoder_layers=6, heads=8),
 }
+PRESETS = MODEL_PRESETS  # the search presets' models (earlier name)
 
-TRAIN_PRESETS: dict[str, SearchConfig] = {
-    # the published Multi30k Transformer (DESIGN.md 3): 4 + 4 layers, d 128, FFN 256, 4 heads
-    "multi30k-base": SearchConfig(
-        d_model=128, embed_dim=128, encoder_layers=4, decoder_layers=4, heads=4, ffn_mult=2, dropout=0.3, max_positions=256
+TRAIN_PRESETS: dict[str, ModelConfig] = {
+    # the published Multi30k Transformer (docs/design.md 3): 4 + 4 layers, d 128, FFN 256, 4 heads
+    "multi30k-base": ModelConfig(
+        d_model=128,
+        embed_dim=128,
+        encoder_layers=4,
+        decoder_layers=4,
+        heads=4,
+        ffn_mult=2,
+        dropout=0.3,
+        max_positions=256,
     ),
-    **PRESETS,
+    **MODEL_PRESETS,
+}
+
+# how each search preset searches: "tiny" finishes in about 10 minutes on 2 CPU cores
+SEARCH_PRESETS: dict[str, SearchSettings] = {
+    "tiny": SearchSettings(
+        max_minutes=10.0, warmup_steps=200, eval_interval=50, checkpoint_interval=100, max_tokens=2048
+    ),
+    "small": SearchSettings(max_steps=20_000, warmup_steps=4000, eval_interval=500, checkpoint_interval=1000),
+    "paper": SearchSettings(max_steps=60_000, warmup_steps=10_000, eval_interval=1000, checkpoint_interval=2000),
 }
 
 
-def preset(name: str, training: bool = False) -> SearchConfig:
-    """The search preset (or, with ``training``, the training preset) called ``name``;
+def preset(name: str, training: bool = False) -> ModelConfig:
+    """The model of search preset ``name`` (or, with ``training``, of training preset ``name``);
     ValueError listing the presets otherwise."""
-    presets = TRAIN_PRESETS if training else PRESETS
+    presets = TRAIN_PRESETS if training else MODEL_PRESETS
     if name not in presets:
         raise ValueError(f"preset: unknown preset {name!r}; presets: {', '.join(presets)}")
     return presets[name]
+
+
+def search_preset(name: str) -> SearchSettings:
+    """The search settings of preset ``name``; ValueError listing the presets otherwise."""
+    if name not in SEARCH_PRESETS:
+        raise ValueError(f"preset: unknown preset {name!r}; presets: {', '.join(SEARCH_PRESETS)}")
+    return SEARCH_PRESETS[name]

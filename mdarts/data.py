@@ -16,11 +16,12 @@ from __future__ import annotations
 import gzip
 import os
 import sys
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Optional, Union
+
+from .runs import write_atomic
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -107,10 +108,9 @@ def _decode_line(line: bytes, path: Path, number: int) -> str:
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as error:
-        bad = line[error.start:error.start + 1].hex()
+        bad = line[error.start : error.start + 1].hex()
         raise ValueError(
-            f"{path}: line {number} is not valid UTF-8 "
-            f"(byte 0x{bad} at byte offset {error.start} of the line)"
+            f"{path}: line {number} is not valid UTF-8 (byte 0x{bad} at byte offset {error.start} of the line)"
         ) from error
     return text[:-1] if text.endswith("\r") else text
 
@@ -132,14 +132,11 @@ def load_parallel_files(
     src_path, tgt_path = Path(src_path), Path(tgt_path)
     for side, lang, path in (("source", src_lang, src_path), ("target", tgt_lang, tgt_path)):
         if not path.is_file():
-            raise FileNotFoundError(
-                f"{side} file not found: {path} (expected the {lang} side of split {split!r})"
-            )
+            raise FileNotFoundError(f"{side} file not found: {path} (expected the {lang} side of split {split!r})")
     src, tgt = read_lines(src_path), read_lines(tgt_path)
     if len(src) != len(tgt):
         raise ValueError(
-            f"source and target differ in length: {src_path} has {len(src)} lines, "
-            f"{tgt_path} has {len(tgt)} lines"
+            f"source and target differ in length: {src_path} has {len(src)} lines, {tgt_path} has {len(tgt)} lines"
         )
     if not src:
         raise ValueError(f"empty corpus: {src_path} and {tgt_path} have no lines")
@@ -204,14 +201,10 @@ def load_pair(
     src_lang, tgt_lang = parse_pair(pair)
     available = splits_for_pair(pair)
     if split not in available:
-        raise ValueError(
-            f"Multi30k has no split {split!r} for {pair}; it has: {', '.join(available)}"
-        )
+        raise ValueError(f"Multi30k has no split {split!r} for {pair}; it has: {', '.join(available)}")
     directory = _resolve_data_dir(data_dir)
     if directory is not None and not directory.is_dir():
-        raise FileNotFoundError(
-            f"Multi30k data directory not found: {directory} (from --data-dir or MDARTS_DATA)"
-        )
+        raise FileNotFoundError(f"Multi30k data directory not found: {directory} (from --data-dir or MDARTS_DATA)")
     if directory is None:
         directory = multi30k_cache_dir()
         for lang in (src_lang, tgt_lang):
@@ -270,17 +263,13 @@ def ensure_downloaded(
         return target
     url = base_url.rstrip("/") + "/" + file_name
     print(f"mdarts: downloading {url} -> {target}", file=sys.stderr)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{file_name}.", suffix=".part", dir=cache_dir)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            _copy_url(url, out, timeout)
-        _check_gzip(Path(tmp_name), url)
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return target
+
+    def download(out: BinaryIO) -> None:
+        _copy_url(url, out, timeout)
+        out.flush()
+        _check_gzip(Path(out.name), url)
+
+    return write_atomic(target, download)
 
 
 def _copy_url(url: str, out: BinaryIO, timeout: float, chunk_bytes: int = 1 << 16) -> None:

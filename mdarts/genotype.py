@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .config import SearchConfig
+from .config import ModelConfig
+from .runs import write_atomic
 
 FORMAT = "mdarts-genotype-1"
 
@@ -32,7 +32,7 @@ class Genotype:
     decoder_candidates: tuple[str, ...]
     weights: Optional[dict] = field(default=None, compare=False)
 
-    def validate(self, config: Optional[SearchConfig] = None) -> "Genotype":
+    def validate(self, config: Optional[ModelConfig] = None) -> "Genotype":
         """Check op names against the candidates and, given ``config``, the node layout.
 
         Raises ValueError naming the bad node (e.g. ``decoder[1][0]``) or op."""
@@ -47,7 +47,8 @@ class Genotype:
                 for k, op in enumerate(layer):
                     if op not in candidates:
                         raise ValueError(
-                            f"genotype.{side}[{i}][{k}]: unknown op {op!r}; the search space has {', '.join(candidates)}"
+                            f"genotype.{side}[{i}][{k}]: unknown op {op!r}; "
+                            f"the search space has {', '.join(candidates)}"
                         )
         if config is not None:
             expected = {
@@ -68,7 +69,8 @@ class Genotype:
                     for k, op in enumerate(layer):
                         if op not in allowed:
                             raise ValueError(
-                                f"genotype.{side}[{i}][{k}]: op {op!r} is not in this search space ({', '.join(allowed)})"
+                                f"genotype.{side}[{i}][{k}]: op {op!r} is not in this search space "
+                                f"({', '.join(allowed)})"
                             )
         return self
 
@@ -102,12 +104,7 @@ class Genotype:
 
     def save(self, path: os.PathLike) -> None:
         """Write JSON atomically (temporary file, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-            json.dump(self.to_dict(), handle, indent=1)
-            handle.write("\n")
-        os.replace(handle.name, path)
+        write_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: os.PathLike) -> "Genotype":

@@ -6,10 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mdarts_kernels.reference import accumulation_dtype
+from mdarts_kernels import accumulation_dtype
 
 
-def label_smoothed_loss(logits: Tensor, target: Tensor, pad_id: int, smoothing: float = 0.1) -> tuple[Tensor, Tensor, int]:
+def label_smoothed_loss(
+    logits: Tensor, target: Tensor, pad_id: int, smoothing: float = 0.1
+) -> tuple[Tensor, Tensor, int]:
     """Summed loss, summed NLL and the number of non-padding tokens.
 
     logits: (batch, length, vocab) (computed in float32, float64 for float64); target:
@@ -31,10 +33,11 @@ def label_smoothed_loss(logits: Tensor, target: Tensor, pad_id: int, smoothing: 
 class _ChunkedOutputLoss(torch.autograd.Function):
     """Label-smoothed cross-entropy of ``features @ weight.T`` without the full logits.
 
-    Arithmetic in float32 (float64 for float64 features). The forward walks the rows in chunks: each chunk's logits (chunk, vocab) are made,
-    reduced to the loss and turned into that chunk's gradients at once, then freed. What is
-    kept for backward is the gradient of the summed loss with respect to ``features`` and
-    ``weight`` (shaped like them), scaled by the incoming gradient in backward.
+    Arithmetic in float32 (float64 for float64 features). The forward walks the rows in
+    chunks: each chunk's logits (chunk, vocab) are made, reduced to the loss and turned into
+    that chunk's gradients at once, then freed. What is kept for backward is the gradient of
+    the summed loss with respect to ``features`` and ``weight`` (shaped like them), scaled by
+    the incoming gradient in backward.
     """
 
     @staticmethod
@@ -95,7 +98,9 @@ def chunked_output_loss(
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows: expected a positive count, got {chunk_rows}")
     if features.shape[:-1] != target.shape:
-        raise ValueError(f"features {tuple(features.shape)} and target {tuple(target.shape)} disagree on the token axes")
+        raise ValueError(
+            f"features {tuple(features.shape)} and target {tuple(target.shape)} disagree on the token axes"
+        )
     if weight.dim() != 2 or weight.shape[1] != features.shape[-1]:
         raise ValueError(f"weight: expected (vocab, {features.shape[-1]}), got {tuple(weight.shape)}")
     flat_features = features.reshape(-1, features.shape[-1])

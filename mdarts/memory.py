@@ -1,13 +1,16 @@
-"""Measuring memory (DESIGN.md 4): the resident set (now, peak, and a reset of the peak),
-device memory in use, and the bytes autograd saves for backward."""
+"""Measuring memory (docs/design.md 4): the resident set (now, peak, and a reset of the peak),
+device memory in use, the peak of a step above its set-up, and the bytes autograd saves for
+backward."""
 
 from __future__ import annotations
 
 import resource
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, TypeVar, Union
 
 import torch
+
+T = TypeVar("T")
 
 
 def _status_kib(field: str) -> int:
@@ -51,6 +54,31 @@ def peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return peak_rss_bytes()
+
+
+def peak_above(fn: Callable[[], T], device: Union[torch.device, str] = "cpu") -> tuple[T, int]:
+    """Run ``fn()`` and return ``(its result, peak bytes above the set-up)``: the most memory in
+    use at any moment while ``fn`` ran, minus the memory in use just before it started (the
+    set-up: weights, gradient buffers, optimizer state, inputs), in bytes, never below 0.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` (the peak statistics
+    are reset first; the device is synchronised before and after). CPU: the peak resident set
+    (VmHWM, reset first with :func:`reset_peak_rss` so that earlier transients do not count)
+    minus the resident set before ``fn``; run it in a fresh process with glibc's
+    ``MALLOC_MMAP_THRESHOLD_`` lowered so that the resident set follows the live tensors (an
+    in-process RSS peak after other work is not reliable). Linux only on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        return result, max(0, torch.cuda.max_memory_allocated(device) - baseline)
+    reset_peak_rss()
+    baseline = current_rss_bytes()
+    result = fn()
+    return result, max(0, peak_rss_bytes() - baseline)
 
 
 def saved_tensor_bytes(fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()) -> int:

@@ -1,4 +1,4 @@
-"""The networks: DARTS supernet, derived network and Transformer baseline (DESIGN.md 1.1, 1.2).
+"""The networks: DARTS supernet, derived network and Transformer baseline (docs/design.md 1.1, 1.2).
 
 All three map ``(src (batch, src_len), tgt_in (batch, tgt_len))`` token ids to logits
 ``(batch, tgt_len, vocab)``, with padding marked by ``config.pad_id``, and share one
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 import mdarts_kernels as mk
 
-from .config import SearchConfig
+from .config import ModelConfig
 from .genotype import Genotype
 from .ops import (
     PARAMETRIC,
@@ -60,7 +60,7 @@ class Node(nn.Module):
         candidates: Sequence[str],
         dim: int,
         causal: bool,
-        config: SearchConfig,
+        config: ModelConfig,
         alpha: Optional[nn.Parameter] = None,
         d_memory: Optional[int] = None,
     ) -> None:
@@ -96,7 +96,7 @@ class Node(nn.Module):
         weights = self.weights().to(h.device)
         residual = None if x is None else x
         if self.identity is not None:
-            acc = mk.reference.accumulation_dtype(h.dtype)
+            acc = mk.accumulation_dtype(h.dtype)
             term = sign * weights[self.identity].to(acc) * h.to(acc)
             residual = term if residual is None else residual.to(acc) + term
         if residual is not None:
@@ -122,7 +122,7 @@ class Embedding(nn.Module):
     """Tokens (batch, len) -> (batch, len, d): vocab x e table (scaled by sqrt(e)), e -> d
     projection (none when e == d), sinusoidal positions from ``start``, dropout."""
 
-    def __init__(self, vocab_size: int, config: SearchConfig) -> None:
+    def __init__(self, vocab_size: int, config: ModelConfig) -> None:
         super().__init__()
         self.pad_id = config.pad_id
         self.max_positions = config.max_positions
@@ -130,7 +130,9 @@ class Embedding(nn.Module):
         nn.init.normal_(self.table.weight, std=config.embed_dim**-0.5)
         with torch.no_grad():
             self.table.weight[config.pad_id].zero_()
-        self.project = nn.Linear(config.embed_dim, config.d_model, bias=False) if config.embed_dim != config.d_model else None
+        self.project = (
+            nn.Linear(config.embed_dim, config.d_model, bias=False) if config.embed_dim != config.d_model else None
+        )
         self.register_buffer("positions", sinusoidal_positions(config.max_positions, config.d_model), persistent=False)
         self.dropout = Dropout(config.dropout)
         self.scale = math.sqrt(config.embed_dim)
@@ -139,7 +141,7 @@ class Embedding(nn.Module):
         length = tokens.shape[1]
         if start + length > self.max_positions:
             raise ValueError(
-                f"sequence of {start + length} positions exceeds SearchConfig.max_positions={self.max_positions}"
+                f"sequence of {start + length} positions exceeds ModelConfig.max_positions={self.max_positions}"
             )
         x = self.table(tokens) * self.scale
         if self.project is not None:
@@ -150,12 +152,12 @@ class Embedding(nn.Module):
 class Seq2Seq(nn.Module):
     """Shared embedding and output path; subclasses provide ``encoder_body`` and ``decoder_body``."""
 
-    def __init__(self, config: SearchConfig, vocab_size: int) -> None:
+    def __init__(self, config: ModelConfig, vocab_size: int) -> None:
         super().__init__()
         if not isinstance(vocab_size, int) or vocab_size < 1:
             raise ValueError(f"vocab_size: expected a positive integer, got {vocab_size!r}")
         if config.pad_id >= vocab_size:
-            raise ValueError(f"SearchConfig.pad_id: {config.pad_id} is outside the vocabulary of {vocab_size}")
+            raise ValueError(f"ModelConfig.pad_id: {config.pad_id} is outside the vocabulary of {vocab_size}")
         self.config = config
         self.vocab_size = vocab_size
         self.src_embed = Embedding(vocab_size, config)
@@ -182,9 +184,7 @@ class Seq2Seq(nn.Module):
         memory = self.encoder_body(x, OpContext(pad_mask=src_pad))
         return self.encoder_norm(memory), src_pad
 
-    def decode_features(
-        self, tgt_in: Tensor, memory: Tensor, src_pad: Tensor, state: Optional[dict] = None
-    ) -> Tensor:
+    def decode_features(self, tgt_in: Tensor, memory: Tensor, src_pad: Tensor, state: Optional[dict] = None) -> Tensor:
         """Decoder output before the vocabulary projection, (batch, tgt_len, e).
 
         With ``state`` (a dict owned by the caller, empty at the first call), ``tgt_in`` holds
@@ -224,15 +224,19 @@ class Seq2Seq(nn.Module):
 
 def _check_tokens(tokens: Tensor, name: str, vocab_size: int) -> None:
     if tokens.dim() != 2 or tokens.dtype not in (torch.long, torch.int32):
-        raise ValueError(f"{name}: expected (batch, length) integer token ids, got {tuple(tokens.shape)} {tokens.dtype}")
+        raise ValueError(
+            f"{name}: expected (batch, length) integer token ids, got {tuple(tokens.shape)} {tokens.dtype}"
+        )
     if tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab_size):
-        raise ValueError(f"{name}: token ids must lie in [0, {vocab_size}), got [{tokens.min().item()}, {tokens.max().item()}]")
+        raise ValueError(
+            f"{name}: token ids must lie in [0, {vocab_size}), got [{tokens.min().item()}, {tokens.max().item()}]"
+        )
 
 
 class _ReversibleNet(Seq2Seq):
     """Encoder and decoder of multi-split reversible layers built from nodes."""
 
-    def __init__(self, config: SearchConfig, vocab_size: int, memory_mode: str) -> None:
+    def __init__(self, config: ModelConfig, vocab_size: int, memory_mode: str) -> None:
         config.check_splits()
         super().__init__(config, vocab_size)
         self.memory_mode = memory_mode
@@ -243,7 +247,9 @@ class _ReversibleNet(Seq2Seq):
         enc_layers = [ReversibleLayer(encoder_nodes(i), pool=config.pool) for i in range(config.encoder_layers)]
         dec_layers = []
         for i in range(config.decoder_layers):
-            cross = Node(("cross_attention",), config.d_model // config.decoder_splits, True, config, d_memory=config.d_model)
+            cross = Node(
+                ("cross_attention",), config.d_model // config.decoder_splits, True, config, d_memory=config.d_model
+            )
             dec_layers.append(ReversibleLayer([*decoder_nodes(i), cross], pool=config.pool))
         self.encoder = ReversibleSequence(enc_layers, mode=self.memory_mode)
         self.decoder = ReversibleSequence(dec_layers, mode=self.memory_mode)
@@ -260,21 +266,22 @@ class _ReversibleNet(Seq2Seq):
 
 
 class Supernet(_ReversibleNet):
-    """The DARTS supernet of DESIGN.md 1.2 on multi-split reversible layers.
+    """The DARTS supernet of docs/design.md 1.2 on multi-split reversible layers.
 
     Architecture logits: ``alpha_encoder[i][k]`` (len(encoder_candidates),) and
     ``alpha_decoder[i][k]`` (len(decoder_candidates),) for unit layer i < unit_layers and
     searched split k; layer l uses unit layer l % unit_layers.
     """
 
-    def __init__(self, config: SearchConfig, vocab_size: int) -> None:
+    def __init__(self, config: ModelConfig, vocab_size: int) -> None:
         super().__init__(config, vocab_size, config.memory_mode)
         s = config.unit_layers
         self.alpha_encoder = nn.ParameterList(
             nn.Parameter(1e-3 * torch.randn(len(config.encoder_candidates))) for _ in range(s * config.encoder_splits)
         )
         self.alpha_decoder = nn.ParameterList(
-            nn.Parameter(1e-3 * torch.randn(len(config.decoder_candidates))) for _ in range(s * (config.decoder_splits - 1))
+            nn.Parameter(1e-3 * torch.randn(len(config.decoder_candidates)))
+            for _ in range(s * (config.decoder_splits - 1))
         )
         enc_dim = config.d_model // config.encoder_splits
         dec_dim = config.d_model // config.decoder_splits
@@ -282,7 +289,13 @@ class Supernet(_ReversibleNet):
         def encoder_nodes(layer: int) -> list[Node]:
             unit = layer % s
             return [
-                Node(config.encoder_candidates, enc_dim, False, config, self.alpha_encoder[unit * config.encoder_splits + k])
+                Node(
+                    config.encoder_candidates,
+                    enc_dim,
+                    False,
+                    config,
+                    self.alpha_encoder[unit * config.encoder_splits + k],
+                )
                 for k in range(config.encoder_splits)
             ]
 
@@ -290,7 +303,14 @@ class Supernet(_ReversibleNet):
             unit = layer % s
             searched = config.decoder_splits - 1
             return [
-                Node(config.decoder_candidates, dec_dim, True, config, self.alpha_decoder[unit * searched + k], config.d_model)
+                Node(
+                    config.decoder_candidates,
+                    dec_dim,
+                    True,
+                    config,
+                    self.alpha_decoder[unit * searched + k],
+                    config.d_model,
+                )
                 for k in range(searched)
             ]
 
@@ -324,7 +344,9 @@ class Supernet(_ReversibleNet):
         chosen = {}
         for side in ("encoder", "decoder"):
             candidates = getattr(config, f"{side}_candidates")
-            allowed = [i for i, name in enumerate(candidates) if not (exclude_zero and name == "zero")] or list(range(len(candidates)))
+            allowed = [i for i, name in enumerate(candidates) if not (exclude_zero and name == "zero")] or list(
+                range(len(candidates))
+            )
             chosen[side] = [
                 [candidates[max(allowed, key=lambda i: node[i])] for node in layer] for layer in weights[side]
             ]
@@ -343,7 +365,7 @@ class DerivedNet(_ReversibleNet):
     Trained with plain backprop by default (``memory_mode="store"``); the reversible modes
     are available."""
 
-    def __init__(self, genotype: Genotype, config: SearchConfig, vocab_size: int, memory_mode: str = "store") -> None:
+    def __init__(self, genotype: Genotype, config: ModelConfig, vocab_size: int, memory_mode: str = "store") -> None:
         genotype.validate(config)
         config = config.replace(memory_mode=memory_mode)
         super().__init__(config, vocab_size, memory_mode)
@@ -353,14 +375,16 @@ class DerivedNet(_ReversibleNet):
         dec_dim = config.d_model // config.decoder_splits
         self._build(
             lambda layer: [Node((op,), enc_dim, False, config) for op in genotype.encoder[layer % s]],
-            lambda layer: [Node((op,), dec_dim, True, config, d_memory=config.d_model) for op in genotype.decoder[layer % s]],
+            lambda layer: [
+                Node((op,), dec_dim, True, config, d_memory=config.d_model) for op in genotype.decoder[layer % s]
+            ],
         )
 
 
 class _EncoderLayer(nn.Module):
     """Post-LN Transformer encoder layer: x = LN(x + attn(x)); x = LN(x + ffn(x))."""
 
-    def __init__(self, config: SearchConfig) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         d = config.d_model
         self.attention = SelfAttention(d, False, config.heads, config.dropout)
@@ -375,7 +399,7 @@ class _EncoderLayer(nn.Module):
 class _DecoderLayer(nn.Module):
     """Post-LN Transformer decoder layer: causal self-attention, cross-attention, FFN."""
 
-    def __init__(self, config: SearchConfig) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         d = config.d_model
         self.attention = SelfAttention(d, True, config.heads, config.dropout)
@@ -395,7 +419,7 @@ class TransformerBaseline(Seq2Seq):
     Uses d_model, heads, ffn_mult (FFN hidden = ffn_mult * d_model), dropout and the layer
     counts of ``config``; see :func:`baseline_config_for` to size it to a parameter count."""
 
-    def __init__(self, config: SearchConfig, vocab_size: int) -> None:
+    def __init__(self, config: ModelConfig, vocab_size: int) -> None:
         super().__init__(config, vocab_size)
         self.encoder_layers = nn.ModuleList(_EncoderLayer(config) for _ in range(config.encoder_layers))
         self.decoder_layers = nn.ModuleList(_DecoderLayer(config) for _ in range(config.decoder_layers))
@@ -411,14 +435,15 @@ class TransformerBaseline(Seq2Seq):
         return y
 
 
-def _parameter_count(config: SearchConfig, vocab_size: int) -> int:
+def _parameter_count(config: ModelConfig, vocab_size: int) -> int:
     with torch.device("meta"):
         return TransformerBaseline(config, vocab_size).num_parameters()
 
 
-def baseline_config_for(target_parameters: int, config: SearchConfig, vocab_size: int) -> SearchConfig:
+def baseline_config_for(target_parameters: int, config: ModelConfig, vocab_size: int) -> ModelConfig:
     """``config`` with the d_model whose Transformer baseline has the parameter count nearest
-    ``target_parameters`` (d_model a multiple of 6 * heads, so the config stays valid)."""
+    ``target_parameters``, d_model tried in steps of 2 * heads up to 384 * heads (so heads
+    divides it, as the baseline needs; the split rules of the reversible nets are not applied)."""
     if target_parameters < 1:
         raise ValueError(f"target_parameters: expected a positive count, got {target_parameters}")
     step = 2 * config.heads

@@ -1,4 +1,4 @@
-"""Candidate operations of the DARTS Transformer search space (DESIGN.md sections 1.1, 1.4).
+"""Candidate operations of the DARTS Transformer search space (docs/design.md 1.1, 1.4).
 
 Every op has one interface: ``op(h, ctx) -> y`` where ``h`` is the pooled hidden state
 (batch, time, d_model), ``ctx`` an :class:`OpContext`, and ``y`` has the shape of ``h``.
@@ -17,7 +17,7 @@ then a pointwise ``Linear(d, d)``), which keeps a w = 11 op at d * 11 + d * d we
 instead of d * d * 11. Every parametric op ends with dropout on its output (residual
 dropout); FFN adds dropout after its ReLU, dynamic convolution drops kernel weights
 (DropConnect), attention drops attention probabilities. Zero and identity have no
-parameters; the LayerNorm of DESIGN.md 1.1 wraps the parametric ops elsewhere.
+parameters; the LayerNorm of docs/design.md 1.1 wraps the parametric ops elsewhere.
 
 Dropout (:class:`Dropout`, :func:`dropout`) is the counter-based
 ``mdarts_kernels.seeded_dropout``: a seed drawn from the CPU RNG per call, the mask rebuilt
@@ -222,9 +222,7 @@ class StandardConv(CandidateOp):
     def forward(self, h: Tensor, ctx: Optional[OpContext] = None) -> Tensor:
         """h (batch, time, d_model) -> (batch, time, d_model)."""
         ctx = _context(ctx)
-        x = _extended_input(
-            _zero_padded(h, ctx.pad_mask), self.width, self.causal, self._op_state(ctx)
-        )
+        x = _extended_input(_zero_padded(h, ctx.pad_mask), self.width, self.causal, self._op_state(ctx))
         y = self.depthwise(x.transpose(1, 2)).transpose(1, 2)
         return _zero_padded(self.dropout(self.pointwise(y)), ctx.pad_mask)
 
@@ -241,9 +239,7 @@ class DynamicConv(CandidateOp):
 
     mixes_time = True
 
-    def __init__(
-        self, d_model: int, causal: bool, width: int, heads: int = 8, dropout: float = 0.1
-    ) -> None:
+    def __init__(self, d_model: int, causal: bool, width: int, heads: int = 8, dropout: float = 0.1) -> None:
         super().__init__(f"dynconv{width}", causal)
         _check_heads(d_model, heads)
         _check_width(width, causal)
@@ -259,9 +255,7 @@ class DynamicConv(CandidateOp):
         """h (batch, time, d_model) -> (batch, time, d_model)."""
         ctx = _context(ctx)
         x = _zero_padded(F.glu(self.input_proj(h), dim=-1), ctx.pad_mask)
-        windows = _extended_input(x, self.width, self.causal, self._op_state(ctx)).unfold(
-            1, self.width, 1
-        )
+        windows = _extended_input(x, self.width, self.causal, self._op_state(ctx)).unfold(1, self.width, 1)
         batch, time, d_model, width = windows.shape
         windows = windows.reshape(batch, time, self.heads, d_model // self.heads, width)
         y = torch.einsum("bthcw,bthw->bthc", windows, self._kernels(x))
@@ -329,9 +323,7 @@ def _attend_seeded_dropout(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tenso
     return dropout(scores.softmax(dim=-1), p, True) @ v
 
 
-def _extend_cache(
-    op_state: dict, k: Tensor, v: Tensor, key_pad: Optional[Tensor]
-) -> tuple[Tensor, Tensor, Tensor]:
+def _extend_cache(op_state: dict, k: Tensor, v: Tensor, key_pad: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """Append this chunk's keys and values (batch, heads, t, d_head) and key padding
     (batch, t) to the cache in ``op_state``; return the cached (batch, heads, P + t, d_head)
     keys, values and (batch, P + t) padding."""
@@ -431,9 +423,7 @@ class FeedForward(CandidateOp):
     """Position-wise ``Linear(d, ffn_mult * d)`` - ReLU - dropout - ``Linear(ffn_mult * d, d)``
     - dropout."""
 
-    def __init__(
-        self, d_model: int, causal: bool, ffn_mult: int = 4, dropout: float = 0.1
-    ) -> None:
+    def __init__(self, d_model: int, causal: bool, ffn_mult: int = 4, dropout: float = 0.1) -> None:
         super().__init__("ffn", causal)
         _check_positive("d_model", d_model)
         _check_positive("ffn_mult", ffn_mult)
@@ -513,9 +503,7 @@ def build_candidate(
         ValueError: unknown ``name`` (the message lists the valid names) or bad sizes.
     """
     if name not in DECODER_CANDIDATES:
-        raise ValueError(
-            f"unknown candidate op {name!r}; valid names: {', '.join(DECODER_CANDIDATES)}"
-        )
+        raise ValueError(f"unknown candidate op {name!r}; valid names: {', '.join(DECODER_CANDIDATES)}")
     if name.startswith("dynconv"):
         return DynamicConv(d_model, causal, int(name.removeprefix("dynconv")), heads, dropout)
     if name.startswith("conv"):

@@ -1,4 +1,4 @@
-"""Memory planner: predicted peak memory of one supernet training step (DESIGN.md 4).
+"""Memory planner: predicted peak memory of one supernet training step (docs/design.md 4).
 
 :func:`predict_memory` models one step (forward, backward, Adam on the weights and on the
 architecture logits) of a :class:`~mdarts.model.Supernet` analytically:
@@ -16,7 +16,7 @@ architecture logits) of a :class:`~mdarts.model.Supernet` analytically:
 
 The per-op constants (``_op_saved_bytes``) were read off ``saved_tensors_hooks`` counts of
 each candidate op on the CPU (each storage once, parameters excluded); they are exact there
-for float32 and are checked by ``tests/test_plan.py`` and :func:`calibrate`. The transient
+for float32, and ``tests/test_plan.py`` checks them against those counts. The transient
 terms were fitted to the peaks measured by ``benchmarks/memory.py``.
 
 Units: bytes. ``tokens`` is the number of target tokens per batch (batch x seq_len); the
@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .config import MEMORY_MODES, SearchConfig
+from .config import MEMORY_MODES, ModelConfig
 from .ops import PARAMETRIC
 
 DEVICES = ("cpu", "cuda")
@@ -46,7 +46,7 @@ RUNTIME_OVERHEAD = {"cpu": 20 * 2**20, "cuda": 8 * 2**20}
 ALLOCATOR_SLACK = {"cpu": 0.05, "cuda": 0.0}
 
 
-def _op_saved_bytes(name: str, rows: int, seq_len: int, width: int, config: SearchConfig, f: int) -> int:
+def _op_saved_bytes(name: str, rows: int, seq_len: int, width: int, config: ModelConfig, f: int) -> int:
     """Bytes autograd saves inside candidate op ``name`` on input h (rows = batch x seq_len, width).
 
     The op's input h, its parameters and the encoder memory are not counted (they belong to
@@ -80,7 +80,9 @@ def _op_saved_bytes(name: str, rows: int, seq_len: int, width: int, config: Sear
     raise ValueError(f"op: unknown candidate op {name!r}")
 
 
-def _node_saved_bytes(candidates: Sequence[str], rows: int, seq_len: int, width: int, config: SearchConfig, f: int) -> int:
+def _node_saved_bytes(
+    candidates: Sequence[str], rows: int, seq_len: int, width: int, config: ModelConfig, f: int
+) -> int:
     """A node's saved bytes: its ops plus the fused LayerNorm-sum (op outputs and the 2 x K
     row statistics); the pooled input h is counted by the layer."""
     parametric = [name for name in candidates if name in PARAMETRIC]
@@ -88,7 +90,9 @@ def _node_saved_bytes(candidates: Sequence[str], rows: int, seq_len: int, width:
     return ops + len(parametric) * (f * rows * width + 2 * FLOAT32 * rows)
 
 
-def _node_backward_bytes(candidates: Sequence[str], rows: int, seq_len: int, width: int, config: SearchConfig, f: int) -> int:
+def _node_backward_bytes(
+    candidates: Sequence[str], rows: int, seq_len: int, width: int, config: ModelConfig, f: int
+) -> int:
     """Transient of a node's backward beyond its saved bytes: the K gradients of the op outputs,
     made at once by the fused LayerNorm-sum. The ops' inner gradients live one op at a time
     and are freed with its saved tensors; the measured peaks of benchmarks/memory.py (d 96 to
@@ -97,7 +101,7 @@ def _node_backward_bytes(candidates: Sequence[str], rows: int, seq_len: int, wid
     return len(parametric) * f * rows * width
 
 
-def _side(config: SearchConfig, side: str) -> tuple[int, int, list[tuple[str, ...]]]:
+def _side(config: ModelConfig, side: str) -> tuple[int, int, list[tuple[str, ...]]]:
     """(layers, splits, candidate lists of the nodes of one layer) of the encoder or decoder."""
     if side == "encoder":
         return config.encoder_layers, config.encoder_splits, [config.encoder_candidates] * config.encoder_splits
@@ -105,7 +109,7 @@ def _side(config: SearchConfig, side: str) -> tuple[int, int, list[tuple[str, ..
     return config.decoder_layers, config.decoder_splits, [*searched, ("cross_attention",)]
 
 
-def _layer_saved_bytes(config: SearchConfig, side: str, rows: int, seq_len: int, f: int) -> int:
+def _layer_saved_bytes(config: ModelConfig, side: str, rows: int, seq_len: int, f: int) -> int:
     """Saved bytes of one layer in plain autograd: its n outputs (the next layer's input),
     the pooled inputs when n > 2 (n = 2 pools one part, which is that part), and its nodes."""
     _, splits, nodes = _side(config, side)
@@ -114,7 +118,7 @@ def _layer_saved_bytes(config: SearchConfig, side: str, rows: int, seq_len: int,
     return stream + sum(_node_saved_bytes(node, rows, seq_len, width, config, f) for node in nodes)
 
 
-def count_parameters(config: SearchConfig, vocab_size: int) -> tuple[int, int]:
+def count_parameters(config: ModelConfig, vocab_size: int) -> tuple[int, int]:
     """(number of weights, number of architecture logits) of the supernet.
 
     The weight count is a quadratic polynomial in d_model (every weight matrix is d/n x d/n,
@@ -128,13 +132,14 @@ def count_parameters(config: SearchConfig, vocab_size: int) -> tuple[int, int]:
     # Lagrange interpolation through (1, c0), (2, c1), (3, c2)
     weights = (c0 * (m - 2) * (m - 3) - 2 * c1 * (m - 1) * (m - 3) + c2 * (m - 1) * (m - 2)) // 2
     arch = config.unit_layers * (
-        config.encoder_splits * len(config.encoder_candidates) + (config.decoder_splits - 1) * len(config.decoder_candidates)
+        config.encoder_splits * len(config.encoder_candidates)
+        + (config.decoder_splits - 1) * len(config.decoder_candidates)
     )
     return weights, arch
 
 
 @functools.lru_cache(maxsize=64)
-def _counts_at_small_widths(config: SearchConfig, vocab_size: int) -> tuple[int, int, int]:
+def _counts_at_small_widths(config: ModelConfig, vocab_size: int) -> tuple[int, int, int]:
     """Weight counts of the supernet at d = 1, 2 and 3 times config.d_model (meta device)."""
     from .model import Supernet
 
@@ -147,14 +152,19 @@ def _counts_at_small_widths(config: SearchConfig, vocab_size: int) -> tuple[int,
     return counts[0], counts[1], counts[2]
 
 
-def _largest_parameter(config: SearchConfig, vocab_size: int) -> int:
+def _largest_parameter(config: ModelConfig, vocab_size: int) -> int:
     """Elements of the largest parameter tensor (the embedding table or an op's weight)."""
     d, c = config.d_model, config.d_model // min(config.encoder_splits, config.decoder_splits)
-    return max(vocab_size * config.embed_dim, d * config.embed_dim, config.ffn_mult * c * c, 2 * d * (d // config.decoder_splits))
+    return max(
+        vocab_size * config.embed_dim,
+        d * config.embed_dim,
+        config.ffn_mult * c * c,
+        2 * d * (d // config.decoder_splits),
+    )
 
 
 def predict_memory(
-    config: SearchConfig,
+    config: ModelConfig,
     vocab_size: int,
     tokens: int,
     mode: str,
@@ -185,10 +195,67 @@ def predict_memory(
     memory of the first step), ``allocator_slack``, ``peak_above_setup`` (what benchmarks/memory.py measures)
     and ``total`` (setup + peak_above_setup), all ints.
 
-    Raises ValueError naming the field for a d_model that does not split (SearchConfig.
+    Raises ValueError naming the field for a d_model that does not split (ModelConfig.
     check_splits), and naming the argument for an unknown mode or device, tokens < 1,
     vocab_size < 1, chunk_rows < 0, dtype_bytes not in (2, 4, 8) or seq_len < 1.
     """
+    seq_len = _check_plan_inputs(config, vocab_size, tokens, mode, chunk_rows, dtype_bytes, seq_len, device)
+    f, rows = dtype_bytes, tokens
+    weights, arch = count_parameters(config, vocab_size)
+    parameters = FLOAT32 * (weights + arch)
+    gradients = parameters
+    optimizer_state = 2 * parameters
+    ends = _ends_bytes(config, vocab_size, rows, chunk_rows, f)
+    body, recompute = _body_bytes(config, mode, rows, seq_len, f)
+    activations = ends["embeddings"] + body["encoder"] + body["decoder"] + ends["output"] + ends["logits"]
+    if mode == "store":
+        # the loss backward, or the first node's backward with every layer still saved
+        transient = max(ends["logits_live"], ends["loss_backward"], recompute["decoder"])
+    else:
+        # after the loss backward, the decoder recomputes with the encoder's ends still held
+        transient = max(
+            ends["logits_live"], ends["loss_backward"], recompute["decoder"], recompute["encoder"] - body["decoder"]
+        )
+    largest = FLOAT32 * _largest_parameter(config, vocab_size)
+    optimizer_transient = parameters if device == "cuda" else 2 * largest
+    slack = int(ALLOCATOR_SLACK[device] * activations)
+    peak = max(activations + transient + slack, optimizer_transient) + RUNTIME_OVERHEAD[device]
+    setup = parameters + gradients + optimizer_state
+    return {
+        "mode": mode,
+        "parameters": parameters,
+        "gradients": gradients,
+        "optimizer_state": optimizer_state,
+        "setup": setup,
+        "activations": activations,
+        "activations_by_part": {
+            "embeddings": ends["embeddings"],
+            "encoder": body["encoder"],
+            "decoder": body["decoder"],
+            "output": ends["output"],
+            "logits": ends["logits"],
+        },
+        "logits": ends["logits"],
+        "backward_transient": transient,
+        "optimizer_transient": optimizer_transient,
+        "runtime_overhead": RUNTIME_OVERHEAD[device],
+        "allocator_slack": slack,
+        "peak_above_setup": peak,
+        "total": setup + peak,
+    }
+
+
+def _check_plan_inputs(
+    config: ModelConfig,
+    vocab_size: int,
+    tokens: int,
+    mode: str,
+    chunk_rows: int,
+    dtype_bytes: int,
+    seq_len: Optional[int],
+    device: str,
+) -> int:
+    """Raise ValueError for the inputs :func:`predict_memory` refuses; the sequence length to use."""
     config.check_splits()
     if mode not in MEMORY_MODES:
         raise ValueError(f"mode: expected one of {', '.join(MEMORY_MODES)}, got {mode!r}")
@@ -205,13 +272,13 @@ def predict_memory(
         seq_len = min(tokens, 64, config.max_positions)
     if not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"seq_len: expected a positive integer, got {seq_len!r}")
-    f, rows, d, e, vocab = dtype_bytes, tokens, config.d_model, config.embed_dim, vocab_size
+    return seq_len
 
-    weights, arch = count_parameters(config, vocab_size)
-    parameters = FLOAT32 * (weights + arch)
-    gradients = parameters
-    optimizer_state = 2 * parameters
 
+def _ends_bytes(config: ModelConfig, vocab: int, rows: int, chunk_rows: int, f: int) -> dict[str, int]:
+    """Bytes of the network's ends: ``embeddings``, ``output`` and ``logits`` saved for backward,
+    ``logits_live`` (held until the loss is formed) and ``loss_backward`` (its gradients)."""
+    d, e = config.d_model, config.embed_dim
     # the ends: per side the embedding (ids, projection input), the final LayerNorm's input
     # and statistics; the encoder memory (read by every cross-attention)
     embed = INDEX * rows + (f * rows * e if e != d else 0)
@@ -227,7 +294,21 @@ def predict_memory(
         logits = FLOAT32 * rows * vocab  # log-probabilities saved by log_softmax
         logits_live = FLOAT32 * rows * vocab  # the logits themselves, until the loss is formed
         loss_backward = 2 * FLOAT32 * rows * vocab  # gradients of log-probabilities and logits
+    return {
+        "embeddings": embeddings,
+        "output": output,
+        "logits": logits,
+        "logits_live": logits_live,
+        "loss_backward": loss_backward,
+    }
 
+
+def _body_bytes(
+    config: ModelConfig, mode: str, rows: int, seq_len: int, f: int
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Per side (encoder, decoder): bytes held through the forward in ``mode``, and the largest
+    transient of its backward (what is rebuilt, plus a node's backward)."""
+    d = config.d_model
     body: dict[str, int] = {}
     recompute: dict[str, int] = {}
     for side in ("encoder", "decoder"):
@@ -236,7 +317,8 @@ def predict_memory(
         layer = _layer_saved_bytes(config, side, rows, seq_len, f)
         node_backward = max(_node_backward_bytes(node, rows, seq_len, width, config, f) for node in nodes)
         node_peak = max(
-            _node_saved_bytes(node, rows, seq_len, width, config, f) + _node_backward_bytes(node, rows, seq_len, width, config, f)
+            _node_saved_bytes(node, rows, seq_len, width, config, f)
+            + _node_backward_bytes(node, rows, seq_len, width, config, f)
             for node in nodes
         )
         # part gradients (input and output of the layer) and, in the decoder, the memory's
@@ -250,43 +332,10 @@ def predict_memory(
         else:
             body[side] = f * rows * d  # the top layer's output
             recompute[side] = f * rows * d * (2 if splits > 2 else 1) + node_peak + grads  # one node rebuilt
-    activations = embeddings + body["encoder"] + body["decoder"] + output + logits
-    if mode == "store":
-        # the loss backward, or the first node's backward with every layer still saved
-        transient = max(logits_live, loss_backward, recompute["decoder"])
-    else:
-        # after the loss backward, the decoder recomputes with the encoder's ends still held
-        transient = max(logits_live, loss_backward, recompute["decoder"], recompute["encoder"] - body["decoder"])
-    largest = FLOAT32 * _largest_parameter(config, vocab_size)
-    optimizer_transient = parameters if device == "cuda" else 2 * largest
-    slack = int(ALLOCATOR_SLACK[device] * activations)
-    peak = max(activations + transient + slack, optimizer_transient) + RUNTIME_OVERHEAD[device]
-    setup = parameters + gradients + optimizer_state
-    return {
-        "mode": mode,
-        "parameters": parameters,
-        "gradients": gradients,
-        "optimizer_state": optimizer_state,
-        "setup": setup,
-        "activations": activations,
-        "activations_by_part": {
-            "embeddings": embeddings,
-            "encoder": body["encoder"],
-            "decoder": body["decoder"],
-            "output": output,
-            "logits": logits,
-        },
-        "logits": logits,
-        "backward_transient": transient,
-        "optimizer_transient": optimizer_transient,
-        "runtime_overhead": RUNTIME_OVERHEAD[device],
-        "allocator_slack": slack,
-        "peak_above_setup": peak,
-        "total": setup + peak,
-    }
+    return body, recompute
 
 
-def _d_step(config: SearchConfig) -> int:
+def _d_step(config: ModelConfig) -> int:
     """The step of valid widths: d must split into encoder_splits and decoder_splits parts,
     each divisible by heads."""
     a, b = config.encoder_splits * config.heads, config.decoder_splits * config.heads
@@ -294,7 +343,7 @@ def _d_step(config: SearchConfig) -> int:
 
 
 def largest_d(
-    budget_bytes: int, config: SearchConfig, vocab_size: int, tokens: int, mode: str, chunk_rows: int = 0, **kwargs
+    budget_bytes: int, config: ModelConfig, vocab_size: int, tokens: int, mode: str, chunk_rows: int = 0, **kwargs
 ) -> Optional[int]:
     """The largest valid d_model (at most 16384) whose predicted total (set-up + peak) fits in
     ``budget_bytes``, with the other sizes of ``config``; None when even the smallest valid d
@@ -326,7 +375,7 @@ def _gib(value: int) -> str:
 
 
 def format_plan(
-    config: SearchConfig,
+    config: ModelConfig,
     vocab_size: int,
     tokens: int,
     chunk_rows: int = 0,
@@ -338,10 +387,14 @@ def format_plan(
 ) -> str:
     """A markdown table of :func:`predict_memory` (GiB) with one column per mode, and with a
     ``budget_bytes`` the largest d that fits it per mode (or a message when none does)."""
-    plans = [predict_memory(config, vocab_size, tokens, mode, chunk_rows, dtype_bytes, seq_len, device) for mode in modes]
+    plans = [
+        predict_memory(config, vocab_size, tokens, mode, chunk_rows, dtype_bytes, seq_len, device) for mode in modes
+    ]
     title = (
-        f"Predicted memory (GiB) of one training step: d {config.d_model}, {config.encoder_layers}+{config.decoder_layers} layers, "
-        f"{len(config.encoder_candidates)}/{len(config.decoder_candidates)} candidate ops, {tokens} tokens, vocab {vocab_size}, "
+        f"Predicted memory (GiB) of one training step: d {config.d_model}, "
+        f"{config.encoder_layers}+{config.decoder_layers} layers, "
+        f"{len(config.encoder_candidates)}/{len(config.decoder_candidates)} candidate ops, "
+        f"{tokens} tokens, vocab {vocab_size}, "
         f"{'chunked loss (' + str(chunk_rows) + ' rows)' if chunk_rows else 'full logits'}, {device}"
     )
     lines = [title, "", "| component | " + " | ".join(modes) + " |", "|---|" + "---:|" * len(modes)]
@@ -349,7 +402,10 @@ def format_plan(
         ("parameters", lambda p: p["parameters"]),
         ("gradients", lambda p: p["gradients"]),
         ("optimizer state (Adam)", lambda p: p["optimizer_state"]),
-        *((f"saved: {part}", lambda p, part=part: p["activations_by_part"][part]) for part in ("embeddings", "encoder", "decoder", "output", "logits")),
+        *(
+            (f"saved: {part}", lambda p, part=part: p["activations_by_part"][part])
+            for part in ("embeddings", "encoder", "decoder", "output", "logits")
+        ),
         ("saved for backward (total)", lambda p: p["activations"]),
         ("backward transient", lambda p: p["backward_transient"]),
         ("peak above set-up", lambda p: p["peak_above_setup"]),
@@ -360,7 +416,17 @@ def format_plan(
     if budget_bytes is not None:
         lines += ["", f"Largest d that fits {budget_bytes / 2**30:.1f} GiB (other sizes as above):"]
         for mode in modes:
-            best = largest_d(budget_bytes, config, vocab_size, tokens, mode, chunk_rows, dtype_bytes=dtype_bytes, seq_len=seq_len, device=device)
+            best = largest_d(
+                budget_bytes,
+                config,
+                vocab_size,
+                tokens,
+                mode,
+                chunk_rows,
+                dtype_bytes=dtype_bytes,
+                seq_len=seq_len,
+                device=device,
+            )
             if best is None:
                 lines.append(f"- {mode}: no valid d fits (even d = {_d_step(config)} needs more than the budget)")
             else:

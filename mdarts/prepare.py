@@ -6,7 +6,9 @@ joint SentencePiece model on the training split, and encodes every split.
 
 from __future__ import annotations
 
+import hashlib
 import os
+from array import array
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -41,6 +43,20 @@ class PreparedData:
         if split not in self.splits:
             raise ValueError(f"split {split!r} was not prepared; prepared: {', '.join(self.splits)}")
         return self.splits[split]
+
+    def identity(self) -> dict[str, str]:
+        """What a run is made from, recorded in its checkpoints: the translation direction
+        (``"en-de"``; ``"src-tgt"`` for generic files), the SHA-256 of the tokenizer and of the
+        training split's token ids (another data directory or tokenizer changes it)."""
+        digest = hashlib.sha256()
+        train = self["train"]
+        for ids in (*train.src_ids, *train.tgt_ids):
+            digest.update(array("i", ids).tobytes() + b"\xff\xff\xff\xff")
+        return {
+            "pair": f"{self.src_lang}-{self.tgt_lang}",
+            "tokenizer_sha256": hashlib.sha256(self.tokenizer.to_bytes()).hexdigest(),
+            "train_sha256": digest.hexdigest(),
+        }
 
 
 @dataclass
@@ -77,8 +93,14 @@ def prepare_data(
         for split in splits:
             corpora[split] = load_pair(pair, split, data_dir)
     if tokenizer is None:
-        train = corpora["train"] if "train" in corpora else (
-            load_pair(pair, "train", data_dir) if files is None else load_parallel_files(*files.files["train"], files.src_lang, files.tgt_lang, "train")
+        train = (
+            corpora["train"]
+            if "train" in corpora
+            else (
+                load_pair(pair, "train", data_dir)
+                if files is None
+                else load_parallel_files(*files.files["train"], files.src_lang, files.tgt_lang, "train")
+            )
         )
         tokenizer = train_or_load_tokenizer(train.src + train.tgt, vocab_size=vocab_size, cache_dir=tokenizer_cache)
     first = next(iter(corpora.values()))

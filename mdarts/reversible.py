@@ -1,4 +1,4 @@
-"""Multi-split reversible layers and backpropagation by reconstruction (DESIGN.md 1.2, 1.3, 2.2).
+"""Multi-split reversible layers and backpropagation by reconstruction (docs/design.md 1.2, 1.3, 2.2).
 
 A :class:`ReversibleLayer` splits its input X (batch, time, d) along the feature axis into n
 equal parts and updates them in order k = 1..n::
@@ -69,7 +69,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 import mdarts_kernels
-from mdarts_kernels.reference import accumulation_dtype
+from mdarts_kernels import accumulation_dtype
 
 MODES = ("reconstruct", "checkpoint", "store")
 POOLS = ("max", "mean")
@@ -81,12 +81,14 @@ def _describe(ctx: dict[str, Any]) -> str:
     """The context's names with tensor shapes, for error messages."""
     if not ctx:
         return "no context"
-    shown = (f"{name}={tuple(v.shape)}" if isinstance(v, Tensor) else f"{name}={type(v).__name__}" for name, v in ctx.items())
+    shown = (
+        f"{name}={tuple(v.shape)}" if isinstance(v, Tensor) else f"{name}={type(v).__name__}" for name, v in ctx.items()
+    )
     return "context " + ", ".join(shown)
 
 
 class ReversibleLayer(nn.Module):
-    """One multi-split reversible layer (DESIGN.md 1.2).
+    """One multi-split reversible layer (docs/design.md 1.2).
 
     Args:
         fns: n >= 2 modules G_1..G_n; ``fn(h, **ctx)`` takes h (batch, time, d / n) and
@@ -126,7 +128,8 @@ class ReversibleLayer(nn.Module):
         d = x.shape[-1]
         if d % self.splits:
             raise ValueError(
-                f"ReversibleLayer: the feature size d={d} of x {tuple(x.shape)} is not divisible by the number of splits n={self.splits}"
+                f"ReversibleLayer: the feature size d={d} of x {tuple(x.shape)} "
+                f"is not divisible by the number of splits n={self.splits}"
             )
         return list(x.split(d // self.splits, dim=-1))
 
@@ -148,7 +151,8 @@ class ReversibleLayer(nn.Module):
             raise
         except (TypeError, RuntimeError) as error:
             raise ValueError(
-                f"ReversibleLayer: fns[{k}] ({type(fn).__name__}) failed on h {tuple(h.shape)} with {_describe(ctx)}: {error}"
+                f"ReversibleLayer: fns[{k}] ({type(fn).__name__}) failed on h {tuple(h.shape)} "
+                f"with {_describe(ctx)}: {error}"
             ) from error
         if not isinstance(out, Tensor) or out.shape != expected.shape:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
@@ -344,7 +348,9 @@ class _LayerFunction(torch.autograd.Function):
             outs = plan.layer.forward_parts(parts, kwargs)
             ctx.save_for_backward(*parts, *ctx_tensors)
         else:
-            outs = plan.layer.forward_parts(parts, kwargs, before=lambda k: plan.rng.append(_RngState.capture(plan.devices)))
+            outs = plan.layer.forward_parts(
+                parts, kwargs, before=lambda k: plan.rng.append(_RngState.capture(plan.devices))
+            )
             ctx.save_for_backward(*(outs if plan.above is None else ()), *ctx_tensors)
         ctx.plan = plan
         return tuple(outs)
@@ -365,10 +371,14 @@ class _LayerFunction(torch.autograd.Function):
         param_grads: list[Optional[Tensor]] = [None] * len(plan.params)
         with plan.replay():
             if plan.mode == "checkpoint":
-                part_grads = _checkpoint_backward(plan, stream, grads, kwargs, ctx_leaves, wanted_ctx, ctx_grads, param_grads)
+                part_grads = _checkpoint_backward(
+                    plan, stream, grads, kwargs, ctx_leaves, wanted_ctx, ctx_grads, param_grads
+                )
             else:
                 ys = list(stream) if plan.above is None else _resplit(plan.layer, plan.above.take())
-                part_grads = _reconstruct_backward(plan, ys, grads, kwargs, ctx_leaves, wanted_ctx, ctx_grads, param_grads)
+                part_grads = _reconstruct_backward(
+                    plan, ys, grads, kwargs, ctx_leaves, wanted_ctx, ctx_grads, param_grads
+                )
         return (
             None,
             *(g if need else None for g, need in zip(part_grads, need_parts)),
@@ -410,7 +420,7 @@ def _reconstruct_backward(
     ctx_grads: list[Optional[Tensor]],
     param_grads: list[Optional[Tensor]],
 ) -> list[Tensor]:
-    """DESIGN.md 1.3: for k = n..1 rebuild H_k, backpropagate through g = G_k(H_k), rebuild X_k.
+    """docs/design.md 1.3: for k = n..1 rebuild H_k, backpropagate through g = G_k(H_k), rebuild X_k.
 
     Fills ctx_grads and param_grads, hands the rebuilt input parts to the layer below and
     returns dL/dX_1..dL/dX_n.
@@ -442,7 +452,7 @@ def _reconstruct_backward(
 
 
 class ReversibleSequence(nn.Module):
-    """A stack of :class:`ReversibleLayer` under one memory mode (DESIGN.md 2.2).
+    """A stack of :class:`ReversibleLayer` under one memory mode (docs/design.md 2.2).
 
     Args:
         layers: the layers, applied in order; they share the feature size d.
@@ -456,7 +466,9 @@ class ReversibleSequence(nn.Module):
         layers = list(layers)
         for i, layer in enumerate(layers):
             if not isinstance(layer, ReversibleLayer):
-                raise ValueError(f"ReversibleSequence: layers[{i}] is a {type(layer).__name__}, expected a ReversibleLayer")
+                raise ValueError(
+                    f"ReversibleSequence: layers[{i}] is a {type(layer).__name__}, expected a ReversibleLayer"
+                )
         if mode not in MODES:
             raise ValueError(f"ReversibleSequence: mode must be one of {MODES}, got {mode!r}")
         self.layers = nn.ModuleList(layers)
@@ -475,7 +487,9 @@ class ReversibleSequence(nn.Module):
         ctx_tensors: list[Tensor] = []
         rebuild_ctx = _gather_tensors(ctx, ctx_tensors)
         needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or any(t.requires_grad for t in ctx_tensors) or any(p.requires_grad for p in self.parameters())
+            x.requires_grad
+            or any(t.requires_grad for t in ctx_tensors)
+            or any(p.requires_grad for p in self.parameters())
         )
         if self.mode == "store" or not needs_grad:
             for layer in self.layers:
@@ -525,11 +539,15 @@ def reconstruction_error(sequence: ReversibleSequence, x: Tensor, **ctx: Any) ->
             parts = _resplit(layer, parts)
             truths.append(torch.cat(parts, dim=-1))
             recorded: list[_RngState] = []
-            parts = layer.forward_parts(parts, ctx, before=lambda k: recorded.append(_RngState.capture(devices)))
+            parts = layer.forward_parts(
+                parts, ctx, before=lambda k, recorded=recorded: recorded.append(_RngState.capture(devices))
+            )
             states.append(recorded)
         errors: list[float] = []
         for layer, truth, recorded in reversed(list(zip(sequence.layers, truths, states))):
-            parts = layer.inverse_parts(_resplit(layer, parts), ctx, before=lambda k: recorded[k].restore(devices))
+            parts = layer.inverse_parts(
+                _resplit(layer, parts), ctx, before=lambda k, recorded=recorded: recorded[k].restore(devices)
+            )
             rebuilt = torch.cat(parts, dim=-1).double()
             errors.append(((rebuilt - truth.double()).norm() / truth.double().norm()).item())
     return errors[::-1]

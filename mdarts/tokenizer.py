@@ -15,7 +15,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -23,6 +22,8 @@ from typing import Optional, Sequence, Union
 import sentencepiece as spm
 
 from mdarts.data import cache_root
+
+from .runs import write_atomic
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -140,10 +141,10 @@ def train_or_load_tokenizer(
         try:
             return Tokenizer.load(path)
         except ValueError as error:
-            warnings.warn(f"retraining: cached tokenizer unusable ({error})")
+            warnings.warn(f"retraining: cached tokenizer unusable ({error})", stacklevel=2)
     threads = num_threads or len(os.sched_getaffinity(0))
     proto = _train(corpus_texts, settings, threads)
-    _write_atomic(path, proto)
+    write_atomic(path, proto)
     return Tokenizer(proto, path)
 
 
@@ -182,18 +183,3 @@ def _train(texts: Sequence[str], settings: dict, num_threads: int) -> bytes:
             f"{len(texts)} sentences ({error}); a smaller vocabulary size may fit"
         ) from error
     return buffer.getvalue()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file next to ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise

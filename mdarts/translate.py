@@ -60,7 +60,9 @@ def max_lengths(src: Tensor, model: Seq2Seq, max_len_a: float, max_len_b: int) -
     return lengths.clamp(1, model.config.max_positions - 1)
 
 
-def _log_probs(model: Seq2Seq, last: Tensor, memory: Tensor, src_pad: Tensor, state: dict, step: int, at_max: Tensor) -> Tensor:
+def _log_probs(
+    model: Seq2Seq, last: Tensor, memory: Tensor, src_pad: Tensor, state: dict, step: int, at_max: Tensor
+) -> Tensor:
     """Next-token log probabilities (rows, V) in float32 after feeding last (rows, 1).
 
     Pad and BOS are forbidden, EOS is forbidden at step 0 and forced in the rows where
@@ -208,7 +210,8 @@ def translate(
     if too_long:
         warnings.warn(
             f"truncated {len(too_long)} source sentence(s) to max_positions - 1 = {limit} subwords "
-            f"(indices {too_long[:10]}{'...' if len(too_long) > 10 else ''})"
+            f"(indices {too_long[:10]}{'...' if len(too_long) > 10 else ''})",
+            stacklevel=2,
         )
     sources = [list(ids[:limit]) for ids in src_ids]
     longest = max((positions(ids) for ids in sources), default=1)

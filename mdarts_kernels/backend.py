@@ -68,7 +68,9 @@ def _cpp_availability(device_type: str) -> Availability:
         return Availability(True, "C++ CPU kernels")
     if device_type == "cuda":
         if not ops.has_cuda_kernels():
-            return Availability(False, "the extension was built without CUDA kernels (MDARTS_CUDA=0, a CPU build of torch, or no nvcc)")
+            return Availability(
+                False, "the extension was built without CUDA kernels (MDARTS_CUDA=0, a CPU build of torch, or no nvcc)"
+            )
         if not torch.cuda.is_available():
             return Availability(False, "CUDA kernels are compiled in, but no CUDA device is available")
         return Availability(True, "CUDA kernels")

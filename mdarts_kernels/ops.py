@@ -195,7 +195,9 @@ def _register_fakes(qualname: str) -> None:
 
 # --- the cpp backend: schemas and kernels from the extension ---------------------------
 
-cpp = SimpleNamespace(**{name: getattr(torch.ops.mdarts, name) for name in OP_NAMES}) if EXTENSION_ERROR is None else None
+cpp = (
+    SimpleNamespace(**{name: getattr(torch.ops.mdarts, name) for name in OP_NAMES}) if EXTENSION_ERROR is None else None
+)
 if cpp is not None:
     _register_fakes("mdarts::")
     _register_autograd(cpp, "mdarts::")

@@ -106,7 +106,9 @@ def _check_like(t: torch.Tensor, ref: torch.Tensor, name: str) -> torch.Tensor:
     return t.contiguous()
 
 
-def _check_vector(t: torch.Tensor, shape: tuple[int, ...], device: torch.device, acc: torch.dtype, name: str) -> torch.Tensor:
+def _check_vector(
+    t: torch.Tensor, shape: tuple[int, ...], device: torch.device, acc: torch.dtype, name: str
+) -> torch.Tensor:
     """Check the shape of a small parameter or statistics tensor; return it in the accumulation
     dtype, contiguous, on ``device``."""
     if tuple(t.shape) != shape:
@@ -150,9 +152,7 @@ def _max_programs(device: torch.device) -> int:
 
 
 @triton.jit
-def _mixed_sum_fwd_kernel(
-    x_table, w_ptr, y_ptr, numel, K, DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr
-):
+def _mixed_sum_fwd_kernel(x_table, w_ptr, y_ptr, numel, K, DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """y[i] = sum_k w[k] * x_k[i] over one block of BLOCK flat elements."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -167,8 +167,16 @@ def _mixed_sum_fwd_kernel(
 
 @triton.jit
 def _mixed_sum_bwd_kernel(
-    g_ptr, x_table, gx_table, w_ptr, partial_ptr, numel, K,
-    DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    g_ptr,
+    x_table,
+    gx_table,
+    w_ptr,
+    partial_ptr,
+    numel,
+    K,
+    DTYPE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """gx_k = w[k] * g over one block; partial[pid, k] = sum over the block of g * x_k."""
     pid = tl.program_id(0).to(tl.int64)
@@ -186,10 +194,25 @@ def _mixed_sum_bwd_kernel(
 
 @triton.jit
 def _mixed_ln_sum_fwd_kernel(
-    h_ptr, x_table, w_ptr, lnw_ptr, lnb_ptr, res_ptr, y_ptr, mean_ptr, rstd_ptr,
-    N, D, K, eps, sign,
-    HAS_RESIDUAL: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    h_ptr,
+    x_table,
+    w_ptr,
+    lnw_ptr,
+    lnb_ptr,
+    res_ptr,
+    y_ptr,
+    mean_ptr,
+    rstd_ptr,
+    N,
+    D,
+    K,
+    eps,
+    sign,
+    HAS_RESIDUAL: tl.constexpr,
+    DTYPE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """One tile of BLOCK_ROWS rows: y = res + sign * sum_k w[k] * LN_k(h + x_k); stores mean/rstd[k, row]."""
     pid = tl.program_id(0).to(tl.int64)
@@ -230,10 +253,26 @@ def _mixed_ln_sum_fwd_kernel(
 
 @triton.jit
 def _mixed_ln_sum_bwd_kernel(
-    g_ptr, h_ptr, x_table, gx_table, gh_ptr, w_ptr, lnw_ptr, mean_ptr, rstd_ptr,
-    partial_s_ptr, partial_c_ptr,
-    N, D, K, rows_per_program, sign,
-    DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    g_ptr,
+    h_ptr,
+    x_table,
+    gx_table,
+    gh_ptr,
+    w_ptr,
+    lnw_ptr,
+    mean_ptr,
+    rstd_ptr,
+    partial_s_ptr,
+    partial_c_ptr,
+    N,
+    D,
+    K,
+    rows_per_program,
+    sign,
+    DTYPE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Persistent program over rows [pid * rows_per_program, ...), in tiles of BLOCK_ROWS rows.
 
@@ -288,7 +327,13 @@ def _mixed_ln_sum_bwd_kernel(
 
 @triton.jit
 def _split_pool_fwd_kernel(
-    x_table, y_ptr, numel, n, IS_MAX: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
+    x_table,
+    y_ptr,
+    numel,
+    n,
+    IS_MAX: tl.constexpr,
+    DTYPE: tl.constexpr,
+    ACC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """y = elementwise max (NaN propagates, first one wins) or mean of the n tensors."""
@@ -311,8 +356,15 @@ def _split_pool_fwd_kernel(
 
 @triton.jit
 def _split_pool_bwd_kernel(
-    g_ptr, x_table, gx_table, numel, n, IS_MAX: tl.constexpr, DTYPE: tl.constexpr,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
+    g_ptr,
+    x_table,
+    gx_table,
+    numel,
+    n,
+    IS_MAX: tl.constexpr,
+    DTYPE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """mean: gx_k = g / n. max: gx_k = g where k is the first index of the maximum, else 0."""
     pid = tl.program_id(0).to(tl.int64)
@@ -352,7 +404,15 @@ def _mix32(h):
 
 @triton.jit(do_not_specialize=["k0", "k1", "threshold"])
 def _seeded_dropout_kernel(
-    x_ptr, y_ptr, numel, k0, k1, threshold, scale, DTYPE: tl.constexpr, ACC: tl.constexpr,
+    x_ptr,
+    y_ptr,
+    numel,
+    k0,
+    k1,
+    threshold,
+    scale,
+    DTYPE: tl.constexpr,
+    ACC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """y = x * (scale if mix32(mix32(lo ^ k0) + (k1 ^ hi)) >= threshold else 0) (lo, hi: the
@@ -424,8 +484,16 @@ def mixed_sum_backward(
     num_programs = triton.cdiv(numel, _ELEMENTWISE_BLOCK)
     partial = torch.empty((num_programs, k_count), dtype=acc, device=g.device)
     _mixed_sum_bwd_kernel[(num_programs,)](
-        g, _pointer_table(xs), _pointer_table(grad_outs), w, partial, numel, k_count,
-        DTYPE=dtype, ACC=acc_tl, BLOCK=_ELEMENTWISE_BLOCK,
+        g,
+        _pointer_table(xs),
+        _pointer_table(grad_outs),
+        w,
+        partial,
+        numel,
+        k_count,
+        DTYPE=dtype,
+        ACC=acc_tl,
+        BLOCK=_ELEMENTWISE_BLOCK,
     )
     return grad_outs, partial.sum(0).to(weights.dtype)
 
@@ -475,10 +543,26 @@ def mixed_ln_sum(
     dtype, acc_tl = _tl_dtypes(h.dtype)
     grid = (triton.cdiv(n_rows, block_rows),)
     _mixed_ln_sum_fwd_kernel[grid](
-        h, _pointer_table(xs), w, lnw, lnb, h if res is None else res, y, mean, rstd,
-        n_rows, d, k_count, float(eps), float(sign),
-        HAS_RESIDUAL=res is not None, DTYPE=dtype, ACC=acc_tl,
-        BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=num_warps,
+        h,
+        _pointer_table(xs),
+        w,
+        lnw,
+        lnb,
+        h if res is None else res,
+        y,
+        mean,
+        rstd,
+        n_rows,
+        d,
+        k_count,
+        float(eps),
+        float(sign),
+        HAS_RESIDUAL=res is not None,
+        DTYPE=dtype,
+        ACC=acc_tl,
+        BLOCK_ROWS=block_rows,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
     )
     return y, mean, rstd
 
@@ -526,7 +610,10 @@ def mixed_ln_sum_backward(
     grad_outs = [torch.empty_like(x) for x in xs]
     if n_rows == 0:
         return (
-            grad_h, grad_outs, torch.zeros_like(weights), torch.zeros_like(ln_weight),
+            grad_h,
+            grad_outs,
+            torch.zeros_like(weights),
+            torch.zeros_like(ln_weight),
             torch.zeros_like(ln_bias),
         )
     tiles = triton.cdiv(n_rows, block_rows)
@@ -537,9 +624,27 @@ def mixed_ln_sum_backward(
     partial_c = torch.empty((num_programs, d), dtype=acc, device=h.device)
     dtype, acc_tl = _tl_dtypes(h.dtype)
     _mixed_ln_sum_bwd_kernel[(num_programs,)](
-        g, h, _pointer_table(xs), _pointer_table(grad_outs), grad_h, w, lnw, mean, rstd,
-        partial_s, partial_c, n_rows, d, k_count, rows_per_program, float(sign),
-        DTYPE=dtype, ACC=acc_tl, BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=num_warps,
+        g,
+        h,
+        _pointer_table(xs),
+        _pointer_table(grad_outs),
+        grad_h,
+        w,
+        lnw,
+        mean,
+        rstd,
+        partial_s,
+        partial_c,
+        n_rows,
+        d,
+        k_count,
+        rows_per_program,
+        float(sign),
+        DTYPE=dtype,
+        ACC=acc_tl,
+        BLOCK_ROWS=block_rows,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
     )
     s = partial_s.sum(0)
     c = partial_c.sum(0)
@@ -579,7 +684,13 @@ def split_pool(xs: Sequence[torch.Tensor], mode: str) -> torch.Tensor:
     dtype, acc_tl = _tl_dtypes(y.dtype)
     grid = (triton.cdiv(numel, _ELEMENTWISE_BLOCK),)
     _split_pool_fwd_kernel[grid](
-        _pointer_table(ts), y, numel, len(ts), IS_MAX=is_max, DTYPE=dtype, ACC=acc_tl,
+        _pointer_table(ts),
+        y,
+        numel,
+        len(ts),
+        IS_MAX=is_max,
+        DTYPE=dtype,
+        ACC=acc_tl,
         BLOCK=_ELEMENTWISE_BLOCK,
     )
     return y
@@ -606,8 +717,15 @@ def split_pool_backward(grad: torch.Tensor, xs: Sequence[torch.Tensor], mode: st
     dtype, acc_tl = _tl_dtypes(ts[0].dtype)
     grid = (triton.cdiv(numel, _ELEMENTWISE_BLOCK),)
     _split_pool_bwd_kernel[grid](
-        g, _pointer_table(ts), _pointer_table(grads), numel, len(ts), IS_MAX=is_max, DTYPE=dtype,
-        ACC=acc_tl, BLOCK=_ELEMENTWISE_BLOCK,
+        g,
+        _pointer_table(ts),
+        _pointer_table(grads),
+        numel,
+        len(ts),
+        IS_MAX=is_max,
+        DTYPE=dtype,
+        ACC=acc_tl,
+        BLOCK=_ELEMENTWISE_BLOCK,
     )
     return grads
 
@@ -636,7 +754,15 @@ def seeded_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     grid = (triton.cdiv(numel, _ELEMENTWISE_BLOCK),)
     scale = 1.0 / (1.0 - p)
     _seeded_dropout_kernel[grid](
-        x, y, numel, seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, dropout_threshold(p),
-        scale, DTYPE=dtype, ACC=acc_tl, BLOCK=_ELEMENTWISE_BLOCK,
+        x,
+        y,
+        numel,
+        seed & 0xFFFFFFFF,
+        (seed >> 32) & 0xFFFFFFFF,
+        dropout_threshold(p),
+        scale,
+        DTYPE=dtype,
+        ACC=acc_tl,
+        BLOCK=_ELEMENTWISE_BLOCK,
     )
     return y

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import gzip
 import http.server
-import os
 import re
 import threading
 import urllib.error
@@ -19,14 +18,6 @@ from mdarts.batching import TokenBatches, collate, filter_by_length, make_batche
 from mdarts.data import DownloadError, load_pair, load_parallel_files, read_lines
 from mdarts.tokenizer import Tokenizer, train_or_load_tokenizer
 
-DATA_DIR = Path(
-    os.environ.get("MDARTS_DATA")
-    or Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
-)
-needs_data = pytest.mark.skipif(
-    not (DATA_DIR / "train.en.gz").is_file(), reason=f"Multi30k not found in {DATA_DIR}"
-)
-
 SPLIT_SIZES = {
     "train": 29000,
     "val": 1014,
@@ -38,7 +29,8 @@ SPLIT_SIZES = {
 
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch, tmp_path):
-    """No test sees the user's MDARTS_DATA or writes into the user's cache."""
+    """No test sees the user's MDARTS_DATA or writes into the user's cache (the session
+    fixtures multi30k_dir and multi30k_corpus are set up before, from the real environment)."""
     monkeypatch.delenv("MDARTS_DATA", raising=False)
     monkeypatch.setenv("MDARTS_CACHE", str(tmp_path / "cache"))
 
@@ -51,22 +43,20 @@ def _write(path: Path, lines: list[str]) -> Path:
 # ---------------------------------------------------------------------------- Multi30k
 
 
-@needs_data
-def test_counts_per_split_and_language():
+def test_counts_per_split_and_language(multi30k_dir):
     for split, size in SPLIT_SIZES.items():
         for lang in ("en", "de", "fr", "cs"):
-            path = DATA_DIR / f"{split}.{lang}.gz"
+            path = multi30k_dir / f"{split}.{lang}.gz"
             if lang in data.SPLIT_LANGUAGES[split]:
                 assert len(read_lines(path)) == size, path
             else:
                 assert not path.exists(), path
 
 
-@needs_data
 @pytest.mark.parametrize("pair", data.PAIRS)
-def test_every_pair_loads_every_split(pair):
+def test_every_pair_loads_every_split(pair, multi30k_dir):
     for split in data.splits_for_pair(pair):
-        corpus = load_pair(pair, split, DATA_DIR)
+        corpus = load_pair(pair, split, multi30k_dir)
         assert len(corpus.src) == len(corpus.tgt) == SPLIT_SIZES[split], (pair, split)
         assert (corpus.src_lang + "-" + corpus.tgt_lang, corpus.split) == (pair, split)
 
@@ -83,19 +73,17 @@ def test_unknown_pair_lists_known_pairs():
         load_pair("en-es", "train", "/nonexistent")
 
 
-@needs_data
-def test_reverse_direction_swaps_sides():
-    forward = load_pair("en-fr", "val", DATA_DIR)
-    backward = load_pair("fr-en", "val", DATA_DIR)
+def test_reverse_direction_swaps_sides(multi30k_dir):
+    forward = load_pair("en-fr", "val", multi30k_dir)
+    backward = load_pair("fr-en", "val", multi30k_dir)
     assert (forward.src_lang, forward.tgt_lang) == ("en", "fr")
     assert (backward.src_lang, backward.tgt_lang) == ("fr", "en")
     assert backward.src == forward.tgt and backward.tgt == forward.src
     assert forward.src[0].startswith("A group of men")
 
 
-@needs_data
-def test_data_dir_from_environment(monkeypatch):
-    monkeypatch.setenv("MDARTS_DATA", str(DATA_DIR))
+def test_data_dir_from_environment(monkeypatch, multi30k_dir):
+    monkeypatch.setenv("MDARTS_DATA", str(multi30k_dir))
     assert len(load_pair("de-en", "test_2017_mscoco")) == 461
 
 
@@ -189,11 +177,8 @@ def test_download_unreachable_host(tmp_path):
         load_pair("en-de", "val", base_url="http://127.0.0.1:9/")
 
 
-@needs_data
-def test_download_from_local_server_fills_cache(tmp_path, capsys):
-    handler = functools.partial(
-        http.server.SimpleHTTPRequestHandler, directory=str(DATA_DIR)
-    )
+def test_download_from_local_server_fills_cache(tmp_path, capsys, multi30k_dir):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(multi30k_dir))
     handler.log_message = lambda *args: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -214,17 +199,10 @@ def test_download_from_local_server_fills_cache(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def small_texts() -> list[str]:
-    if (DATA_DIR / "train.en.gz").is_file():
-        corpus = load_pair("en-de", "train", DATA_DIR)
-        return corpus.src[:2000] + corpus.tgt[:2000]
-    words = "a man woman dog runs on the street in red blue shirt ein Mann Frau Hund läuft".split()
-    return [" ".join(words[(i * 7 + j) % len(words)] for j in range(8)) for i in range(3000)]
-
-
-@pytest.fixture(scope="module")
-def small_tokenizer(small_texts, tmp_path_factory) -> Tokenizer:
-    return train_or_load_tokenizer(small_texts, 500, tmp_path_factory.mktemp("spm"))
+def small_texts(multi30k_corpus) -> list[str]:
+    """Both sides of the session corpus' 2000 En-De training pairs (its tokenizer's text)."""
+    train = multi30k_corpus["train"].corpus
+    return train.src + train.tgt
 
 
 def test_tokenizer_cache_reuses_and_retrains(small_texts, tmp_path, monkeypatch):
@@ -256,8 +234,8 @@ def test_corrupt_cached_model_is_retrained(small_texts, tmp_path):
     assert again.to_bytes() == Tokenizer.load(first.path).to_bytes()
 
 
-def test_tokenizer_round_trip_and_special_ids(small_texts, small_tokenizer):
-    tok = small_tokenizer
+def test_tokenizer_round_trip_and_special_ids(small_texts, multi30k_corpus):
+    tok = multi30k_corpus.tokenizer
     assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2, 3)
     sentences = small_texts[:3] + small_texts[-3:]
     ids = tok.encode(sentences)
@@ -348,12 +326,9 @@ def test_collate_padding_and_masks():
     assert batch.to("cpu").src is not None
 
 
-@needs_data
-def test_end_to_end_slice(small_tokenizer):
-    corpus = load_pair("en-de", "val", DATA_DIR)
-    tok = small_tokenizer
-    src_ids, tgt_ids = tok.encode(corpus.src), tok.encode(corpus.tgt)
-    loader = TokenBatches(src_ids, tgt_ids, 2048, seed=1, max_positions=128)
+def test_end_to_end_slice(multi30k_corpus):
+    val = multi30k_corpus["val"]
+    loader = TokenBatches(val.src_ids, val.tgt_ids, 2048, seed=1, max_positions=128)
     rows = sum(batch.src.shape[0] for batch in loader)
-    assert rows == len(corpus) == 1014
-    assert batching.PAD_ID == tok.pad_id
+    assert rows == len(val.corpus) == 1014
+    assert batching.PAD_ID == multi30k_corpus.tokenizer.pad_id

@@ -5,19 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import ELEMENTWISE_TOLERANCES, devices, skip_unless_available
 from torch.autograd.graph import saved_tensors_hooks
 
 import mdarts_kernels as mk
 from mdarts_kernels import ops, reference
-from test_kernels import devices, skip_unless_available
 
 BACKENDS = ["cpp", "triton"]
 SHAPES = [(0,), (1,), (7, 33), (3, 5, 130), (2050, 9)]
-TOLERANCES = {
-    torch.float64: dict(rtol=1e-7, atol=1e-7),  # triton passes 1 / (1 - p) as a float32
-    torch.float16: dict(rtol=1e-3, atol=1e-3),
-    torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
-}
 
 
 def value_and_grad(backend: str, x: torch.Tensor, p: float, seed: int, grad_out: torch.Tensor):
@@ -55,15 +50,14 @@ def test_other_dtypes_match_reference(device, backend, dtype):
     want, want_grad = value_and_grad("reference", x, 0.3, 99, grad_out)
     assert got.dtype == dtype and got_grad.dtype == dtype
     assert torch.equal(got == 0, want == 0)  # the same mask
-    torch.testing.assert_close(got, want, **TOLERANCES[dtype])
-    torch.testing.assert_close(got_grad, want_grad, **TOLERANCES[dtype])
+    torch.testing.assert_close(got, want, **ELEMENTWISE_TOLERANCES[dtype])
+    torch.testing.assert_close(got_grad, want_grad, **ELEMENTWISE_TOLERANCES[dtype])
 
 
 @pytest.mark.parametrize("backend", ["reference", *BACKENDS])
 def test_mask_statistics(backend):
     """Keep rate 1 - p, scaled mean preserved, and two seeds' masks independent."""
-    if backend != "reference":
-        skip_unless_available(backend, "cpu")
+    skip_unless_available(backend, "cpu")
     n = 200_000 if backend == "triton" else 1_000_000
     ones = torch.ones(n)
     with mk.use_backend(backend):
@@ -153,7 +147,10 @@ def test_draw_seed_follows_the_cpu_generator():
     [
         (lambda: mk.seeded_dropout(torch.ones(3), 1.0, 0), r"p: expected a dropout probability in \[0, 1\), got 1.0"),
         (lambda: mk.seeded_dropout(torch.ones(3), -0.1, 0), r"p: expected a dropout probability"),
-        (lambda: mk.seeded_dropout(torch.ones(3), 0.1, 1.5), r"seed: expected an int in \[-2\*\*63, 2\*\*63\), got 1.5"),
+        (
+            lambda: mk.seeded_dropout(torch.ones(3), 0.1, 1.5),
+            r"seed: expected an int in \[-2\*\*63, 2\*\*63\), got 1.5",
+        ),
         (lambda: mk.seeded_dropout(torch.ones(3), 0.1, 2**63), r"seed: expected an int"),
         (lambda: mk.seeded_dropout(torch.ones(3, dtype=torch.long), 0.1, 0), r"x: expected a float64, float32"),
         (lambda: mk.seeded_dropout([1.0, 2.0], 0.1, 0), r"x: expected a tensor, got list"),

@@ -2,31 +2,14 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
+from helpers import TOLERANCES, devices, skip_unless_available
 
 import mdarts_kernels as mk
 from mdarts_kernels import ops, reference
 
-CPU_BACKENDS = [b for b in ("cpp", "triton")]
-TOLERANCES = {
-    torch.float64: dict(rtol=1e-9, atol=1e-9),
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.float16: dict(rtol=1e-2, atol=1e-2),
-    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
-}
-
-
-def skip_unless_available(backend: str, device: str) -> None:
-    status = mk.available_backends(device)[backend]
-    if not status.ok:
-        pytest.skip(f"backend {backend} on {device}: {status.reason}")
-
-
-def devices() -> list:
-    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+CPU_BACKENDS = ["cpp", "triton"]
 
 
 def make_inputs(K, D, rows, dtype, device="cpu", noncontiguous=False, seed=0):
@@ -41,7 +24,9 @@ def make_inputs(K, D, rows, dtype, device="cpu", noncontiguous=False, seed=0):
     h = data()
     outs = [data() for _ in range(K)]
     residual = data()
-    weights = torch.softmax(torch.randn(K, generator=gen), 0).to(device, torch.float64 if dtype == torch.float64 else torch.float32)
+    weights = torch.softmax(torch.randn(K, generator=gen), 0).to(
+        device, torch.float64 if dtype == torch.float64 else torch.float32
+    )
     ln_weight = (1 + 0.5 * torch.randn(K, D, generator=gen)).to(device, weights.dtype)
     ln_bias = (0.5 * torch.randn(K, D, generator=gen)).to(device, weights.dtype)
     if noncontiguous:
@@ -71,7 +56,9 @@ def assert_matches_reference(backend, fn, inputs, dtype, grad_atol_scale=1.0):
     torch.testing.assert_close(got, want, **tol, msg=lambda m: f"forward: {m}")
     for i, (g, w) in enumerate(zip(got_grads, want_grads)):
         scale = max(1.0, w.abs().max().item()) * grad_atol_scale
-        torch.testing.assert_close(g, w, rtol=tol["rtol"], atol=tol["atol"] * scale, msg=lambda m: f"grad of input {i}: {m}")
+        torch.testing.assert_close(
+            g, w, rtol=tol["rtol"], atol=tol["atol"] * scale, msg=lambda m, i=i: f"grad of input {i}: {m}"
+        )
 
 
 SHAPES = [(1, 1, 3), (2, 7, 33), (5, 64, 130), (14, 960, 9), (14, 64, 2050)]
@@ -229,8 +216,14 @@ def op_samples(prefix: str):
     return [
         (getattr(ns, prefix + "mixed_sum"), (outs_leaves, args_h[1])),
         (getattr(ns, prefix + "mixed_sum_backward"), (grad, outs, w)),
-        (getattr(ns, prefix + "mixed_ln_sum"), (args_h[0], outs_leaves, args_h[1], args_h[2], args_h[3], 1e-5, args_h[4], -1.0)),
-        (getattr(ns, prefix + "mixed_ln_sum"), (args_h[0], outs_leaves, args_h[1], args_h[2], args_h[3], 1e-5, None, 1.0)),
+        (
+            getattr(ns, prefix + "mixed_ln_sum"),
+            (args_h[0], outs_leaves, args_h[1], args_h[2], args_h[3], 1e-5, args_h[4], -1.0),
+        ),
+        (
+            getattr(ns, prefix + "mixed_ln_sum"),
+            (args_h[0], outs_leaves, args_h[1], args_h[2], args_h[3], 1e-5, None, 1.0),
+        ),
         (getattr(ns, prefix + "mixed_ln_sum_backward"), (grad, h, outs, w, lw, lb, mean, rstd, 1.0)),
         (getattr(ns, prefix + "split_pool"), (outs_leaves, "max")),
         (getattr(ns, prefix + "split_pool"), (outs_leaves, "mean")),
@@ -311,20 +304,44 @@ def test_unknown_backend_is_rejected():
 def bad_calls():
     h, outs, _, w, lw, lb = make_inputs(3, 8, 4, torch.float32)
     return {
-        "outs of different shapes": (lambda: mk.mixed_sum([outs[0], outs[1][:, :4]], w[:2]), r"outs\[1\]: expected shape \(4, 8\)"),
-        "outs of different dtypes": (lambda: mk.mixed_sum([outs[0], outs[1].double()], w[:2]), r"outs\[1\]: expected dtype torch.float32"),
+        "outs of different shapes": (
+            lambda: mk.mixed_sum([outs[0], outs[1][:, :4]], w[:2]),
+            r"outs\[1\]: expected shape \(4, 8\)",
+        ),
+        "outs of different dtypes": (
+            lambda: mk.mixed_sum([outs[0], outs[1].double()], w[:2]),
+            r"outs\[1\]: expected dtype torch.float32",
+        ),
         "K = 0": (lambda: mk.mixed_sum([], w[:0]), r"outs: expected at least one tensor \(K >= 1\)"),
         "weights too short": (lambda: mk.mixed_sum(outs, w[:2]), r"weights: expected shape \(3,\), got \(2,\)"),
-        "integer weights": (lambda: mk.mixed_sum(outs, torch.ones(3, dtype=torch.long)), r"weights: expected a floating-point tensor"),
-        "integer data": (lambda: mk.mixed_sum([torch.ones(2, 3, dtype=torch.long)], w[:1]), r"outs\[0\]: expected a float64"),
+        "integer weights": (
+            lambda: mk.mixed_sum(outs, torch.ones(3, dtype=torch.long)),
+            r"weights: expected a floating-point tensor",
+        ),
+        "integer data": (
+            lambda: mk.mixed_sum([torch.ones(2, 3, dtype=torch.long)], w[:1]),
+            r"outs\[0\]: expected a float64",
+        ),
         "a single tensor as outs": (lambda: mk.mixed_sum(outs[0], w), r"outs: expected a list of tensors"),
-        "ln_weight not (K, D)": (lambda: mk.mixed_ln_sum(h, outs, w, lw[:, :4], lb), r"ln_weight: expected shape \(3, 8\)"),
+        "ln_weight not (K, D)": (
+            lambda: mk.mixed_ln_sum(h, outs, w, lw[:, :4], lb),
+            r"ln_weight: expected shape \(3, 8\)",
+        ),
         "ln_bias not (K, D)": (lambda: mk.mixed_ln_sum(h, outs, w, lw, lb[:2]), r"ln_bias: expected shape \(3, 8\)"),
-        "h unlike outs": (lambda: mk.mixed_ln_sum(h[:2], outs, w, lw, lb), r"h: expected shape \(4, 8\) like outs\[0\]"),
-        "residual unlike h": (lambda: mk.mixed_ln_sum(h, outs, w, lw, lb, residual=h.half()), r"residual: expected dtype torch.float32"),
+        "h unlike outs": (
+            lambda: mk.mixed_ln_sum(h[:2], outs, w, lw, lb),
+            r"h: expected shape \(4, 8\) like outs\[0\]",
+        ),
+        "residual unlike h": (
+            lambda: mk.mixed_ln_sum(h, outs, w, lw, lb, residual=h.half()),
+            r"residual: expected dtype torch.float32",
+        ),
         "eps not positive": (lambda: mk.mixed_ln_sum(h, outs, w, lw, lb, eps=0.0), r"eps: expected a positive float"),
         "unknown pool mode": (lambda: mk.split_pool(outs, "median"), r"mode: expected 'max' or 'mean', got 'median'"),
-        "zero-width feature axis": (lambda: mk.split_pool([torch.ones(2, 0)] * 2, "max"), r"xs: expected a feature axis D >= 1"),
+        "zero-width feature axis": (
+            lambda: mk.split_pool([torch.ones(2, 0)] * 2, "max"),
+            r"xs: expected a feature axis D >= 1",
+        ),
     }
 
 
@@ -410,4 +427,4 @@ def test_every_combination_of_shape_parameters_is_listed():
     assert {1, 2, 5, 14} <= ks and {1, 7, 64, 960} <= ds
     assert any(rows > 2000 for _, _, rows in SHAPES)
     assert all(rows % 32 not in (0,) for _, _, rows in SHAPES)
-    assert list(itertools.islice(CPU_BACKENDS, 2)) == ["cpp", "triton"]
+    assert CPU_BACKENDS == ["cpp", "triton"]

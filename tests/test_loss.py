@@ -2,8 +2,8 @@
 
 import pytest
 import torch
+from helpers import TINY
 
-from mdarts.config import SearchConfig
 from mdarts.loss import chunked_output_loss, label_smoothed_loss, sequence_loss
 from mdarts.model import TransformerBaseline
 
@@ -49,8 +49,7 @@ def test_chunked_loss_never_saves_logits():
 
 def test_sequence_loss_chunked_matches_plain_on_a_model():
     torch.manual_seed(0)
-    config = SearchConfig(d_model=24, embed_dim=16, encoder_layers=1, decoder_layers=1, heads=2, dropout=0.0)
-    model = TransformerBaseline(config, 40).double()
+    model = TransformerBaseline(TINY.replace(dropout=0.0), 40).double()
     src = torch.randint(4, 40, (2, 5))
     tgt = torch.randint(4, 40, (2, 6))
     tgt[0, -2:] = 0

@@ -6,8 +6,9 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import TINY, TOLERANCES
 
-from mdarts.config import PRESETS, SearchConfig, preset
+from mdarts.config import PRESETS, preset
 from mdarts.genotype import Genotype
 from mdarts.model import (
     DerivedNet,
@@ -25,7 +26,6 @@ from mdarts.ops import (
 )
 
 VOCAB = 61
-TINY = SearchConfig(d_model=24, embed_dim=16, encoder_layers=2, decoder_layers=2, heads=2, max_positions=32)
 
 
 def batch(seed: int = 0):
@@ -63,7 +63,9 @@ def test_memory_modes_give_the_same_loss_and_gradients(mode):
         if grad is None:
             assert grads_other[name] is None, name
             continue
-        torch.testing.assert_close(grads_other[name], grad, rtol=1e-8, atol=1e-10, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            grads_other[name], grad, rtol=1e-8, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def test_forward_shapes_and_padding_convention():
@@ -152,8 +154,10 @@ def test_genotype_excludes_zero_unless_asked():
         (dict(encoder=[["conv9", "ffn"], ["ffn", "ffn"]]), r"genotype.encoder\[0\]\[0\]: unknown op 'conv9'"),
         (dict(decoder=[["ffn"], ["ffn"]]), r"genotype.decoder: expected 2 unit layers of 2 nodes"),
         (dict(encoder=[["ffn", "ffn"]]), r"genotype.encoder: expected 2 unit layers of 2 nodes"),
-        (dict(decoder=[["ffn", "cross_attention"], ["ffn", "attention"]], decoder_candidates=("ffn", "attention")),
-         r"genotype.decoder\[0\]\[1\]: unknown op 'cross_attention'"),
+        (
+            dict(decoder=[["ffn", "cross_attention"], ["ffn", "attention"]], decoder_candidates=("ffn", "attention")),
+            r"genotype.decoder\[0\]\[1\]: unknown op 'cross_attention'",
+        ),
     ],
 )
 def test_genotype_validation_names_the_bad_node(change, message):
@@ -233,7 +237,7 @@ def test_incremental_decoding_equals_full_decoding(name):
         full = model.decode(tgt, memory, src_pad)
         state: dict = {}
         steps = [model.decode(tgt[:, t : t + 1], memory, src_pad, state) for t in range(tgt.shape[1])]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, **TOLERANCES[torch.float32])
 
 
 def test_reordered_decoding_state_follows_the_new_batch():
@@ -248,7 +252,7 @@ def test_reordered_decoding_state_follows_the_new_batch():
         model.reorder_state(state, order)
         step = model.decode(tgt[order, 2:3], memory[order], src_pad[order], state)
         full = model.decode(tgt[order, :3], memory[order], src_pad[order])
-    torch.testing.assert_close(step[:, 0], full[:, 2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(step[:, 0], full[:, 2], **TOLERANCES[torch.float32])
 
 
 def test_padding_in_the_source_does_not_change_the_output():
@@ -256,7 +260,7 @@ def test_padding_in_the_source_does_not_change_the_output():
     src, tgt = batch()
     longer = torch.cat([src, torch.full((3, 2), TINY.pad_id)], dim=1)  # two more padding columns
     with torch.no_grad():
-        torch.testing.assert_close(model(longer, tgt), model(src, tgt), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(longer, tgt), model(src, tgt), **TOLERANCES[torch.float32])
 
 
 def test_baseline_sizing_matches_a_parameter_count():
@@ -275,14 +279,14 @@ def test_baseline_sizing_matches_a_parameter_count():
 @pytest.mark.parametrize(
     "changes,message",
     [
-        (dict(d_model=25, heads=1), r"SearchConfig.d_model: 25 is not divisible by encoder_splits=2"),
-        (dict(d_model=40, heads=4), r"SearchConfig.d_model: 40 is not divisible by decoder_splits=3"),
-        (dict(d_model=48, heads=16), r"SearchConfig.heads: 16 does not divide the part width"),
-        (dict(d_model=30, heads=4), r"SearchConfig.heads: 4 does not divide d_model=30"),
-        (dict(memory_mode="fast"), r"SearchConfig.memory_mode: expected one of reconstruct"),
-        (dict(encoder_candidates=("ffn", "conv9")), r"SearchConfig.encoder_candidates: unknown op\(s\) conv9"),
-        (dict(decoder_splits=1), r"SearchConfig.decoder_splits: expected at least 2"),
-        (dict(dropout=1.5), r"SearchConfig.dropout"),
+        (dict(d_model=25, heads=1), r"ModelConfig.d_model: 25 is not divisible by encoder_splits=2"),
+        (dict(d_model=40, heads=4), r"ModelConfig.d_model: 40 is not divisible by decoder_splits=3"),
+        (dict(d_model=48, heads=16), r"ModelConfig.heads: 16 does not divide the part width"),
+        (dict(d_model=30, heads=4), r"ModelConfig.heads: 4 does not divide d_model=30"),
+        (dict(memory_mode="fast"), r"ModelConfig.memory_mode: expected one of reconstruct"),
+        (dict(encoder_candidates=("ffn", "conv9")), r"ModelConfig.encoder_candidates: unknown op\(s\) conv9"),
+        (dict(decoder_splits=1), r"ModelConfig.decoder_splits: expected an integer >= 2"),
+        (dict(dropout=1.5), r"ModelConfig.dropout"),
     ],
 )
 def test_bad_config_names_the_field(changes, message):
@@ -304,14 +308,20 @@ def test_bad_vocabulary_and_tokens():
     src, tgt = batch()
     with pytest.raises(ValueError, match=r"src: token ids must lie in \[0, 61\)"):
         model(src + VOCAB, tgt)
-    with pytest.raises(ValueError, match="exceeds SearchConfig.max_positions=32"):
-        model(torch.ones(1, 40, dtype=torch.long), tgt[:1])
+    with pytest.raises(ValueError, match=f"exceeds ModelConfig.max_positions={TINY.max_positions}"):
+        model(torch.ones(1, TINY.max_positions + 8, dtype=torch.long), tgt[:1])
 
 
 def test_presets():
     assert set(PRESETS) == {"tiny", "small", "paper"}
     assert preset("paper").d_model == 960 and preset("paper").embed_dim == 256
     base = preset("multi30k-base", training=True)
-    assert (base.encoder_layers, base.d_model, base.d_model * base.ffn_mult, base.heads, base.dropout) == (4, 128, 256, 4, 0.3)
+    assert (base.encoder_layers, base.d_model, base.d_model * base.ffn_mult, base.heads, base.dropout) == (
+        4,
+        128,
+        256,
+        4,
+        0.3,
+    )
     with pytest.raises(ValueError, match="unknown preset 'huge'; presets: tiny, small, paper"):
         preset("huge")

@@ -7,6 +7,7 @@ from typing import Optional
 
 import pytest
 import torch
+from helpers import TOLERANCES
 from torch import Tensor
 
 from mdarts.memory import saved_tensor_bytes
@@ -133,9 +134,7 @@ def decode(
 
 @pytest.mark.parametrize("chunks", [[1] * TIME, [4, 1, 5]], ids=["steps", "chunks"])
 @pytest.mark.parametrize("case", DECODER_OPS, ids=op_id)
-def test_incremental_decoding_matches_full_causal_call(
-    case: tuple[str, bool], chunks: list[int]
-) -> None:
+def test_incremental_decoding_matches_full_causal_call(case: tuple[str, bool], chunks: list[int]) -> None:
     name, causal = case
     op = make_op(name, causal)
     h, memory, memory_pad = inputs()
@@ -143,14 +142,12 @@ def test_incremental_decoding_matches_full_causal_call(
     full = op(h, context(memory, memory_pad, pad))
     with torch.no_grad():
         stepped = decode(op, h, memory, memory_pad, pad, chunks)
-    torch.testing.assert_close(stepped, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stepped, full, **TOLERANCES[torch.float32])
 
 
 @pytest.mark.parametrize("new_order", [[1, 0], [1, 1]], ids=["swap", "repeat"])
 @pytest.mark.parametrize("case", DECODER_OPS, ids=op_id)
-def test_reorder_state_follows_the_new_batch_order(
-    case: tuple[str, bool], new_order: list[int]
-) -> None:
+def test_reorder_state_follows_the_new_batch_order(case: tuple[str, bool], new_order: list[int]) -> None:
     name, causal = case
     op = make_op(name, causal)
     h, memory, memory_pad = inputs()
@@ -164,7 +161,7 @@ def test_reorder_state_follows_the_new_batch_order(
         later = [1] * (TIME - 2)
         rest = decode(op, h[order, 2:], memory[order], memory_pad[order], pad, later, state)
     stepped = torch.cat([prefix[order], rest], dim=1)
-    torch.testing.assert_close(stepped, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stepped, expected, **TOLERANCES[torch.float32])
 
 
 @pytest.mark.parametrize("name", ["attention", "cross_attention"])

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import TINY
 
-from mdarts.config import SearchConfig
+from mdarts.config import ModelConfig
 from mdarts.loss import sequence_loss
 from mdarts.memory import saved_tensor_bytes
 from mdarts.model import Supernet
@@ -27,7 +28,6 @@ from mdarts.plan import (
 
 VOCAB = 120
 TOLERANCE = 0.05
-TINY = SearchConfig(d_model=48, embed_dim=32, encoder_layers=2, decoder_layers=2, heads=4, max_positions=64)
 
 
 @pytest.mark.parametrize("name", [op for op in DECODER_CANDIDATES if op not in ("zero", "identity")])
@@ -62,14 +62,16 @@ def test_op_constants_match_saved_tensor_counts(name: str, batch: int, time: int
         ),
     ],
 )
-def test_saved_bytes_of_supernet_match_prediction(mode: str, config: SearchConfig, chunk_rows: int) -> None:
+def test_saved_bytes_of_supernet_match_prediction(mode: str, config: ModelConfig, chunk_rows: int) -> None:
     config = config.replace(memory_mode=mode)
     torch.manual_seed(0)
     model = Supernet(config, VOCAB).train()
     batch, time = 3, 10
     src = torch.randint(1, VOCAB, (batch, time))
     tgt = torch.randint(1, VOCAB, (batch, time))
-    measured = saved_tensor_bytes(lambda: sequence_loss(model, src, tgt, tgt, 0.1, chunk_rows), list(model.parameters()))
+    measured = saved_tensor_bytes(
+        lambda: sequence_loss(model, src, tgt, tgt, 0.1, chunk_rows), list(model.parameters())
+    )
     predicted = predict_memory(config, VOCAB, batch * time, mode, chunk_rows, seq_len=time)["activations"]
     assert predicted == pytest.approx(measured, rel=TOLERANCE)
 

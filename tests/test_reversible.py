@@ -9,6 +9,7 @@ from typing import Optional
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TOLERANCES
 from torch import Tensor, nn
 
 import mdarts_kernels
@@ -17,6 +18,7 @@ from mdarts.reversible import ReversibleLayer, ReversibleSequence, reconstructio
 
 D = 12
 BATCH, TIME, SRC_TIME = 2, 5, 4
+# rtol of a whole stack's output and gradients against "store" (up to 12 layers recomputed)
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
 
 
@@ -64,11 +66,14 @@ class Coupled(FeedForward):
         return (x.to(acc) + sign * self(h, **ctx).to(acc)).to(x.dtype)
 
 
-def make_layers(n: int, depth: int, dtype: torch.dtype = torch.float64, pool: str = "max", seed: int = 0) -> list[ReversibleLayer]:
+def make_layers(
+    n: int, depth: int, dtype: torch.dtype = torch.float64, pool: str = "max", seed: int = 0
+) -> list[ReversibleLayer]:
     """depth layers of n fns; the last fn of each layer is cross-attention, the others FFNs."""
     torch.manual_seed(seed)
     layers = [
-        ReversibleLayer([FeedForward(D // n) for _ in range(n - 1)] + [CrossAttention(D // n)], pool=pool) for _ in range(depth)
+        ReversibleLayer([FeedForward(D // n) for _ in range(n - 1)] + [CrossAttention(D // n)], pool=pool)
+        for _ in range(depth)
     ]
     return [layer.to(dtype) for layer in layers]
 
@@ -83,7 +88,9 @@ def make_inputs(dtype: torch.dtype, x_grad: bool = True) -> tuple[Tensor, dict[s
     return x, {"memory": memory, "pad_mask": pad_mask}
 
 
-def run(layers: list[ReversibleLayer], mode: str, x: Tensor, ctx: dict[str, Tensor], seed: int = 2) -> tuple[Tensor, list[Tensor]]:
+def run(
+    layers: list[ReversibleLayer], mode: str, x: Tensor, ctx: dict[str, Tensor], seed: int = 2
+) -> tuple[Tensor, list[Tensor]]:
     """Output and gradients of a weighted sum of it w.r.t. x (if it requires grad), memory and all parameters."""
     sequence = ReversibleSequence(layers, mode=mode)
     torch.manual_seed(seed)
@@ -149,7 +156,9 @@ def test_parameters_get_gradients_when_x_does_not_require_grad(mode: str) -> Non
         assert_tensors_close(grad, grad_ref, TOLERANCE[torch.float64])
 
 
-def run_without_memory(layers: list[ReversibleLayer], mode: str, x: Tensor, ctx: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
+def run_without_memory(
+    layers: list[ReversibleLayer], mode: str, x: Tensor, ctx: dict[str, Tensor]
+) -> tuple[Tensor, list[Tensor]]:
     """Output and gradients of sum(sin(y)) w.r.t. x and all parameters."""
     sequence = ReversibleSequence(layers, mode=mode)
     torch.manual_seed(2)
@@ -229,7 +238,7 @@ def test_bf16_autocast_matches_store_loosely(mode: str) -> None:
     assert y.dtype == torch.float32
     assert_tensors_close(y, y_ref, 1e-6)
     for grad, grad_ref in zip(grads, grads_ref):
-        assert_tensors_close(grad, grad_ref, 2e-2)
+        assert_tensors_close(grad, grad_ref, TOLERANCES[torch.bfloat16]["rtol"])
 
 
 class BackendRecorder(FeedForward):
@@ -247,7 +256,9 @@ class BackendRecorder(FeedForward):
 @pytest.mark.parametrize("mode", ["reconstruct", "checkpoint"])
 def test_recomputation_runs_under_the_forward_backend(mode: str) -> None:
     seen: list[str] = []
-    sequence = ReversibleSequence([ReversibleLayer([BackendRecorder(D // 2, seen) for _ in range(2)]) for _ in range(2)], mode=mode)
+    sequence = ReversibleSequence(
+        [ReversibleLayer([BackendRecorder(D // 2, seen) for _ in range(2)]) for _ in range(2)], mode=mode
+    )
     with mdarts_kernels.use_backend("reference"):
         y = sequence(torch.randn(BATCH, TIME, D))
     y.sum().backward()

@@ -8,60 +8,46 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TINY, head
 from torch import nn
 
 from mdarts.checkpoint import load_checkpoint
-from mdarts.config import SearchConfig
-from mdarts.data import ParallelCorpus, load_pair
+from mdarts.config import SearchSettings
+from mdarts.darts import DartsSearcher, finite_difference_hvp, loss_and_grads, unrolled_arch_gradients
 from mdarts.genotype import Genotype
 from mdarts.model import Supernet
-from mdarts.prepare import EncodedSplit, PreparedData
-from mdarts.search import (
-    BatchStream,
-    DartsSearcher,
-    SearchSettings,
-    argmax_stability,
-    collapse_message,
-    finite_difference_hvp,
-    loss_and_grads,
-    run_search,
-    split_corpus,
-    unrolled_arch_gradients,
-)
-from mdarts.tokenizer import train_or_load_tokenizer
+from mdarts.prepare import PreparedData
+from mdarts.search import BatchStream, argmax_stability, collapse_message, run_search, split_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CONFIG = SearchConfig(
-    d_model=24,
-    embed_dim=16,
+CONFIG = TINY.replace(
     encoder_layers=1,
     decoder_layers=1,
     unit_layers=1,
-    heads=2,
+    max_positions=256,
     encoder_candidates=("conv3", "attention", "ffn", "zero", "identity"),
     decoder_candidates=("conv3", "attention", "ffn", "zero", "identity", "cross_attention"),
 )
 
 
 def tiny_settings(**changes) -> SearchSettings:
-    values = {"max_steps": 8, "max_tokens": 600, "warmup_steps": 10, "eval_interval": 4, "checkpoint_interval": 4, "device": "cpu"}
+    values = {
+        "max_steps": 8,
+        "max_tokens": 600,
+        "warmup_steps": 10,
+        "eval_interval": 4,
+        "checkpoint_interval": 4,
+        "device": "cpu",
+    }
     return SearchSettings(**{**values, **changes})
 
 
 @pytest.fixture(scope="module")
-def data(multi30k_dir, tmp_path_factory) -> PreparedData:
-    """400 training and 40 validation pairs of Multi30k En-De, a 300-piece SentencePiece model."""
-    splits = {}
-    for name, size in (("train", 400), ("val", 40)):
-        corpus = load_pair("en-de", name, multi30k_dir)
-        splits[name] = ParallelCorpus(corpus.src_lang, corpus.tgt_lang, name, corpus.src[:size], corpus.tgt[:size])
-    train = splits["train"]
-    tokenizer = train_or_load_tokenizer(train.src + train.tgt, vocab_size=300, cache_dir=tmp_path_factory.mktemp("spm"))
-    prepared = PreparedData(tokenizer=tokenizer, src_lang="en", tgt_lang="de")
-    for name, corpus in splits.items():
-        prepared.splits[name] = EncodedSplit(corpus, tokenizer.encode(corpus.src), tokenizer.encode(corpus.tgt))
-    return prepared
+def data(multi30k_corpus) -> PreparedData:
+    """400 training and 40 validation pairs of the suite's Multi30k En-De, its tokenizer."""
+    splits = {"train": head(multi30k_corpus["train"], 400), "val": head(multi30k_corpus["val"], 40)}
+    return PreparedData(multi30k_corpus.tokenizer, splits, "en", "de")
 
 
 def step_losses(out_dir) -> list[tuple[int, float, float]]:
@@ -172,7 +158,13 @@ def test_functional_call_gradients_match_the_reversible_model_with_those_weights
     expected = torch.autograd.grad(expected_loss, list(params.values()), allow_unused=True)
     assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-6)
     for name, got, want in zip(params, grads, expected):
-        torch.testing.assert_close(got, torch.zeros_like(got) if want is None else want, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            got,
+            torch.zeros_like(got) if want is None else want,
+            rtol=1e-4,
+            atol=1e-6,
+            msg=lambda m, name=name: f"{name}: {m}",
+        )
 
 
 class MixedLinear(nn.Module):
@@ -254,4 +246,4 @@ def test_out_dir_of_another_run_is_refused_and_left_alone(data, tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         run_search(CONFIG, data, tiny_settings(max_steps=1), tmp_path, resume=True, progress=False)
     result = run_search(CONFIG, data, tiny_settings(max_steps=1), tmp_path, overwrite=True, progress=False)
-    Genotype.load(result.genotype_path).validate(CONFIG)
+    Genotype.load(result.out_dir / "genotype.json").validate(CONFIG)

@@ -1,8 +1,8 @@
 """Tests of training (mdarts.train): exact resume, learning on a slice of Multi30k,
 checkpoints (atomic, corrupt, mismatched, averaged), settings and run-directory safety.
 
-Tiny models (d 24, one layer each side) on a slice of Multi30k En-De with a 300-piece
-SentencePiece model keep the whole file well under a minute on two CPU cores.
+Tiny models (d 24, one layer each side) on the suite's slice of Multi30k En-De (the
+``multi30k_corpus`` fixture) keep the whole file well under a minute on two CPU cores.
 """
 
 from __future__ import annotations
@@ -15,67 +15,71 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import TINY as BASE
+from helpers import head
 
+import mdarts.runs as runs_module
 import mdarts.train as train_module
-from mdarts.checkpoint import load_checkpoint, save_checkpoint
-from mdarts.config import SearchConfig
-from mdarts.data import load_pair
-from mdarts.genotype import Genotype
-from mdarts.model import DerivedNet, TransformerBaseline
-from mdarts.prepare import EncodedSplit
-from mdarts.tokenizer import PAD_ID, Tokenizer, train_or_load_tokenizer
-from mdarts.train import (
-    TrainConfig,
-    Trainer,
+from mdarts.checkpoint import (
     average_checkpoints,
     build_model_from_spec,
+    load_checkpoint,
     load_model,
     model_spec,
-    read_log,
-    validation_loss,
+    save_checkpoint,
     write_average_checkpoint,
 )
+from mdarts.config import ModelConfig, TrainConfig
+from mdarts.genotype import Genotype
+from mdarts.model import DerivedNet, TransformerBaseline
+from mdarts.prepare import PreparedData
+from mdarts.runs import evaluate_loss
+from mdarts.tokenizer import Tokenizer
+from mdarts.train import Trainer, read_log
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = SearchConfig(d_model=24, embed_dim=16, encoder_layers=1, decoder_layers=1, heads=2, max_positions=128)
-TRAIN_SENTENCES = 2000
+TINY = BASE.replace(encoder_layers=1, decoder_layers=1, max_positions=128)
 VALID_SENTENCES = 200
 
 
 @pytest.fixture(scope="module")
-def data(multi30k_dir, tmp_path_factory):
-    """(train, valid, tokenizer): the first 2000 / 200 pairs of Multi30k En-De, 300 pieces."""
-    train = load_pair("en-de", "train", multi30k_dir)
-    valid = load_pair("en-de", "val", multi30k_dir)
-    train.src, train.tgt = train.src[:TRAIN_SENTENCES], train.tgt[:TRAIN_SENTENCES]
-    valid.src, valid.tgt = valid.src[:VALID_SENTENCES], valid.tgt[:VALID_SENTENCES]
-    tokenizer = train_or_load_tokenizer(train.src + train.tgt, vocab_size=300, cache_dir=tmp_path_factory.mktemp("spm"))
-    encode = lambda corpus: EncodedSplit(corpus, tokenizer.encode(corpus.src), tokenizer.encode(corpus.tgt))
-    return encode(train), encode(valid), tokenizer
+def data(multi30k_corpus):
+    """(train, valid, tokenizer): the suite's 2000 training pairs of Multi30k En-De, the first
+    200 validation pairs, its 300-piece SentencePiece model."""
+    return multi30k_corpus["train"], head(multi30k_corpus["val"], VALID_SENTENCES), multi30k_corpus.tokenizer
 
 
-def _slice(split: EncodedSplit, n: int) -> EncodedSplit:
-    return EncodedSplit(split.corpus, split.src_ids[:n], split.tgt_ids[:n])
+def _prepared(data, n_train: int, n_valid: int) -> PreparedData:
+    """The first ``n_train`` / ``n_valid`` pairs of ``data`` as prepared data."""
+    train, valid, tokenizer = data
+    return PreparedData(tokenizer, {"train": head(train, n_train), "val": head(valid, n_valid)}, "en", "de")
 
 
-def _model(tokenizer: Tokenizer, seed: int = 0, config: SearchConfig = TINY) -> TransformerBaseline:
+def _model(tokenizer: Tokenizer, seed: int = 0, config: ModelConfig = TINY) -> TransformerBaseline:
     torch.manual_seed(seed)
     return TransformerBaseline(config, tokenizer.vocab_size)
 
 
-def _trainer(data, out_dir: Path, config: TrainConfig, *, seed: int = 0, n_train: int = 300, n_valid: int = 60, **kwargs) -> Trainer:
+def _trainer(
+    data, out_dir: Path, config: TrainConfig, *, seed: int = 0, n_train: int = 300, n_valid: int = 60, **kwargs
+) -> Trainer:
     train, valid, tokenizer = data
     model = _model(tokenizer, seed)
-    return Trainer(
-        model, _slice(train, n_train), _slice(valid, n_valid), config, out_dir, PAD_ID, model_spec(model),
-        tokenizer.to_bytes(), progress=False, **kwargs,
-    )
+    return Trainer(model, _prepared(data, n_train, n_valid), config, out_dir, progress=False, **kwargs)
 
 
 def _short(**changes) -> TrainConfig:
-    settings = dict(lr=2e-3, warmup_steps=10, max_tokens=512, max_steps=6, valid_interval=3, log_interval=1,
-                    keep_last=2, device="cpu")
+    settings = dict(
+        lr=2e-3,
+        warmup_steps=10,
+        max_tokens=512,
+        max_steps=6,
+        valid_interval=3,
+        log_interval=1,
+        keep_last=2,
+        device="cpu",
+    )
     settings.update(changes)
     return TrainConfig(**settings)
 
@@ -101,10 +105,10 @@ def test_resume_equals_uninterrupted(data, tmp_path):
     summary = resumed.run()
     assert summary["epochs"] == 1 and summary["steps"] == 2 * n
 
-    fields = ("kind", "step", "epoch", "loss", "nll", "grad_norm", "lr", "tokens")
+    fields = ("event", "step", "epoch", "loss", "nll", "grad_norm", "lr", "tokens")
     strip = lambda entries: [{k: e[k] for k in fields if k in e} for e in entries]
     assert strip(read_log(tmp_path / "split")) == strip(read_log(tmp_path / "whole"))
-    assert len([e for e in read_log(tmp_path / "whole") if e["kind"] == "train"]) == 2 * n
+    assert len([e for e in read_log(tmp_path / "whole") if e["event"] == "train"]) == 2 * n
 
     a = load_checkpoint(tmp_path / "whole" / "checkpoint_last.pt", "train")
     b = load_checkpoint(tmp_path / "split" / "checkpoint_last.pt", "train")
@@ -121,9 +125,9 @@ def test_resume_log_is_cut_back_to_the_checkpoint(data, tmp_path):
     """Log lines written after the last checkpoint (a crash) are replaced, not duplicated."""
     _trainer(data, tmp_path, _short(max_steps=3, valid_interval=3)).run()
     with open(tmp_path / "log.jsonl", "a") as handle:
-        handle.write(json.dumps({"kind": "train", "step": 4, "loss": 9.9}) + "\n")
+        handle.write(json.dumps({"event": "train", "step": 4, "loss": 9.9}) + "\n")
     _trainer(data, tmp_path, _short(max_steps=4, valid_interval=3), resume=True).run()
-    steps = [e["step"] for e in read_log(tmp_path) if e["kind"] == "train"]
+    steps = [e["step"] for e in read_log(tmp_path) if e["event"] == "train"]
     assert steps == [1, 2, 3, 4]
     assert all(e["loss"] != 9.9 for e in read_log(tmp_path))
 
@@ -132,7 +136,7 @@ def test_max_minutes_stops_and_counts_across_resumes(data, tmp_path, monkeypatch
     """The minutes budget stops training, is written into the checkpoint, and a resume
     continues the count: a run whose budget is spent takes no further step."""
     clock = iter(range(0, 10_000, 10))  # every reading of the clock: 10 s later
-    monkeypatch.setattr(train_module, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    monkeypatch.setattr(runs_module, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
     config = _short(max_steps=None, max_minutes=0.5, valid_interval=100)
     summary = _trainer(data, tmp_path, config).run()
     assert summary["stopped_by"] == "max_minutes"
@@ -141,7 +145,7 @@ def test_max_minutes_stops_and_counts_across_resumes(data, tmp_path, monkeypatch
     state = load_checkpoint(tmp_path / "checkpoint_last.pt", "train")
     assert state["train_seconds"] >= 30.0
     resumed = _trainer(data, tmp_path, config, resume=True)
-    assert resumed.train_seconds == state["train_seconds"]
+    assert resumed.clock.before == state["train_seconds"]
     assert resumed.run()["steps"] == steps
     more = _trainer(data, tmp_path, dataclasses.replace(config, max_minutes=5.0), resume=True).run()
     assert more["stopped_by"] == "max_minutes" and more["steps"] > steps
@@ -154,7 +158,7 @@ def test_resume_refuses_other_settings_or_model(data, tmp_path):
     train, valid, tokenizer = data
     other = TransformerBaseline(TINY.replace(d_model=12), tokenizer.vocab_size)
     with pytest.raises(ValueError, match="another model"):
-        Trainer(other, train, valid, _short(), tmp_path, PAD_ID, model_spec(other), tokenizer.to_bytes(), resume=True)
+        Trainer(other, _prepared(data, 300, 60), _short(), tmp_path, resume=True)
     with pytest.raises(FileNotFoundError, match="no run to continue"):
         _trainer(data, tmp_path / "empty", _short(), resume=True)
 
@@ -167,11 +171,19 @@ def test_a_few_hundred_steps_lower_the_validation_loss(data, tmp_path):
     loss (label-smoothed, 200 held-out pairs) by more than 30% and the NLL by more than
     40% from their initial values (observed: about 38% and 46%)."""
     train, valid, tokenizer = data
-    config = TrainConfig(lr=1e-2, warmup_steps=30, max_tokens=1024, max_steps=250, valid_interval=125,
-                         log_interval=25, keep_last=2, device="cpu")
+    config = TrainConfig(
+        lr=1e-2,
+        warmup_steps=30,
+        max_tokens=1024,
+        max_steps=250,
+        valid_interval=125,
+        log_interval=25,
+        keep_last=2,
+        device="cpu",
+    )
     model = _model(tokenizer, config=TINY.replace(d_model=48, embed_dim=32))
-    trainer = Trainer(model, train, valid, config, tmp_path, PAD_ID, model_spec(model), tokenizer.to_bytes(), progress=False)
-    initial = validation_loss(model, trainer.valid_batches, PAD_ID, 0.1, trainer.device)
+    trainer = Trainer(model, _prepared(data, len(train), len(valid)), config, tmp_path, progress=False)
+    initial = evaluate_loss(model, trainer.valid_batches, TINY.pad_id, 0.1, trainer.device)
     summary = trainer.run()
 
     final = summary["last_valid"]
@@ -179,16 +191,21 @@ def test_a_few_hundred_steps_lower_the_validation_loss(data, tmp_path):
     assert final["nll"] < 0.6 * initial["nll"], (initial, final)
     assert summary["stopped_by"] == "max_steps" and summary["steps"] == 250
     log = read_log(tmp_path)
-    assert [e["step"] for e in log if e["kind"] == "valid"] == [125, 250]
-    assert len([e for e in log if e["kind"] == "train"]) == 10
+    assert [e["step"] for e in log if e["event"] == "valid"] == [125, 250]
+    assert len([e for e in log if e["event"] == "train"]) == 10
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.glob("checkpoint*.pt")) == [
-        "checkpoint_avg.pt", "checkpoint_best.pt", "checkpoint_last.pt", "checkpoint_step125.pt", "checkpoint_step250.pt",
+        "checkpoint_avg.pt",
+        "checkpoint_best.pt",
+        "checkpoint_last.pt",
+        "checkpoint_step125.pt",
+        "checkpoint_step250.pt",
     ]
     # the best checkpoint alone rebuilds the model and the tokenizer
-    model, loaded_tokenizer, spec = load_model(tmp_path / "checkpoint_best.pt")
+    model, loaded_tokenizer, spec, trained_on = load_model(tmp_path / "checkpoint_best.pt")
+    assert trained_on["pair"] == "en-de"
     assert loaded_tokenizer.to_bytes() == tokenizer.to_bytes() and spec["kind"] == "transformer"
-    again = validation_loss(model, trainer.valid_batches, PAD_ID, 0.1, torch.device("cpu"))["loss"]
+    again = evaluate_loss(model, trainer.valid_batches, TINY.pad_id, 0.1, torch.device("cpu"))["loss"]
     assert again == pytest.approx(summary["best_valid_loss"], rel=1e-6)
 
 
@@ -202,12 +219,17 @@ def test_early_stopping_and_best_checkpoint(data, tmp_path, monkeypatch):
         assert not model.training and not torch.is_grad_enabled()
         return 12.5
 
-    monkeypatch.setattr(train_module, "validation_loss", scripted)
+    monkeypatch.setattr(train_module, "evaluate_loss", scripted)
     summary = _trainer(data, tmp_path, _short(max_steps=100, valid_interval=2, patience=2), validate_bleu=bleu).run()
     assert summary["stopped_by"] == "patience" and summary["steps"] == 8
     assert summary["best_valid_loss"] == 2.0
-    valid = [e for e in read_log(tmp_path) if e["kind"] == "valid"]
-    assert [(e["step"], e["bad_validations"], e["bleu"]) for e in valid] == [(2, 0, 12.5), (4, 0, 12.5), (6, 1, 12.5), (8, 2, 12.5)]
+    valid = [e for e in read_log(tmp_path) if e["event"] == "valid"]
+    assert [(e["step"], e["bad_validations"], e["bleu"]) for e in valid] == [
+        (2, 0, 12.5),
+        (4, 0, 12.5),
+        (6, 1, 12.5),
+        (8, 2, 12.5),
+    ]
     assert load_checkpoint(tmp_path / "checkpoint_best.pt")["step"] == 4
 
 
@@ -246,8 +268,11 @@ def test_mismatched_checkpoint_says_which_keys_and_why(data, tmp_path):
 
     wider = dict(payload, spec={**payload["spec"], "config": TINY.replace(d_model=48).to_dict()})
     save_checkpoint(tmp_path / "wider.pt", wider)
-    with pytest.raises(ValueError, match=r"wider\.pt: the weights do not fit the model \(TransformerBaseline\): "
-                       r"shape mismatch: src_embed\.project\.weight \(24, 16\) \(model has \(48, 16\)\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"wider\.pt: the weights do not fit the model \(TransformerBaseline\): "
+        r"shape mismatch: src_embed\.project\.weight \(24, 16\) \(model has \(48, 16\)\)",
+    ):
         load_model(tmp_path / "wider.pt")
 
     state = dict(payload["model"])
@@ -285,21 +310,24 @@ def test_average_is_the_parameter_mean(data, tmp_path):
     assert averaged["averaged"] == ["checkpoint_step3.pt", "checkpoint_step6.pt"]
     for key in a:
         torch.testing.assert_close(averaged["model"][key], (a[key] + b[key]) / 2)
-    model, _, _ = load_model(path)
+    model = load_model(path).model
     assert torch.equal(model.state_dict()["src_embed.table.weight"], averaged["model"]["src_embed.table.weight"])
 
 
 def test_keep_last_prunes_step_checkpoints(data, tmp_path):
     _trainer(data, tmp_path, _short(max_steps=8, valid_interval=2, keep_last=3)).run()
     assert sorted(p.name for p in tmp_path.glob("checkpoint_step*.pt")) == [
-        "checkpoint_step4.pt", "checkpoint_step6.pt", "checkpoint_step8.pt",
+        "checkpoint_step4.pt",
+        "checkpoint_step6.pt",
+        "checkpoint_step8.pt",
     ]
 
 
 def test_derived_spec_round_trip(data):
     _, _, tokenizer = data
-    genotype = Genotype([["ffn", "attention"]] * 2, [["conv3", "attention"]] * 2,
-                        TINY.encoder_candidates, TINY.decoder_candidates)
+    genotype = Genotype(
+        [["ffn", "attention"]] * 2, [["conv3", "attention"]] * 2, TINY.encoder_candidates, TINY.decoder_candidates
+    )
     model = DerivedNet(genotype, TINY, tokenizer.vocab_size)
     rebuilt = build_model_from_spec(model_spec(model))
     assert isinstance(rebuilt, DerivedNet) and rebuilt.genotype == genotype
@@ -317,7 +345,7 @@ def test_derived_spec_round_trip(data):
     "changes, field",
     [
         ({"max_steps": 0}, "max_steps"),
-        ({"max_steps": None, "max_epochs": None}, "max_steps / max_epochs"),
+        ({"max_steps": None, "max_epochs": None}, "max_steps: give a budget"),
         ({"lr": 0.0}, "lr"),
         ({"lr": float("nan")}, "lr"),
         ({"warmup_steps": 0}, "warmup_steps"),
@@ -352,10 +380,10 @@ def test_learning_rate_schedule():
 def test_existing_run_is_refused_without_resume_or_overwrite(data, tmp_path):
     _trainer(data, tmp_path, _short(max_steps=3)).run()
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    with pytest.raises(FileExistsError, match="already holds a training run.*resume.*overwrite"):
+    with pytest.raises(FileExistsError, match="already holds another training run.*resume.*overwrite"):
         _trainer(data, tmp_path, _short(max_steps=3))
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing lost
     summary = _trainer(data, tmp_path, _short(max_steps=2, valid_interval=2), overwrite=True).run()
     assert summary["steps"] == 2
     assert not (tmp_path / "checkpoint_step3.pt").exists()
-    assert [e["step"] for e in read_log(tmp_path) if e["kind"] == "valid"] == [2]
+    assert [e["step"] for e in read_log(tmp_path) if e["event"] == "valid"] == [2]

@@ -1,4 +1,4 @@
-"""Greedy decoding, beam search, batched translation and scoring (issue 5, items 5, 6, 8)."""
+"""Greedy decoding, beam search, batched translation and scoring."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import sacrebleu
 import torch
+from helpers import TINY
 from sacremoses import MosesPunctNormalizer, MosesTokenizer
 
 from mdarts.batching import collate
-from mdarts.config import SearchConfig
 from mdarts.data import read_lines
 from mdarts.evaluate import format_scores, load_tok_references, score
 from mdarts.model import DerivedNet, Seq2Seq, Supernet, TransformerBaseline
@@ -20,7 +20,6 @@ from mdarts.translate import beam_search, greedy_decode, max_lengths, translate
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB = 40
-TINY = SearchConfig(d_model=24, embed_dim=16, encoder_layers=1, decoder_layers=1, heads=2, max_positions=32)
 SOURCE_LENGTHS = (3, 7, 1, 5, 0, 9, 4, 6, 2, 8)
 
 

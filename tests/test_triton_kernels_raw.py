@@ -2,9 +2,9 @@
 
 Forward results are compared with the reference op; backward results with
 ``torch.autograd.grad`` of the reference under the same upstream gradient. Without a GPU the
-kernels run on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``, set here
-before Triton is imported); on a CUDA machine the same tests run on the GPU when
-``TRITON_INTERPRET`` is set to ``0`` in the environment.
+kernels run on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``, set by
+conftest.py before Triton is imported); on a CUDA machine the same tests run on the GPU,
+unless ``TRITON_INTERPRET=1`` is set in the environment.
 """
 
 from __future__ import annotations
@@ -12,19 +12,17 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import pathlib
 import sys
 from types import ModuleType
 from typing import Optional
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
 import torch
+from helpers import REPO_ROOT, TOLERANCES
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
 
-_PACKAGE_DIR = pathlib.Path(__file__).resolve().parents[1] / "mdarts_kernels"
+_PACKAGE_DIR = REPO_ROOT / "mdarts_kernels"
 
 
 def _load(name: str) -> ModuleType:
@@ -50,12 +48,6 @@ if not INTERPRETED and not torch.cuda.is_available():
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 KS = [1, 2, 5, 14]
 DS = [1, 7, 64, 960]
-TOLERANCES = {
-    torch.float32: dict(rtol=1e-5, atol=1e-4),
-    torch.float64: dict(rtol=1e-9, atol=1e-9),
-    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
-    torch.float16: dict(rtol=2e-2, atol=2e-2),
-}
 
 
 def _tol(dtype: torch.dtype, d: Optional[int] = None) -> dict[str, float]:
@@ -217,7 +209,14 @@ def test_mixed_ln_sum_many_tiles(n_rows: int, d: int) -> None:
     h = _randn(n_rows, d)
     outs = [_randn(n_rows, d) for _ in range(k)]
     _check_mixed_ln_sum(
-        h, outs, _randn(k), _randn(k, d), _randn(k, d), _randn(n_rows, d), 1.0, _randn(n_rows, d),
+        h,
+        outs,
+        _randn(k),
+        _randn(k, d),
+        _randn(k, d),
+        _randn(n_rows, d),
+        1.0,
+        _randn(n_rows, d),
         _tol(torch.float32),
     )
 
@@ -305,7 +304,7 @@ def test_split_pool_noncontiguous_and_empty() -> None:
     grad = _randn(60, 40)[::2]
     for mode in ("max", "mean"):
         _assert_close(tk.split_pool(xs, mode), reference.split_pool(xs, mode), **_tol(torch.float32))
-        expected = _grads(lambda *ts: reference.split_pool(list(ts), mode), xs, grad)
+        expected = _grads(lambda *ts, mode=mode: reference.split_pool(list(ts), mode), xs, grad)
         for actual, exp in zip(tk.split_pool_backward(grad, xs, mode), expected):
             _assert_close(actual, exp, **_tol(torch.float32))
     empty = [_randn(3, 0) for _ in range(2)]

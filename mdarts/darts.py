@@ -1,0 +1,241 @@
+"""The DARTS updates of a supernet (docs/design.md 1.1): one weight (theta) step, then one
+architecture (alpha) step, each on its own part of the training data.
+
+The alpha gradient is first-order (dL_alpha_part/dalpha at the current weights) or, with
+``second_order``, the unrolled gradient of DARTS (Liu et al. 2019)::
+
+    w' = w - xi * dL_train(w, alpha)/dw
+    g  = dL_val(w', alpha)/dalpha - xi * [dL_train(w+, alpha)/dalpha - dL_train(w-, alpha)/dalpha] / (2 eps)
+    w+- = w +- eps * dL_val(w', alpha)/dw',   eps = 0.01 / ||dL_val(w', alpha)/dw'||
+
+computed on parameter dictionaries with ``torch.func.functional_call`` (the model is never
+copied; see :func:`unrolled_arch_gradients`). The run around these steps (data, budget,
+logs, checkpoints) is :class:`mdarts.search.Searcher`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .batching import Batch
+from .config import SearchSettings
+from .loss import label_smoothed_loss
+from .model import Supernet
+from .runs import inverse_sqrt_lr
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+
+
+def _set_grads(params: Sequence[Tensor], grads: Sequence[Optional[Tensor]]) -> None:
+    for p, g in zip(params, grads):
+        p.grad = torch.zeros_like(p) if g is None else g.to(p.dtype)
+
+
+def _rng_get(device: torch.device) -> tuple[Tensor, Optional[Tensor]]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _rng_set(device: torch.device, state: tuple[Tensor, Optional[Tensor]]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+class _LossAndGrads(nn.Module):
+    """Loss and gradients of ``model`` in one call, for ``torch.func.functional_call``.
+
+    The backward runs inside the call, so the tensors functional_call put in place of the
+    parameters are still there when the reversible layers recompute their ops."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any, wrt: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        loss = self.loss_fn(self.model, batch)
+        grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+        return loss.detach(), [torch.zeros_like(t) if g is None else g for g, t in zip(grads, wrt)]
+
+
+def loss_and_grads(
+    model: nn.Module, loss_fn: LossFn, tensors: dict[str, Tensor], batch: Any, wrt: Sequence[str]
+) -> tuple[Tensor, list[Tensor]]:
+    """loss_fn(model, batch) with the parameters named in ``tensors`` replaced by those tensors
+    (``torch.func.functional_call``, no copy of the model), and its gradient with respect to
+    ``tensors[name]`` for each name in ``wrt`` (which must require grad; zeros where unused)."""
+    canonical = {id(p): name for name, p in model.named_parameters()}
+    # every place a parameter is held, each once: a module reached under two names (tied
+    # embeddings) must be swapped once, else functional_call fails to restore it (torch
+    # restores aliases in forward order); a Parameter held by two modules (the shared
+    # alphas) must be swapped in both, hence tie_weights=False with every place listed.
+    placed = {}
+    for prefix, module in model.named_modules():
+        for attr, p in module.named_parameters(recurse=False):
+            if canonical[id(p)] in tensors:
+                placed[f"model.{prefix}.{attr}" if prefix else f"model.{attr}"] = tensors[canonical[id(p)]]
+    wrapper = _LossAndGrads(model, loss_fn)
+    return torch.func.functional_call(wrapper, placed, (batch, [tensors[name] for name in wrt]), tie_weights=False)
+
+
+def finite_difference_hvp(
+    model: nn.Module,
+    loss_fn: LossFn,
+    params: dict[str, Tensor],
+    weight_names: Sequence[str],
+    arch_names: Sequence[str],
+    vector: Sequence[Tensor],
+    batch: Any,
+    eps: float,
+) -> list[Tensor]:
+    """(d^2 L / dalpha dw) v by central differences, one tensor per arch name:
+
+        [dL(w + eps v, alpha)/dalpha - dL(w - eps v, alpha)/dalpha] / (2 eps)
+
+    params: every parameter by name (weights w and arch logits alpha), vector: v, shaped like
+    the weights. Both passes start from the same RNG state (same dropout masks), which is
+    restored afterwards."""
+    device = next(iter(params.values())).device
+    start = _rng_get(device)
+    arch = {name: params[name].detach().requires_grad_() for name in arch_names}
+    results = []
+    for sign in (1.0, -1.0):
+        _rng_set(device, start)
+        moved = {name: params[name].detach() + sign * eps * v for name, v in zip(weight_names, vector)}
+        results.append(loss_and_grads(model, loss_fn, {**moved, **arch}, batch, arch_names)[1])
+    _rng_set(device, start)
+    return [(plus - minus) / (2 * eps) for plus, minus in zip(*results)]
+
+
+def unrolled_arch_gradients(
+    model: nn.Module,
+    loss_fn: LossFn,
+    weight_names: Sequence[str],
+    arch_names: Sequence[str],
+    train_batch: Any,
+    val_batch: Any,
+    xi: float,
+) -> tuple[Tensor, list[Tensor]]:
+    """Second-order DARTS: (L_val(w', alpha), its unrolled gradient for each arch parameter).
+
+    w' = w - xi dL_train(w, alpha)/dw; gradient = dL_val(w', alpha)/dalpha - xi (d^2 L_train /
+    dalpha dw) dL_val(w', alpha)/dw', the last product by :func:`finite_difference_hvp` with
+    eps = 0.01 / ||dL_val/dw'||. All passes use ``torch.func.functional_call`` on parameter
+    dictionaries; the model's parameters are read, never written. The three train passes
+    draw the same dropout masks; the global RNG ends as after one train and one val pass."""
+    params = dict(model.named_parameters())
+    device = next(iter(params.values())).device
+    weights = {name: params[name].detach() for name in weight_names}
+    arch = {name: params[name].detach() for name in arch_names}
+    train_rng = _rng_get(device)
+    leaves = {name: params[name].detach().requires_grad_() for name in weight_names}
+    _, train_grads = loss_and_grads(model, loss_fn, {**leaves, **arch}, train_batch, weight_names)
+    unrolled = {name: (weights[name] - xi * g).requires_grad_() for name, g in zip(weight_names, train_grads)}
+    arch_leaves = {name: params[name].detach().requires_grad_() for name in arch_names}
+    val_loss, val_grads = loss_and_grads(
+        model, loss_fn, {**unrolled, **arch_leaves}, val_batch, [*weight_names, *arch_names]
+    )
+    dw, da = val_grads[: len(weight_names)], val_grads[len(weight_names) :]
+    if xi == 0.0:
+        return val_loss, da
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in dw]))
+    eps = 0.01 / max(norm.item(), 1e-12)
+    after_val = _rng_get(device)
+    _rng_set(device, train_rng)
+    hvp = finite_difference_hvp(model, loss_fn, {**weights, **arch}, weight_names, arch_names, dw, train_batch, eps)
+    _rng_set(device, after_val)
+    return val_loss, [g - xi * h for g, h in zip(da, hvp)]
+
+
+class DartsSearcher:
+    """A supernet, its two optimisers and the step counter: one :meth:`step` is one theta
+    update on a theta batch, then one alpha update on an alpha batch.
+
+    Each update computes the gradient of its own parameter group only (``torch.autograd.grad``)
+    and steps only its own optimiser, so a theta update leaves every alpha bit-identical and
+    an alpha update every weight."""
+
+    def __init__(self, model: Supernet, settings: SearchSettings) -> None:
+        self.model = model
+        self.settings = settings
+        self.config = model.config
+        self.weights = model.weight_parameters()
+        self.arch = model.arch_parameters()
+        self.theta_optimizer = torch.optim.Adam(self.weights, lr=settings.lr, betas=settings.betas)
+        self.alpha_optimizer = torch.optim.Adam(
+            self.arch, lr=settings.alpha_lr, betas=settings.alpha_betas, weight_decay=settings.alpha_weight_decay
+        )
+        names = {id(p): name for name, p in model.named_parameters()}
+        self.weight_names = [names[id(p)] for p in self.weights]
+        self.arch_names = [names[id(p)] for p in self.arch]
+        self.steps = 0
+
+    def _autocast(self, device: torch.device) -> torch.autocast:
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.settings.bf16)
+
+    def _loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        with self._autocast(batch.src.device):
+            logits = model(batch.src, batch.tgt_in)
+        loss, _, ntokens = label_smoothed_loss(logits, batch.tgt_out, self.config.pad_id, self.settings.label_smoothing)
+        return loss / max(ntokens, 1)
+
+    def theta_lr(self, step: Optional[int] = None) -> float:
+        """Theta learning rate of update ``step`` (default: the next one)."""
+        return inverse_sqrt_lr(self.steps + 1 if step is None else step, self.settings.lr, self.settings.warmup_steps)
+
+    def theta_step(self, batch: Batch) -> float:
+        """One Adam update of the weights on ``batch`` (device tensors), clipped; returns the loss."""
+        self.model.train()
+        lr = self.theta_lr()
+        for group in self.theta_optimizer.param_groups:
+            group["lr"] = lr
+        loss = self._loss(self.model, batch)
+        _set_grads(self.weights, torch.autograd.grad(loss, self.weights, allow_unused=True))
+        torch.nn.utils.clip_grad_norm_(self.weights, self.settings.clip_norm)
+        self.theta_optimizer.step()
+        self.theta_optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def alpha_step(self, batch: Batch, train_batch: Optional[Batch] = None) -> float:
+        """One Adam update of the architecture logits on ``batch`` (alpha part); returns its loss.
+
+        Second-order settings need ``train_batch`` (a theta-part batch) for the unrolled step."""
+        self.model.train()
+        if self.settings.second_order:
+            if train_batch is None:
+                raise ValueError("alpha_step: second-order DARTS needs the theta batch (train_batch)")
+            xi = self.theta_lr(max(self.steps, 1)) if self.settings.unrolled_lr is None else self.settings.unrolled_lr
+            loss, grads = unrolled_arch_gradients(
+                self.model, self._loss, self.weight_names, self.arch_names, train_batch, batch, xi
+            )
+        else:
+            loss = self._loss(self.model, batch)
+            grads = torch.autograd.grad(loss, self.arch, allow_unused=True)
+        _set_grads(self.arch, grads)
+        self.alpha_optimizer.step()
+        self.alpha_optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def step(self, theta_batch: Batch, alpha_batch: Batch) -> tuple[float, float]:
+        """One search step: theta update, then alpha update; returns (theta loss, alpha loss)."""
+        theta_loss = self.theta_step(theta_batch)
+        alpha_loss = self.alpha_step(alpha_batch, theta_batch)
+        self.steps += 1
+        return theta_loss, alpha_loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "theta_optimizer": self.theta_optimizer.state_dict(),
+            "alpha_optimizer": self.alpha_optimizer.state_dict(),
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.theta_optimizer.load_state_dict(state["theta_optimizer"])
+        self.alpha_optimizer.load_state_dict(state["alpha_optimizer"])
+        self.steps = state["steps"]

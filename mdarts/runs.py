@@ -1,0 +1,291 @@
+"""The run layer shared by training (:mod:`mdarts.train`) and search (:mod:`mdarts.search`).
+
+* seeding (:func:`seed_everything`) and device choice (:func:`resolve_device`);
+* the learning-rate schedule (:func:`inverse_sqrt_lr`);
+* one atomic write (:func:`write_atomic`), used for every file mdarts writes;
+* JSON-lines logs with one schema (:class:`JsonLog`: every record has ``"event"`` and ``"step"``);
+* a run directory (:class:`RunDirectory`): claiming it (refuse, overwrite or resume) and the
+  one resume policy (settings not marked resumable must match, see
+  :meth:`mdarts.config.Settings.changed_on_resume`);
+* a clock that sums a run's time over resumes (:class:`RunClock`);
+* SIGINT and SIGTERM turned into a stop after the current step (:class:`StopSignals`);
+* the check that a resume or an evaluation uses the data its run was made from
+  (:func:`check_same_data`);
+* the validation loss of a model on a set of batches (:func:`evaluate_loss`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import IO, Any, Callable, Iterable, Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .loss import label_smoothed_loss
+
+PathLike = Union[str, "os.PathLike[str]"]
+Content = Union[bytes, str, Callable[[IO[bytes]], None]]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every CUDA device). Call it before anything
+    random is built: the model's initialisation depends on it."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str, argument: str = "--device") -> torch.device:
+    """``"auto"``: CUDA when available, else the CPU; ``"cpu"``, ``"cuda"``, ``"cuda:N"`` as given.
+    ValueError naming ``argument`` for another name or for CUDA where there is none."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{argument}: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{argument}: expected auto, cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{argument}: {name!r} requested but CUDA is not available here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"{argument}: {name!r} requested but there are {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def inverse_sqrt_lr(step: int, peak: float, warmup_steps: int) -> float:
+    """Learning rate of update ``step`` (1-based): ``peak * min(step / warmup, sqrt(warmup / step))``."""
+    step = max(step, 1)
+    return peak * min(step / warmup_steps, math.sqrt(warmup_steps / step))
+
+
+def write_atomic(path: PathLike, content: Content) -> Path:
+    """Write ``content`` (bytes, text, or a function writing to a binary file) to ``path``
+    atomically: into a temporary file beside it, flushed to disk, then renamed over it. A crash
+    or an exception (raised by the function, say a check of what it wrote: ``out.name`` is the
+    temporary file's path) leaves any previous
+    file intact and no temporary behind. The file gets the usual mode (0666 less the umask)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.close(fd)
+        with open(tmp_name, "wb") as out:
+            if callable(content):
+                content(out)
+            else:
+                out.write(content.encode() if isinstance(content, str) else content)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp_name, 0o666 & ~_umask())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class JsonLog:
+    """A JSON-lines log: one record a line, each with ``"event"`` (what happened) and ``"step"``."""
+
+    def __init__(self, path: PathLike) -> None:
+        self.path = Path(path)
+
+    def append(self, event: str, step: int, **fields: Any) -> dict[str, Any]:
+        """Append ``{"event": event, "step": step, **fields}``; returns the record."""
+        record = {"event": event, "step": step, **fields}
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        return record
+
+    def read(self, event: Optional[str] = None) -> list[dict[str, Any]]:
+        """The records (only those of ``event`` when given); empty when there is no log."""
+        if not self.path.is_file():
+            return []
+        records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return records if event is None else [r for r in records if r["event"] == event]
+
+    def truncate(self, last_step: int) -> None:
+        """Drop the records of steps after ``last_step`` (written after the checkpoint a resume
+        starts from) and those marked ``"partial": true`` (a summary cut short by the stop,
+        which the resumed run continues), atomically."""
+        if self.path.is_file():
+            kept = [r for r in self.read() if r["step"] <= last_step and not r.get("partial")]
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+class RunDirectory:
+    """A run's directory: the files a run of this ``kind`` writes and the one checkpoint a
+    resume starts from.
+
+    Args:
+        path: the directory (created when claimed).
+        kind: what runs there ("training", "search"), for messages.
+        checkpoint: file name of the resumable checkpoint.
+        files: every file name the run writes (the checkpoint included).
+        patterns: glob patterns of further files it writes (numbered checkpoints).
+    """
+
+    def __init__(
+        self, path: PathLike, kind: str, checkpoint: str, files: Iterable[str], patterns: Iterable[str] = ()
+    ) -> None:
+        self.path = Path(path)
+        self.kind = kind
+        self.checkpoint = self.path / checkpoint
+        self.files = tuple(files)
+        self.patterns = tuple(patterns)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def existing(self) -> list[Path]:
+        """The run files present now."""
+        if not self.path.is_dir():
+            return []
+        found = [self.path / name for name in self.files if (self.path / name).exists()]
+        return found + sorted(p for pattern in self.patterns for p in self.path.glob(pattern))
+
+    def check(self, resume: bool, overwrite: bool) -> None:
+        """Check, changing nothing, that the directory can be claimed: one holding a run is
+        refused (FileExistsError) unless ``resume`` (its checkpoint must exist:
+        FileNotFoundError) or ``overwrite``; a path that is a file: NotADirectoryError."""
+        if resume and overwrite:
+            raise ValueError("--resume and --overwrite exclude each other")
+        if self.path.exists() and not self.path.is_dir():
+            raise NotADirectoryError(f"--out {self.path}: exists and is not a directory")
+        if resume:
+            if not self.checkpoint.is_file():
+                raise FileNotFoundError(
+                    f"nothing to resume: {self.checkpoint} does not exist (no run to continue in {self.path})"
+                )
+            return
+        present = self.existing()
+        if present and not overwrite:
+            names = ", ".join(p.name for p in present[:4]) + (", ..." if len(present) > 4 else "")
+            raise FileExistsError(
+                f"{self.path} already holds another {self.kind} run ({names}); resume it (--resume), start afresh with "
+                "--overwrite (deletes it) or choose another directory"
+            )
+
+    def claim(self, resume: bool, overwrite: bool) -> None:
+        """:meth:`check`, then create the directory; with ``overwrite`` (and not ``resume``)
+        delete the old run's files (only those). Call it after every setting has been checked,
+        so that a refused setting deletes nothing."""
+        self.check(resume, overwrite)
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            for old in self.existing():
+                old.unlink()
+
+
+class RunClock:
+    """Seconds a run has spent, summed over its resumed parts."""
+
+    def __init__(self, before: float = 0.0) -> None:
+        self.before = before
+        self.started = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.started
+
+
+class StopSignals:
+    """While active (a context manager), SIGINT and SIGTERM ask the run to stop: the first sets
+    :attr:`requested` to the signal's name, and the loop finishes its step, writes a checkpoint
+    and returns; a second raises KeyboardInterrupt at once (every file is written atomically, so
+    nothing is left half-written). Outside the main thread it does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested: Optional[str] = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+
+    def _handle(self, number: int, frame: Any) -> None:
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(number).name
+        print(
+            f"\nmdarts: {self.requested} received: finishing the current step and writing a checkpoint "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+        )
+
+
+def check_same_data(saved: Optional[dict], current: dict, path: PathLike, action: str = "resume from") -> None:
+    """ValueError naming ``path`` and what differs when ``current`` (a
+    :meth:`~mdarts.prepare.PreparedData.identity`) is not what the run was made from (``saved``;
+    checkpoints older than this record have none and are not checked)."""
+    if not saved:
+        return
+    names = {"pair": "translation direction", "tokenizer_sha256": "tokenizer", "train_sha256": "training data"}
+    differ = [
+        f"{names[key]} ({saved[key][:12]} in the checkpoint, {current[key][:12]} now)"
+        for key in names
+        if key in saved and saved[key] != current.get(key)
+    ]
+    if differ:
+        raise ValueError(
+            f"cannot {action} {path}: it was made from other data: {'; '.join(differ)}; give the --pair, --data-dir "
+            "and --vocab-size it was made with"
+        )
+
+
+def check_resume(saved: Any, current: Any, path: PathLike) -> None:
+    """ValueError naming ``path`` and each setting of ``current`` (a settings dataclass) that
+    differs from ``saved`` and may not change on a resume."""
+    changed = current.changed_on_resume(saved)
+    if changed:
+        raise ValueError(f"cannot resume from {path} with different settings: {', '.join(changed)}")
+
+
+def evaluate_loss(
+    model: nn.Module, batches: Iterable, pad_id: int, smoothing: float, device: torch.device, bf16: bool = False
+) -> dict[str, float]:
+    """Token-weighted mean label-smoothed loss and NLL (nats/token), perplexity exp(nll) and the
+    token count of ``batches`` (of :class:`~mdarts.batching.Batch`), in eval mode without
+    gradients, under bf16 autocast if asked; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    loss_sum = nll_sum = 0.0
+    tokens = 0
+    try:
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            for batch in batches:
+                batch = batch.to(device)
+                loss, nll, count = label_smoothed_loss(model(batch.src, batch.tgt_in), batch.tgt_out, pad_id, smoothing)
+                loss_sum += float(loss)
+                nll_sum += float(nll)
+                tokens += count
+    finally:
+        model.train(was_training)
+    if tokens == 0:
+        raise ValueError("evaluate_loss: the validation batches hold no target tokens")
+    return {"loss": loss_sum / tokens, "nll": nll_sum / tokens, "ppl": math.exp(nll_sum / tokens), "tokens": tokens}
