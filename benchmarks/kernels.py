@@ -26,14 +26,7 @@ from pathlib import Path
 import torch
 
 import mdarts_kernels as mk
-from benchmarks.common import (
-    append_json_lines,
-    backends_for,
-    device_name,
-    interleaved_medians,
-    run_child,
-    versions,
-)
+from benchmarks.common import append_json_lines, backends_for, device_name, interleaved_medians, run_child, versions
 from mdarts.memory import peak_above
 
 OPS = ("mixed_sum", "mixed_ln_sum")

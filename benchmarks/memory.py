@@ -357,39 +357,46 @@ def find(results: list[dict], **keys: Any) -> Optional[dict]:
     return None
 
 
+def _target(what: str, ratio: Optional[float], limit: float, shown: str, missing: str, digits: int = 3) -> str:
+    """``"what: ratio (<= shown: met)"`` (or MISSED), or ``missing`` when ``ratio`` is None."""
+    if ratio is None:
+        return missing
+    return f"{what}: {ratio:.{digits}f} (<= {shown}: {'met' if ratio <= limit else 'MISSED'})"
+
+
 def targets(results: list[dict]) -> list[str]:
     """The four targets (peak ratio, depth growth, step-time ratio, plan error), each met / MISSED / not measured."""
-    lines = []
     deep = max((r["layers_per_side"] for r in results if r["sweep"] == "target"), default=None)
     recon = find(results, sweep="target", mode="reconstruct", layers_per_side=deep)
     store = find(results, sweep="target", mode="store", layers_per_side=deep)
-    if recon and store:
-        ratio = recon["peak_bytes"] / store["peak_bytes"]
-        lines.append(
-            f"reconstruct peak / store peak at {deep}+{deep} layers, d {recon['d']}, all ops, "
-            f"{recon['tokens']} tokens: "
-            f"{ratio:.3f} (<= 1/8 = 0.125: {'met' if ratio <= 0.125 else 'MISSED'})"
-        )
-    else:
-        lines.append("reconstruct / store peak at 12+12 layers: not measured (run the target sweep in both modes)")
     shallow = find(results, sweep="depth", mode="reconstruct", layers_per_side=2)
     deepest = find(results, sweep="depth", mode="reconstruct", layers_per_side=16)
-    if shallow and deepest:
-        ratio = deepest["peak_bytes"] / shallow["peak_bytes"]
-        lines.append(
-            f"reconstruct peak at 32 layers / at 4 layers: {ratio:.3f} "
-            f"(<= 1.15: {'met' if ratio <= 1.15 else 'MISSED'})"
-        )
-    else:
-        lines.append("reconstruct peak at 32 / 4 layers: not measured (depth sweep with 4 and 32)")
-    if recon and store and recon.get("median_ms") and store.get("median_ms"):
-        ratio = recon["median_ms"] / store["median_ms"]
-        lines.append(
-            f"reconstruct / store step time at {deep}+{deep} layers, d {recon['d']}, all ops, {recon['tokens']} tokens "
-            f"(round-robin in one process): {ratio:.2f} (<= 1.4: {'met' if ratio <= 1.4 else 'MISSED'})"
-        )
-    else:
-        lines.append("reconstruct / store step time at 12+12 layers: not measured (run the target sweep in both modes)")
+    timed = recon and store and recon.get("median_ms") and store.get("median_ms")
+    where = f"at {deep}+{deep} layers, d {recon['d']}, all ops, {recon['tokens']} tokens" if recon else ""
+    lines = [
+        _target(
+            f"reconstruct peak / store peak {where}",
+            recon["peak_bytes"] / store["peak_bytes"] if recon and store else None,
+            0.125,
+            "1/8 = 0.125",
+            "reconstruct / store peak at 12+12 layers: not measured (run the target sweep in both modes)",
+        ),
+        _target(
+            "reconstruct peak at 32 layers / at 4 layers",
+            deepest["peak_bytes"] / shallow["peak_bytes"] if shallow and deepest else None,
+            1.15,
+            "1.15",
+            "reconstruct peak at 32 / 4 layers: not measured (depth sweep with 4 and 32)",
+        ),
+        _target(
+            f"reconstruct / store step time {where} (round-robin in one process)",
+            recon["median_ms"] / store["median_ms"] if timed else None,
+            1.4,
+            "1.4",
+            "reconstruct / store step time at 12+12 layers: not measured (run the target sweep in both modes)",
+            digits=2,
+        ),
+    ]
     pairs = [
         (
             r,

@@ -137,10 +137,7 @@ def _pack(order: list[int], lengths: dict[int, int], max_tokens: int) -> list[li
 
 
 def collate(
-    pairs: Sequence[tuple[Ids, Ids]],
-    pad_id: int = PAD_ID,
-    bos_id: int = BOS_ID,
-    eos_id: int = EOS_ID,
+    pairs: Sequence[tuple[Ids, Ids]], pad_id: int = PAD_ID, bos_id: int = BOS_ID, eos_id: int = EOS_ID
 ) -> Batch:
     """Pad a list of ``(src_ids, tgt_ids)`` pairs (no BOS/EOS in them) into a :class:`Batch`.
 
@@ -226,12 +223,4 @@ class TokenBatches:
             yield replace(collate(pairs, **self.special_ids), indices=tuple(batch))
 
     def _indices(self) -> list[list[int]]:
-        return make_batches(
-            self.src_ids,
-            self.tgt_ids,
-            self.max_tokens,
-            self.seed,
-            self.shuffle,
-            self.epoch,
-            self.kept,
-        )
+        return make_batches(self.src_ids, self.tgt_ids, self.max_tokens, self.seed, self.shuffle, self.epoch, self.kept)

@@ -8,6 +8,7 @@ what is wrong and exit with status 2; set ``MDARTS_DEBUG=1`` for the traceback.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import shlex
 import signal
@@ -100,18 +101,21 @@ def _prepared(args: argparse.Namespace, splits: tuple[str, ...], tokenizer=None)
     )
 
 
+def _command(sub, run) -> argparse.ArgumentParser:
+    """The parser of the subcommand ``run`` (``_run_<name>(args) -> exit status``) carries out:
+    the first line of run's docstring is its help, the rest its description."""
+    summary, _, details = inspect.cleandoc(run.__doc__).partition("\n\n")
+    help_text = summary[0].lower() + summary[1:].rstrip(".")
+    parser = sub.add_parser(run.__name__.removeprefix("_run_"), help=help_text, description=" ".join(details.split()))
+    parser.set_defaults(func=run)
+    return parser
+
+
 # --------------------------------------------------------------------------- search / derive
 
 
 def _search_parser(sub) -> None:
-    parser = sub.add_parser(
-        "search",
-        help="search an architecture (DARTS supernet) and write RUN/genotype.json",
-        description="First-order (or second-order) DARTS on the training split, alternating weight steps on one part "
-        "of it and architecture steps on a disjoint part. Writes genotype.json, alpha_history.jsonl, "
-        "alpha_heatmap.png, search_log.jsonl and search_checkpoint.pt into --out. Giving --max-steps or "
-        "--max-minutes replaces the preset's budget.",
-    )
+    parser = _command(sub, _run_search)
     parser.add_argument(
         "--preset",
         default="tiny",
@@ -123,7 +127,6 @@ def _search_parser(sub) -> None:
     add_settings(parser, ModelConfig, "supernet", only=("memory_mode",))
     add_settings(parser, SearchSettings, "search settings", defaults=SEARCH_PRESETS)
     _add_data(parser, "train valid")
-    parser.set_defaults(func=_run_search)
 
 
 def _add_run_control(parser: argparse.ArgumentParser) -> None:
@@ -132,6 +135,13 @@ def _add_run_control(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_search(args: argparse.Namespace) -> int:
+    """Search an architecture (DARTS supernet) and write RUN/genotype.json.
+
+    First-order (or second-order) DARTS on the training split, alternating weight steps on one part
+    of it and architecture steps on a disjoint part. Writes genotype.json, alpha_history.jsonl,
+    alpha_heatmap.png, search_log.jsonl and search_checkpoint.pt into --out. Giving --max-steps or
+    --max-minutes replaces the preset's budget.
+    """
     from .search import Searcher
 
     config = build_settings(ModelConfig, given(args, ModelConfig), base=preset(args.preset))
@@ -155,18 +165,17 @@ def _run_search(args: argparse.Namespace) -> int:
 
 
 def _derive_parser(sub) -> None:
-    parser = sub.add_parser(
-        "derive",
-        help="print the genotype of a search run",
-        description="Print the genotype (argmax op per node) of a search run directory or a genotype.json, "
-        "with the softmax weight of each chosen op.",
-    )
+    parser = _command(sub, _run_derive)
     parser.add_argument("run", type=Path, help="search run directory (holding genotype.json) or a genotype.json file")
     parser.add_argument("--json", action="store_true", help="print the genotype JSON instead")
-    parser.set_defaults(func=_run_derive)
 
 
 def _run_derive(args: argparse.Namespace) -> int:
+    """Print the genotype of a search run.
+
+    Print the genotype (argmax op per node) of a search run directory or a genotype.json, with the
+    softmax weight of each chosen op.
+    """
     import json
 
     from .genotype import Genotype
@@ -190,25 +199,15 @@ def _run_derive(args: argparse.Namespace) -> int:
 
 
 def _train_parser(sub) -> None:
-    parser = sub.add_parser(
-        "train",
-        help="train the Transformer baseline or a searched genotype from scratch",
-        description="Train with label-smoothed cross-entropy, Adam and an inverse-sqrt schedule; validates at an "
-        "interval, writes checkpoint_best.pt / checkpoint_last.pt atomically, log.jsonl and curves.png. Give a "
-        "budget: --max-steps, --max-epochs and/or --max-minutes.",
-    )
+    parser = _command(sub, _run_train)
     parser.add_argument(
         "--arch",
         required=True,
         help="'transformer', 'evolved' (the Evolved Transformer) or the path of a genotype.json",
     )
     parser.add_argument("--out", type=Path, required=True, help="run directory (refused if it holds another run)")
-    parser.add_argument(
-        "--preset",
-        default="multi30k-base",
-        choices=list(TRAIN_PRESETS),
-        help="model size (default multi30k-base: 4+4 layers, d 128)",
-    )
+    presets = list(TRAIN_PRESETS)
+    parser.add_argument("--preset", default="multi30k-base", choices=presets, help="model size (default %(default)s)")
     parser.add_argument(
         "--params", type=_positive_int, help="size a baseline (transformer, evolved) to about this many parameters"
     )
@@ -218,10 +217,15 @@ def _train_parser(sub) -> None:
     _add_run_control(parser)
     add_settings(parser, TrainConfig, "training settings")
     _add_data(parser, "train valid")
-    parser.set_defaults(func=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    """Train the Transformer baseline or a searched genotype from scratch.
+
+    Train with label-smoothed cross-entropy, Adam and an inverse-sqrt schedule; validates at an
+    interval, writes checkpoint_best.pt / checkpoint_last.pt atomically, log.jsonl and curves.png.
+    Give a budget: --max-steps, --max-epochs and/or --max-minutes.
+    """
     from .checkpoint import BASELINES
     from .evolved import evolved_config_for
     from .genotype import Genotype
@@ -289,16 +293,10 @@ def _add_decoding(parser: argparse.ArgumentParser) -> None:
 
 
 def _translate_parser(sub) -> None:
-    parser = sub.add_parser(
-        "translate",
-        help="translate text with a trained checkpoint",
-        description="Translate one sentence per line from --input (default stdin) to --output (default stdout) "
-        "with beam search; an empty line gives an empty line.",
-    )
+    parser = _command(sub, _run_translate)
     _add_decoding(parser)
     parser.add_argument("--input", type=Path, help="UTF-8 text file, one sentence a line (default stdin)")
     parser.add_argument("--output", type=Path, help="where to write the translations (default stdout)")
-    parser.set_defaults(func=_run_translate)
 
 
 def _load_for_decoding(args: argparse.Namespace):
@@ -349,6 +347,11 @@ def _read_stdin() -> list[str]:
 
 
 def _run_translate(args: argparse.Namespace) -> int:
+    """Translate text with a trained checkpoint.
+
+    Translate one sentence per line from --input (default stdin) to --output (default stdout) with
+    beam search; an empty line gives an empty line.
+    """
     from .data import read_lines
 
     lines = read_lines(args.input) if args.input else _read_stdin()
@@ -362,28 +365,26 @@ def _run_translate(args: argparse.Namespace) -> int:
 
 
 def _evaluate_parser(sub) -> None:
-    parser = sub.add_parser(
-        "evaluate",
-        help="translate a test split and print sacreBLEU, chrF and lowercased BLEU with signatures",
-        description="Translate --split of Multi30k in the checkpoint's direction and score it: detokenised cased "
-        "sacreBLEU and chrF (with their signatures), and lowercased Moses-tokenised BLEU as in Multi30k papers.",
-    )
+    parser = _command(sub, _run_evaluate)
     _add_decoding(parser)
+    splits = list(SPLIT_LANGUAGES)
     parser.add_argument(
-        "--split",
-        default="test_2016_flickr",
-        choices=list(SPLIT_LANGUAGES),
-        help="split to score (default test_2016_flickr)",
+        "--split", default="test_2016_flickr", choices=splits, help="split to score (default %(default)s)"
     )
     parser.add_argument(
         "--data-dir", type=Path, help="folder of the raw Multi30k files (default $MDARTS_DATA or the download cache)"
     )
     parser.add_argument("--limit", type=_positive_int, help="score only the first N sentences")
     parser.add_argument("--hypotheses", type=Path, help="also write the translations to this file")
-    parser.set_defaults(func=_run_evaluate)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
+    """Translate a test split and print sacreBLEU, chrF and lowercased BLEU with signatures.
+
+    Translate --split of Multi30k in the checkpoint's direction and score it: detokenised cased
+    sacreBLEU and chrF (with their signatures), and lowercased Moses-tokenised BLEU as in Multi30k
+    papers.
+    """
     from .data import load_pair
     from .evaluate import format_scores, load_tok_references, score
 
@@ -408,13 +409,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _plan_parser(sub) -> None:
-    parser = sub.add_parser(
-        "plan",
-        help="predicted peak memory of a search configuration in each memory mode",
-        description="Analytic memory model of one supernet training step (parameters, gradients, Adam state, "
-        "activations saved per op and layer, logits) for reconstruct, checkpoint and store; with --budget-gb, the "
-        "largest d_model that fits per mode. benchmarks/memory.py prints these predictions next to measurements.",
-    )
+    parser = _command(sub, _run_plan)
     parser.add_argument("--preset", default="tiny", choices=list(MODEL_PRESETS), help="supernet preset (default tiny)")
     parser.add_argument("--d-model", type=_positive_int, help="override the preset's d_model")
     parser.add_argument("--layers", type=_positive_int, help="override the encoder and decoder depth (each)")
@@ -429,10 +424,16 @@ def _plan_parser(sub) -> None:
     parser.add_argument(
         "--budget-gb", type=_positive_float, help="also give the largest d_model that fits this many GiB"
     )
-    parser.set_defaults(func=_run_plan)
 
 
 def _run_plan(args: argparse.Namespace) -> int:
+    """Predicted peak memory of a search configuration in each memory mode.
+
+    Analytic memory model of one supernet training step (parameters, gradients, Adam state,
+    activations saved per op and layer, logits) for reconstruct, checkpoint and store; with
+    --budget-gb, the largest d_model that fits per mode. benchmarks/memory.py prints these
+    predictions next to measurements.
+    """
     from .plan import format_plan
 
     config = preset(args.preset)
@@ -459,8 +460,7 @@ def _run_plan(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mdarts",
-        description="Memory-efficient differentiable architecture search for Transformers.",
+        prog="mdarts", description="Memory-efficient differentiable architecture search for Transformers."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_search_parser, _derive_parser, _train_parser, _translate_parser, _evaluate_parser, _plan_parser):

@@ -340,14 +340,7 @@ PRESETS = MODEL_PRESETS  # the search presets' models (earlier name)
 TRAIN_PRESETS: dict[str, ModelConfig] = {
     # the published Multi30k Transformer (docs/design.md 3): 4 + 4 layers, d 128, FFN 256, 4 heads
     "multi30k-base": ModelConfig(
-        d_model=128,
-        embed_dim=128,
-        encoder_layers=4,
-        decoder_layers=4,
-        heads=4,
-        ffn_mult=2,
-        dropout=0.3,
-        max_positions=256,
+        d_model=128, embed_dim=128, encoder_layers=4, decoder_layers=4, heads=4, ffn_mult=2, dropout=0.3
     ),
     **MODEL_PRESETS,
 }

@@ -116,11 +116,7 @@ def _decode_line(line: bytes, path: Path, number: int) -> str:
 
 
 def load_parallel_files(
-    src_path: PathLike,
-    tgt_path: PathLike,
-    src_lang: str = "src",
-    tgt_lang: str = "tgt",
-    split: str = "custom",
+    src_path: PathLike, tgt_path: PathLike, src_lang: str = "src", tgt_lang: str = "tgt", split: str = "custom"
 ) -> ParallelCorpus:
     """Load a generic parallel corpus from two line-aligned files (gzip or plain).
 
@@ -176,11 +172,7 @@ def multi30k_cache_dir() -> Path:
 
 
 def load_pair(
-    pair: str,
-    split: str,
-    data_dir: Optional[PathLike] = None,
-    *,
-    base_url: str = MULTI30K_URL,
+    pair: str, split: str, data_dir: Optional[PathLike] = None, *, base_url: str = MULTI30K_URL
 ) -> ParallelCorpus:
     """Load one split of Multi30k in one translation direction.
 
@@ -243,10 +235,7 @@ def _multi30k_path(directory: Path, split: str, lang: str) -> Path:
 
 
 def ensure_downloaded(
-    file_name: str,
-    cache_dir: PathLike,
-    base_url: str = MULTI30K_URL,
-    timeout: float = DOWNLOAD_TIMEOUT_S,
+    file_name: str, cache_dir: PathLike, base_url: str = MULTI30K_URL, timeout: float = DOWNLOAD_TIMEOUT_S
 ) -> Path:
     """Path of ``file_name`` in ``cache_dir``, downloading ``base_url + file_name`` if absent.
 

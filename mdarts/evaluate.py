@@ -41,10 +41,7 @@ def moses_lowercase_tokenize(lines: list[str], lang: str) -> list[str]:
 
 
 def score(
-    hypotheses: list[str],
-    references: list[str],
-    tgt_lang: str,
-    tok_references: Optional[list[str]] = None,
+    hypotheses: list[str], references: list[str], tgt_lang: str, tok_references: Optional[list[str]] = None
 ) -> dict[str, dict[str, Union[str, float]]]:
     """Score detokenised hypotheses against one reference each.
 

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .model import Seq2Seq
+from .model import Seq2Seq, run_blocks
 from .ops import (
     CandidateOp,
     CrossAttention,
@@ -204,14 +204,10 @@ class EvolvedTransformer(Seq2Seq):
         self.decoder_cells = nn.ModuleList(DecoderCell(config) for _ in range(decoder_cells))
 
     def encoder_body(self, x: Tensor, op_ctx: OpContext) -> Tensor:
-        for cell in self.encoder_cells:
-            x = cell(x, op_ctx)
-        return x
+        return run_blocks(self.encoder_cells, x, op_ctx)
 
     def decoder_body(self, y: Tensor, op_ctx: OpContext) -> Tensor:
-        for cell in self.decoder_cells:
-            y = cell(y, op_ctx)
-        return y
+        return run_blocks(self.decoder_cells, y, op_ctx)
 
     @staticmethod
     def parameter_count(config: ModelConfig, vocab_size: int) -> int:

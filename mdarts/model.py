@@ -222,6 +222,13 @@ class Seq2Seq(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def run_blocks(blocks: nn.ModuleList, x: Tensor, op_ctx: OpContext) -> Tensor:
+    """``x`` (batch, time, d) through each block ``block(x, op_ctx)`` in turn."""
+    for block in blocks:
+        x = block(x, op_ctx)
+    return x
+
+
 def _check_tokens(tokens: Tensor, name: str, vocab_size: int) -> None:
     if tokens.dim() != 2 or tokens.dtype not in (torch.long, torch.int32):
         raise ValueError(
@@ -425,14 +432,10 @@ class TransformerBaseline(Seq2Seq):
         self.decoder_layers = nn.ModuleList(_DecoderLayer(config) for _ in range(config.decoder_layers))
 
     def encoder_body(self, x: Tensor, op_ctx: OpContext) -> Tensor:
-        for layer in self.encoder_layers:
-            x = layer(x, op_ctx)
-        return x
+        return run_blocks(self.encoder_layers, x, op_ctx)
 
     def decoder_body(self, y: Tensor, op_ctx: OpContext) -> Tensor:
-        for layer in self.decoder_layers:
-            y = layer(y, op_ctx)
-        return y
+        return run_blocks(self.decoder_layers, y, op_ctx)
 
 
 def _parameter_count(config: ModelConfig, vocab_size: int) -> int:

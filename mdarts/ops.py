@@ -373,12 +373,7 @@ class CrossAttention(CandidateOp):
     decoding the projected memory keys and values are computed once and cached."""
 
     def __init__(
-        self,
-        d_model: int,
-        causal: bool,
-        heads: int = 8,
-        dropout: float = 0.1,
-        d_memory: Optional[int] = None,
+        self, d_model: int, causal: bool, heads: int = 8, dropout: float = 0.1, d_memory: Optional[int] = None
     ) -> None:
         super().__init__("cross_attention", causal)
         _check_heads(d_model, heads)

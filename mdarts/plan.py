@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -378,18 +378,15 @@ def format_plan(
     config: ModelConfig,
     vocab_size: int,
     tokens: int,
-    chunk_rows: int = 0,
-    dtype_bytes: int = 4,
-    seq_len: Optional[int] = None,
-    device: str = "cpu",
     budget_bytes: Optional[int] = None,
     modes: Sequence[str] = MEMORY_MODES,
+    **options: Any,
 ) -> str:
     """A markdown table of :func:`predict_memory` (GiB) with one column per mode, and with a
-    ``budget_bytes`` the largest d that fits it per mode (or a message when none does)."""
-    plans = [
-        predict_memory(config, vocab_size, tokens, mode, chunk_rows, dtype_bytes, seq_len, device) for mode in modes
-    ]
+    ``budget_bytes`` the largest d that fits it per mode (or a message when none does).
+    ``options`` go to :func:`predict_memory` (chunk_rows, dtype_bytes, seq_len, device)."""
+    plans = [predict_memory(config, vocab_size, tokens, mode, **options) for mode in modes]
+    chunk_rows, device = options.get("chunk_rows", 0), options.get("device", "cpu")
     title = (
         f"Predicted memory (GiB) of one training step: d {config.d_model}, "
         f"{config.encoder_layers}+{config.decoder_layers} layers, "
@@ -416,17 +413,7 @@ def format_plan(
     if budget_bytes is not None:
         lines += ["", f"Largest d that fits {budget_bytes / 2**30:.1f} GiB (other sizes as above):"]
         for mode in modes:
-            best = largest_d(
-                budget_bytes,
-                config,
-                vocab_size,
-                tokens,
-                mode,
-                chunk_rows,
-                dtype_bytes=dtype_bytes,
-                seq_len=seq_len,
-                device=device,
-            )
+            best = largest_d(budget_bytes, config, vocab_size, tokens, mode, **options)
             if best is None:
                 lines.append(f"- {mode}: no valid d fits (even d = {_d_step(config)} needs more than the budget)")
             else:

@@ -365,64 +365,53 @@ class _LayerFunction(torch.autograd.Function):
         need_parts = ctx.needs_input_grad[1 : 1 + n]
         need_ctx = ctx.needs_input_grad[1 + n : 1 + n + plan.n_ctx]
         ctx_leaves = [t.detach().requires_grad_(need) for t, need in zip(ctx_tensors, need_ctx)]
-        kwargs = plan.context(ctx_leaves)
-        wanted_ctx = [i for i, need in enumerate(need_ctx) if need]
-        ctx_grads: list[Optional[Tensor]] = [None] * plan.n_ctx
-        param_grads: list[Optional[Tensor]] = [None] * len(plan.params)
+        out = _Gradients(
+            kwargs=plan.context(ctx_leaves),
+            ctx_inputs=[leaf for leaf, need in zip(ctx_leaves, need_ctx) if need],
+            wanted_ctx=[i for i, need in enumerate(need_ctx) if need],
+            ctx=[None] * plan.n_ctx,
+            params=[None] * len(plan.params),
+        )
         with plan.replay():
             if plan.mode == "checkpoint":
-                part_grads = _checkpoint_backward(
-                    plan, stream, grads, kwargs, ctx_leaves, wanted_ctx, ctx_grads, param_grads
-                )
+                part_grads = _checkpoint_backward(plan, stream, grads, out)
             else:
                 ys = list(stream) if plan.above is None else _resplit(plan.layer, plan.above.take())
-                part_grads = _reconstruct_backward(
-                    plan, ys, grads, kwargs, ctx_leaves, wanted_ctx, ctx_grads, param_grads
-                )
-        return (
-            None,
-            *(g if need else None for g, need in zip(part_grads, need_parts)),
-            *ctx_grads,
-            *param_grads,
-        )
+                part_grads = _reconstruct_backward(plan, ys, grads, out)
+        return (None, *(g if need else None for g, need in zip(part_grads, need_parts)), *out.ctx, *out.params)
 
 
-def _checkpoint_backward(
-    plan: _Plan,
-    xs: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    kwargs: dict[str, Any],
-    ctx_leaves: Sequence[Tensor],
-    wanted_ctx: Sequence[int],
-    ctx_grads: list[Optional[Tensor]],
-    param_grads: list[Optional[Tensor]],
-) -> list[Tensor]:
-    """Recompute the layer from its saved input parts; fill ctx_grads and param_grads, return the parts' grads."""
+@dataclasses.dataclass
+class _Gradients:
+    """What a layer's backward recomputes with and where its gradients go: the keyword context
+    built on leaves (``kwargs``), the leaves that need a gradient (``ctx_inputs``, at the
+    positions ``wanted_ctx`` of the context tensors), and the gradients of the context tensors
+    (``ctx``) and of the layer's parameters (``params``), filled in by the backward."""
+
+    kwargs: dict[str, Any]
+    ctx_inputs: list[Tensor]
+    wanted_ctx: list[int]
+    ctx: list[Optional[Tensor]]
+    params: list[Optional[Tensor]]
+
+
+def _checkpoint_backward(plan: _Plan, xs: Sequence[Tensor], grads: Sequence[Tensor], out: _Gradients) -> list[Tensor]:
+    """Recompute the layer from its saved input parts; fill ``out``, return the parts' grads."""
     plan.rng[0].restore(plan.devices)
     leaves = [x.detach().requires_grad_() for x in xs]
-    outs = plan.layer.forward_parts(leaves, kwargs)
-    inputs = [*leaves, *(ctx_leaves[i] for i in wanted_ctx), *plan.params]
-    got = torch.autograd.grad(outs, inputs, grads, allow_unused=True)
-    n, m = len(leaves), len(wanted_ctx)
-    for i, g in zip(wanted_ctx, got[n : n + m]):
-        ctx_grads[i] = g
-    param_grads[:] = got[n + m :]
+    outs = plan.layer.forward_parts(leaves, out.kwargs)
+    got = torch.autograd.grad(outs, [*leaves, *out.ctx_inputs, *plan.params], grads, allow_unused=True)
+    n, m = len(leaves), len(out.wanted_ctx)
+    for i, g in zip(out.wanted_ctx, got[n : n + m]):
+        out.ctx[i] = g
+    out.params[:] = got[n + m :]
     return [g if g is not None else torch.zeros_like(x) for g, x in zip(got[:n], xs)]
 
 
-def _reconstruct_backward(
-    plan: _Plan,
-    ys: list[Tensor],
-    grads: Sequence[Tensor],
-    kwargs: dict[str, Any],
-    ctx_leaves: Sequence[Tensor],
-    wanted_ctx: Sequence[int],
-    ctx_grads: list[Optional[Tensor]],
-    param_grads: list[Optional[Tensor]],
-) -> list[Tensor]:
+def _reconstruct_backward(plan: _Plan, ys: list[Tensor], grads: Sequence[Tensor], out: _Gradients) -> list[Tensor]:
     """docs/design.md 1.3: for k = n..1 rebuild H_k, backpropagate through g = G_k(H_k), rebuild X_k.
 
-    Fills ctx_grads and param_grads, hands the rebuilt input parts to the layer below and
+    Fills ``out``, hands the rebuilt input parts to the layer below and
     returns dL/dX_1..dL/dX_n.
     """
     layer = plan.layer
@@ -434,17 +423,17 @@ def _reconstruct_backward(
         leaves = {i: parts[i].detach().requires_grad_() for i in others}
         h = layer._pooled([leaves.get(i, parts[i]) for i in range(layer.splits)], k)
         # parts[k] is Y_k here; coupling with sign -1 gives X_k = Y_k - g, so d(X_k)/dg = -1.
-        x_k = layer._couple(k, parts[k], h, -1.0, kwargs)
+        x_k = layer._couple(k, parts[k], h, -1.0, out.kwargs)
         own = plan.fn_params[k]
-        inputs = [*(leaves[i] for i in others), *(ctx_leaves[i] for i in wanted_ctx), *(plan.params[j] for j in own)]
+        inputs = [*(leaves[i] for i in others), *out.ctx_inputs, *(plan.params[j] for j in own)]
         got = torch.autograd.grad(x_k, inputs, -part_grads[k], allow_unused=True)
         for i, g in zip(others, got):
             part_grads[i] = _add(part_grads[i], g)
-        m = len(others) + len(wanted_ctx)
-        for i, g in zip(wanted_ctx, got[len(others) : m]):
-            ctx_grads[i] = _add(ctx_grads[i], g)
+        m = len(others) + len(out.wanted_ctx)
+        for i, g in zip(out.wanted_ctx, got[len(others) : m]):
+            out.ctx[i] = _add(out.ctx[i], g)
         for j, g in zip(own, got[m:]):
-            param_grads[j] = _add(param_grads[j], g)
+            out.params[j] = _add(out.params[j], g)
         parts[k] = x_k.detach()
     if plan.below is not None:
         plan.below.parts = parts

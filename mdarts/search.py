@@ -25,6 +25,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from . import runs
 from .batching import Batch, TokenBatches
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import ModelConfig, SearchSettings
@@ -34,29 +35,8 @@ from .memory import peak_memory
 from .model import Supernet
 from .prepare import EncodedSplit, PreparedData
 from .progress import Progress
-from .runs import (
-    JsonLog,
-    PathLike,
-    RunClock,
-    RunDirectory,
-    StopSignals,
-    check_resume,
-    check_same_data,
-    evaluate_loss,
-    resolve_device,
-    seed_everything,
-    write_atomic,
-)
 
-__all__ = [
-    "Searcher",
-    "SearchResult",
-    "SearchSettings",
-    "run_search",
-    "split_corpus",
-    "BatchStream",
-    "plot_alpha_history",
-]
+__all__ = ["Searcher", "SearchResult", "SearchSettings", "split_corpus", "BatchStream", "plot_alpha_history"]
 
 CHECKPOINT_FILE = "search_checkpoint.pt"
 GENOTYPE_FILE = "genotype.json"
@@ -217,7 +197,7 @@ def plot_alpha_history(history: Sequence[dict], config: ModelConfig, path: Path)
     image = io.BytesIO()
     fig.savefig(image, format="png", dpi=110)
     plt.close(fig)
-    write_atomic(path, image.getvalue())
+    runs.write_atomic(path, image.getvalue())
 
 
 # ----------------------------------------------------------------------------- the run
@@ -258,16 +238,16 @@ class Searcher:
         config: ModelConfig,
         data: PreparedData,
         settings: SearchSettings,
-        out_dir: PathLike,
+        out_dir: runs.PathLike,
         *,
         resume: bool = False,
         overwrite: bool = False,
         progress: Optional[bool] = None,
     ) -> None:
-        self.run_dir = RunDirectory(out_dir, "search", CHECKPOINT_FILE, RUN_FILES)
+        self.run_dir = runs.RunDirectory(out_dir, "search", CHECKPOINT_FILE, RUN_FILES)
         self.run_dir.check(resume, overwrite)
         self.config, self.data, self.settings, self.show_progress = config, data, settings, progress
-        self.device = resolve_device(settings.device)
+        self.device = runs.resolve_device(settings.device)
         checkpoint = load_checkpoint(self.run_dir.checkpoint, kind="search") if resume else None
         if checkpoint is not None:
             self._check_resumable(checkpoint)
@@ -288,17 +268,17 @@ class Searcher:
                 max_positions=config.max_positions,
                 pad_id=config.pad_id,
             )
-        seed_everything(settings.seed)
+        runs.seed_everything(settings.seed)
         self.model = Supernet(config, data.tokenizer.vocab_size).to(self.device)
         self.darts = DartsSearcher(self.model, settings)
         self.run_dir.claim(resume, overwrite)
-        self.log = JsonLog(self.run_dir / LOG_FILE)
-        self.history = JsonLog(self.run_dir / HISTORY_FILE)
+        self.log = runs.JsonLog(self.run_dir / LOG_FILE)
+        self.history = runs.JsonLog(self.run_dir / HISTORY_FILE)
         self.recent_losses: list[float] = []  # theta losses since the last evaluation
         self.last_ops: Optional[list[str]] = None
         self.last_eval_step = -1
         self.val_loss: Optional[float] = None
-        self.clock = RunClock()
+        self.clock = runs.RunClock()
         if checkpoint is not None:
             self._resume(checkpoint)
         else:
@@ -325,19 +305,19 @@ class Searcher:
         if checkpoint["config"] != self.config.to_dict():
             changed = sorted(k for k, v in self.config.to_dict().items() if checkpoint["config"].get(k) != v)
             raise ValueError(f"cannot resume from {path}: the model config differs in {', '.join(changed)}")
-        check_same_data(checkpoint.get("data"), self.data.identity(), path)
+        runs.check_same_data(checkpoint.get("data"), self.data.identity(), path)
         if checkpoint["tokenizer"] != self.data.tokenizer.to_bytes():
             raise ValueError(
                 f"cannot resume from {path}: the data was prepared with another tokenizer than the checkpoint's"
             )
-        check_resume(SearchSettings.from_dict(checkpoint["settings"]), self.settings, path)
+        runs.check_resume(SearchSettings.from_dict(checkpoint["settings"]), self.settings, path)
 
     def _resume(self, checkpoint: dict) -> None:
         self.darts.load_state_dict(checkpoint["searcher"])
         for name, stream in self.streams.items():
             stream.load_state(checkpoint["streams"][name])
         set_rng_state(checkpoint["rng"])
-        self.clock = RunClock(checkpoint["elapsed_s"])
+        self.clock = runs.RunClock(checkpoint["elapsed_s"])
         self.recent_losses = list(checkpoint.get("recent_losses", []))
         for log in (self.log, self.history):
             log.truncate(self.steps)
@@ -351,9 +331,9 @@ class Searcher:
         evaluating every ``eval_interval`` and checkpointing every ``checkpoint_interval``
         steps, and at the end. SIGINT or SIGTERM stops it after the current step with the
         checkpoint (and nothing else) written."""
-        self.clock = RunClock(self.clock.seconds())
+        self.clock = runs.RunClock(self.clock.seconds())
         bar = Progress(self.settings.max_steps, "search", self.device, initial=self.steps, enabled=self.show_progress)
-        with StopSignals() as signals:
+        with runs.StopSignals() as signals:
             try:
                 self._loop(bar, signals)
             finally:
@@ -379,7 +359,7 @@ class Searcher:
         )
         return SearchResult(genotype, self.steps, peak, self.val_loss, self.run_dir.path)
 
-    def _loop(self, bar: Progress, signals: StopSignals) -> None:
+    def _loop(self, bar: Progress, signals: runs.StopSignals) -> None:
         """Search steps until the budget is spent or a signal asks to stop."""
         settings = self.settings
         while not self._budget_spent() and not signals.requested:
@@ -422,7 +402,7 @@ class Searcher:
         self.last_ops, self.last_eval_step, self.recent_losses = ops, step, []
         if self.valid_batches is not None:
             settings = self.settings
-            scores = evaluate_loss(
+            scores = runs.evaluate_loss(
                 self.model, self.valid_batches, self.config.pad_id, settings.label_smoothing, self.device, settings.bf16
             )
             self.val_loss = scores["loss"]
@@ -451,16 +431,3 @@ class Searcher:
                 "data": self.data.identity(),
             },
         )
-
-
-def run_search(
-    config: ModelConfig,
-    data: PreparedData,
-    settings: SearchSettings,
-    out_dir: PathLike,
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: Optional[bool] = None,
-) -> SearchResult:
-    """``Searcher(...).run()``: search an architecture and return the :class:`SearchResult`."""
-    return Searcher(config, data, settings, out_dir, resume=resume, overwrite=overwrite, progress=progress).run()

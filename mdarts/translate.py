@@ -114,12 +114,7 @@ def greedy_decode(model: Seq2Seq, src: Tensor, max_len: MaxLength) -> list[list[
 
 
 def beam_search(
-    model: Seq2Seq,
-    src: Tensor,
-    beam_size: int,
-    len_penalty: float = 1.0,
-    max_len_a: float = 1.2,
-    max_len_b: int = 10,
+    model: Seq2Seq, src: Tensor, beam_size: int, len_penalty: float = 1.0, max_len_a: float = 1.2, max_len_b: int = 10
 ) -> list[list[int]]:
     """Batched beam search: every sentence's ``beam_size`` hypotheses advance together as
     rows of one decoding state of batch ``B * beam_size`` (fewer as sentences finish).

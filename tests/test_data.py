@@ -18,13 +18,7 @@ from mdarts.batching import TokenBatches, collate, filter_by_length, make_batche
 from mdarts.data import DownloadError, load_pair, load_parallel_files, read_lines
 from mdarts.tokenizer import Tokenizer, train_or_load_tokenizer
 
-SPLIT_SIZES = {
-    "train": 29000,
-    "val": 1014,
-    "test_2016_flickr": 1000,
-    "test_2017_flickr": 1000,
-    "test_2017_mscoco": 461,
-}
+SPLIT_SIZES = {"train": 29000, "val": 1014, "test_2016_flickr": 1000, "test_2017_flickr": 1000, "test_2017_mscoco": 461}
 
 
 @pytest.fixture(autouse=True)

@@ -10,20 +10,8 @@ from helpers import TINY, TOLERANCES
 
 from mdarts.config import PRESETS, preset
 from mdarts.genotype import Genotype
-from mdarts.model import (
-    DerivedNet,
-    Node,
-    Supernet,
-    TransformerBaseline,
-    baseline_config_for,
-    iter_nodes,
-)
-from mdarts.ops import (
-    DECODER_CANDIDATES,
-    ENCODER_CANDIDATES,
-    PARAMETRIC,
-    build_candidate,
-)
+from mdarts.model import DerivedNet, Node, Supernet, TransformerBaseline, baseline_config_for, iter_nodes
+from mdarts.ops import DECODER_CANDIDATES, ENCODER_CANDIDATES, PARAMETRIC, build_candidate
 
 VOCAB = 61
 

@@ -18,13 +18,7 @@ from mdarts.loss import sequence_loss
 from mdarts.memory import saved_tensor_bytes
 from mdarts.model import Supernet
 from mdarts.ops import DECODER_CANDIDATES, OpContext, build_candidate
-from mdarts.plan import (
-    _op_saved_bytes,
-    count_parameters,
-    format_plan,
-    largest_d,
-    predict_memory,
-)
+from mdarts.plan import _op_saved_bytes, count_parameters, format_plan, largest_d, predict_memory
 
 VOCAB = 120
 TOLERANCE = 0.05

@@ -17,7 +17,7 @@ from mdarts.darts import DartsSearcher, finite_difference_hvp, loss_and_grads, u
 from mdarts.genotype import Genotype
 from mdarts.model import Supernet
 from mdarts.prepare import PreparedData
-from mdarts.search import BatchStream, argmax_stability, collapse_message, run_search, split_corpus
+from mdarts.search import BatchStream, Searcher, argmax_stability, collapse_message, split_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,6 +50,11 @@ def data(multi30k_corpus) -> PreparedData:
     return PreparedData(multi30k_corpus.tokenizer, splits, "en", "de")
 
 
+def search(data: PreparedData, settings: SearchSettings, out_dir, **options):
+    """A search of CONFIG on ``data`` into ``out_dir`` (``resume``, ``overwrite``), without a progress bar."""
+    return Searcher(CONFIG, data, settings, out_dir, progress=False, **options).run()
+
+
 def step_losses(out_dir) -> list[tuple[int, float, float]]:
     records = [json.loads(line) for line in (out_dir / "search_log.jsonl").read_text().splitlines()]
     return [(r["step"], r["theta_loss"], r["alpha_loss"]) for r in records if r["event"] == "step"]
@@ -62,7 +67,7 @@ def saved_alphas(out_dir) -> list[torch.Tensor]:
 
 def test_tiny_search_writes_genotype_history_and_heatmap(data, tmp_path):
     out = tmp_path / "run"
-    result = run_search(CONFIG, data, tiny_settings(max_steps=10), out, progress=False)
+    result = search(data, tiny_settings(max_steps=10), out)
     assert result.steps == 10 and result.peak_memory_bytes > 0
     genotype = Genotype.load(out / "genotype.json").validate(CONFIG)
     assert genotype == result.genotype
@@ -83,20 +88,20 @@ def test_tiny_search_writes_genotype_history_and_heatmap(data, tmp_path):
 def test_resume_gives_the_same_losses_and_alphas_as_an_uninterrupted_run(data, tmp_path, second_order):
     assert CONFIG.dropout > 0
     straight, parted = tmp_path / "straight", tmp_path / "parted"
-    run_search(CONFIG, data, tiny_settings(max_steps=8, second_order=second_order), straight, progress=False)
-    run_search(CONFIG, data, tiny_settings(max_steps=4, second_order=second_order), parted, progress=False)
+    search(data, tiny_settings(max_steps=8, second_order=second_order), straight)
+    search(data, tiny_settings(max_steps=4, second_order=second_order), parted)
     with pytest.raises(FileExistsError, match="another search run"):
-        run_search(CONFIG, data, tiny_settings(max_steps=8, second_order=second_order), parted, progress=False)
-    run_search(CONFIG, data, tiny_settings(max_steps=8, second_order=second_order), parted, resume=True, progress=False)
+        search(data, tiny_settings(max_steps=8, second_order=second_order), parted)
+    search(data, tiny_settings(max_steps=8, second_order=second_order), parted, resume=True)
     assert step_losses(parted) == step_losses(straight)
     for a, b in zip(saved_alphas(parted), saved_alphas(straight), strict=True):
         assert torch.equal(a, b)
 
 
 def test_resume_refuses_other_settings(data, tmp_path):
-    run_search(CONFIG, data, tiny_settings(max_steps=1), tmp_path, progress=False)
+    search(data, tiny_settings(max_steps=1), tmp_path)
     with pytest.raises(ValueError, match="split_ratio"):
-        run_search(CONFIG, data, tiny_settings(max_steps=2, split_ratio=0.5), tmp_path, resume=True, progress=False)
+        search(data, tiny_settings(max_steps=2, split_ratio=0.5), tmp_path, resume=True)
 
 
 def make_searcher(data, **changes) -> tuple[DartsSearcher, BatchStream, BatchStream]:
@@ -240,10 +245,10 @@ def test_bad_settings_raise_naming_the_field(changes, field):
 def test_out_dir_of_another_run_is_refused_and_left_alone(data, tmp_path):
     (tmp_path / "genotype.json").write_text("earlier run")
     with pytest.raises(FileExistsError, match="another search run"):
-        run_search(CONFIG, data, tiny_settings(max_steps=1), tmp_path, progress=False)
+        search(data, tiny_settings(max_steps=1), tmp_path)
     assert (tmp_path / "genotype.json").read_text() == "earlier run"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["genotype.json"]
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
-        run_search(CONFIG, data, tiny_settings(max_steps=1), tmp_path, resume=True, progress=False)
-    result = run_search(CONFIG, data, tiny_settings(max_steps=1), tmp_path, overwrite=True, progress=False)
+        search(data, tiny_settings(max_steps=1), tmp_path, resume=True)
+    result = search(data, tiny_settings(max_steps=1), tmp_path, overwrite=True)
     Genotype.load(result.out_dir / "genotype.json").validate(CONFIG)

@@ -171,16 +171,7 @@ def test_a_few_hundred_steps_lower_the_validation_loss(data, tmp_path):
     loss (label-smoothed, 200 held-out pairs) by more than 30% and the NLL by more than
     40% from their initial values (observed: about 38% and 46%)."""
     train, valid, tokenizer = data
-    config = TrainConfig(
-        lr=1e-2,
-        warmup_steps=30,
-        max_tokens=1024,
-        max_steps=250,
-        valid_interval=125,
-        log_interval=25,
-        keep_last=2,
-        device="cpu",
-    )
+    config = _short(lr=1e-2, warmup_steps=30, max_tokens=1024, max_steps=250, valid_interval=125, log_interval=25)
     model = _model(tokenizer, config=TINY.replace(d_model=48, embed_dim=32))
     trainer = Trainer(model, _prepared(data, len(train), len(valid)), config, tmp_path, progress=False)
     initial = evaluate_loss(model, trainer.valid_batches, TINY.pad_id, 0.1, trainer.device)

@@ -209,15 +209,7 @@ def test_mixed_ln_sum_many_tiles(n_rows: int, d: int) -> None:
     h = _randn(n_rows, d)
     outs = [_randn(n_rows, d) for _ in range(k)]
     _check_mixed_ln_sum(
-        h,
-        outs,
-        _randn(k),
-        _randn(k, d),
-        _randn(k, d),
-        _randn(n_rows, d),
-        1.0,
-        _randn(n_rows, d),
-        _tol(torch.float32),
+        h, outs, _randn(k), _randn(k, d), _randn(k, d), _randn(n_rows, d), 1.0, _randn(n_rows, d), _tol(torch.float32)
     )
 
 
