@@ -45,6 +45,14 @@ inline at::Tensor checked_like(const at::Tensor& t, const at::Tensor& like, cons
   return t.contiguous();
 }
 
+// A new contiguous tensor like each of `ts` (the gradients of a tensor list).
+inline std::vector<at::Tensor> empty_like_each(const std::vector<at::Tensor>& ts) {
+  std::vector<at::Tensor> result;
+  result.reserve(ts.size());
+  for (const auto& t : ts) result.push_back(at::empty_like(t, at::MemoryFormat::Contiguous));
+  return result;
+}
+
 // Accumulation dtype of a data dtype: float64 for float64, float32 otherwise.
 inline at::ScalarType acc_dtype(at::ScalarType data) {
   return data == at::kDouble ? at::kDouble : at::kFloat;
@@ -64,6 +72,31 @@ inline int64_t feature_dim(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() >= 1, name, ": expected at least one dimension (the feature axis D)");
   TORCH_CHECK(t.size(-1) >= 1, name, ": expected a feature axis D >= 1, got shape ", t.sizes());
   return t.size(-1);
+}
+
+// The arguments that mixed_ln_sum and mixed_ln_sum_backward share, checked against h (already
+// checked like outs[0]; K = outs.size()): h is viewed as N rows of D features, and the weights
+// (K) and LayerNorm parameters (K, D) are returned contiguous in the accumulation dtype acc.
+struct LnParams {
+  int64_t D;
+  int64_t N;
+  at::ScalarType acc;
+  at::Tensor weights;
+  at::Tensor ln_weight;
+  at::Tensor ln_bias;
+};
+
+inline LnParams checked_ln_params(const at::Tensor& h, int64_t K, const at::Tensor& weights,
+                                  const at::Tensor& ln_weight, const at::Tensor& ln_bias) {
+  const int64_t D = feature_dim(h, "h");
+  const auto acc = acc_dtype(h.scalar_type());
+  // a braced list is evaluated in order: the checks run (and fail) in the order written
+  return {D,
+          h.numel() / D,
+          acc,
+          checked_param(weights, {K}, h.device(), acc, "weights"),
+          checked_param(ln_weight, {K, D}, h.device(), acc, "ln_weight"),
+          checked_param(ln_bias, {K, D}, h.device(), acc, "ln_bias")};
 }
 
 inline void check_dropout_p(double p) {

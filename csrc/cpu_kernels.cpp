@@ -90,8 +90,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_sum_backward_cpu(const at:
   auto grad = checked_like(grad_in, outs[0], "grad");
   const auto acc = acc_dtype(outs[0].scalar_type());
   auto weights = checked_param(weights_in, {K}, outs[0].device(), acc, "weights");
-  std::vector<at::Tensor> grad_outs;
-  for (int64_t k = 0; k < K; ++k) grad_outs.push_back(at::empty_like(outs[k], at::MemoryFormat::Contiguous));
+  auto grad_outs = empty_like_each(outs);
   const int64_t numel = grad.numel();
   const int64_t chunks = num_chunks((numel + kTile - 1) / kTile);
   const int64_t chunk_len = chunks ? (numel + chunks - 1) / chunks : 0;
@@ -160,25 +159,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_ln_sum_cpu(const at::Tensor
   auto outs = checked_list(outs_in, "outs");
   const int64_t K = outs.size();
   auto h = checked_like(h_in, outs[0], "h");
-  const int64_t D = feature_dim(h, "h");
-  const int64_t N = D ? h.numel() / D : 0;
-  const auto acc = acc_dtype(h.scalar_type());
-  auto weights = checked_param(weights_in, {K}, h.device(), acc, "weights");
-  auto ln_weight = checked_param(ln_weight_in, {K, D}, h.device(), acc, "ln_weight");
-  auto ln_bias = checked_param(ln_bias_in, {K, D}, h.device(), acc, "ln_bias");
+  const LnParams params = checked_ln_params(h, K, weights_in, ln_weight_in, ln_bias_in);
+  const int64_t D = params.D, N = params.N;
   at::Tensor residual;
   if (residual_in.has_value()) residual = checked_like(*residual_in, h, "residual");
   auto result = at::empty_like(h, at::MemoryFormat::Contiguous);
-  auto mean = at::empty({K, N}, weights.options());
-  auto rstd = at::empty({K, N}, weights.options());
+  auto mean = at::empty({K, N}, params.weights.options());
+  auto rstd = at::empty({K, N}, params.weights.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "mixed_ln_sum_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto in = data_ptrs<scalar_t>(outs);
     const scalar_t* hp = h.data_ptr<scalar_t>();
     const scalar_t* rp = residual.defined() ? residual.data_ptr<scalar_t>() : nullptr;
-    const acc_t* w = weights.data_ptr<acc_t>();
-    const acc_t* gamma = ln_weight.data_ptr<acc_t>();
-    const acc_t* beta = ln_bias.data_ptr<acc_t>();
+    const acc_t* w = params.weights.data_ptr<acc_t>();
+    const acc_t* gamma = params.ln_weight.data_ptr<acc_t>();
+    const acc_t* beta = params.ln_bias.data_ptr<acc_t>();
     acc_t* mean_p = mean.data_ptr<acc_t>();
     acc_t* rstd_p = rstd.data_ptr<acc_t>();
     scalar_t* out = result.data_ptr<scalar_t>();
@@ -249,23 +244,18 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
   const int64_t K = outs.size();
   auto h = checked_like(h_in, outs[0], "h");
   auto grad = checked_like(grad_in, h, "grad");
-  const int64_t D = feature_dim(h, "h");
-  const int64_t N = D ? h.numel() / D : 0;
-  const auto acc = acc_dtype(h.scalar_type());
-  auto weights = checked_param(weights_in, {K}, h.device(), acc, "weights");
-  auto ln_weight = checked_param(ln_weight_in, {K, D}, h.device(), acc, "ln_weight");
-  auto ln_bias = checked_param(ln_bias_in, {K, D}, h.device(), acc, "ln_bias");
-  auto mean = checked_param(mean_in, {K, N}, h.device(), acc, "mean");
-  auto rstd = checked_param(rstd_in, {K, N}, h.device(), acc, "rstd");
+  const LnParams params = checked_ln_params(h, K, weights_in, ln_weight_in, ln_bias_in);
+  const int64_t D = params.D, N = params.N;
+  auto mean = checked_param(mean_in, {K, N}, h.device(), params.acc, "mean");
+  auto rstd = checked_param(rstd_in, {K, N}, h.device(), params.acc, "rstd");
 
   auto grad_h = at::empty_like(h, at::MemoryFormat::Contiguous);
-  std::vector<at::Tensor> grad_outs;
-  for (int64_t k = 0; k < K; ++k) grad_outs.push_back(at::empty_like(outs[k], at::MemoryFormat::Contiguous));
+  auto grad_outs = empty_like_each(outs);
   const int64_t chunks = num_chunks(N);
   const int64_t rows_per_chunk = (N + chunks - 1) / chunks;
   // per-chunk column sums: S[c, k, j] = sum_n grad[n, j] * xhat_k[n, j], C[c, j] = sum_n grad[n, j]
-  auto partial_s = at::zeros({chunks, K, D}, weights.options());
-  auto partial_c = at::zeros({chunks, D}, weights.options());
+  auto partial_s = at::zeros({chunks, K, D}, params.weights.options());
+  auto partial_c = at::zeros({chunks, D}, params.weights.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "mixed_ln_sum_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto in = data_ptrs<scalar_t>(outs);
@@ -273,8 +263,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
     const scalar_t* hp = h.data_ptr<scalar_t>();
     const scalar_t* gp = grad.data_ptr<scalar_t>();
     scalar_t* ghp = grad_h.data_ptr<scalar_t>();
-    const acc_t* w = weights.data_ptr<acc_t>();
-    const acc_t* gamma = ln_weight.data_ptr<acc_t>();
+    const acc_t* w = params.weights.data_ptr<acc_t>();
+    const acc_t* gamma = params.ln_weight.data_ptr<acc_t>();
     const acc_t* mean_p = mean.data_ptr<acc_t>();
     const acc_t* rstd_p = rstd.data_ptr<acc_t>();
     acc_t* ps = partial_s.data_ptr<acc_t>();
@@ -311,7 +301,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
       }
     });
   });
-  auto param_grads = ln_param_grads(partial_s.sum(0), partial_c.sum(0), weights, ln_weight, ln_bias, sign);
+  auto param_grads =
+      ln_param_grads(partial_s.sum(0), partial_c.sum(0), params.weights, params.ln_weight, params.ln_bias, sign);
   return {grad_h, grad_outs, std::get<0>(param_grads).to(weights_in.scalar_type()),
           std::get<1>(param_grads).to(ln_weight_in.scalar_type()), std::get<2>(param_grads).to(ln_bias_in.scalar_type())};
 }
@@ -360,8 +351,7 @@ std::vector<at::Tensor> split_pool_backward_cpu(const at::Tensor& grad_in, at::T
   auto xs = checked_list(xs_in, "xs");
   auto grad = checked_like(grad_in, xs[0], "grad");
   const int64_t n = xs.size();
-  std::vector<at::Tensor> grads;
-  for (int64_t p = 0; p < n; ++p) grads.push_back(at::empty_like(xs[p], at::MemoryFormat::Contiguous));
+  auto grads = empty_like_each(xs);
   const int64_t numel = grad.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "split_pool_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -129,6 +129,14 @@ int64_t elementwise_blocks(int64_t numel) {
   return std::max<int64_t>(1, std::min<int64_t>(ceil_div(numel, kElementwiseThreads), num_sms() * 8));
 }
 
+// Launches a grid-stride elementwise kernel over numel (> 0) elements on the current stream.
+template <typename Kernel, typename... Args>
+void launch_elementwise(Kernel kernel, int64_t numel, Args... args) {
+  const auto blocks = static_cast<unsigned int>(elementwise_blocks(numel));
+  kernel<<<blocks, kElementwiseThreads, 0, at::cuda::getCurrentCUDAStream()>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // Threads of a one-block-per-row kernel: a power of two in [32, 512], about D.
 int row_threads(int64_t D) {
   int threads = 32;
@@ -139,13 +147,6 @@ int row_threads(int64_t D) {
 // Blocks of a grid-stride-over-rows kernel over N (> 0) rows.
 int64_t row_blocks(int64_t N, int threads) {
   return std::max<int64_t>(1, std::min<int64_t>(N, num_sms() * (2048 / threads)));
-}
-
-// Number of rows N = prod(shape[:-1]) of a tensor viewed as (N, D).
-int64_t num_rows(const at::Tensor& t) {
-  int64_t n = 1;
-  for (int64_t d = 0; d + 1 < t.dim(); ++d) n *= t.size(d);
-  return n;
 }
 
 // ---------------------------------------------------------------------------
@@ -215,11 +216,8 @@ at::Tensor mixed_sum_cuda(at::TensorList outs_in, const at::Tensor& weights_in) 
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "mdarts_mixed_sum_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto ptrs = make_ptr_list<const scalar_t>(outs, "outs");
-    const auto blocks = static_cast<unsigned int>(elementwise_blocks(numel));
-    mixed_sum_kernel<scalar_t, acc_t><<<blocks, kElementwiseThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        ptrs, weights.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), numel, static_cast<int>(K));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_elementwise(mixed_sum_kernel<scalar_t, acc_t>, numel, make_ptr_list<const scalar_t>(outs, "outs"),
+                       weights.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), numel, static_cast<int>(K));
   });
   return out;
 }
@@ -235,9 +233,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_sum_backward_cuda(const at
   const auto acc = acc_dtype(first.scalar_type());
   const at::Tensor weights = checked_param(weights_in, {K}, first.device(), acc, "weights");
 
-  std::vector<at::Tensor> grad_outs;
-  grad_outs.reserve(outs.size());
-  for (int64_t k = 0; k < K; ++k) grad_outs.push_back(at::empty(first.sizes(), first.options()));
+  std::vector<at::Tensor> grad_outs = empty_like_each(outs);
   const int64_t numel = first.numel();
   if (numel == 0) return {grad_outs, at::zeros({K}, weights_in.options())};
 
@@ -336,13 +332,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_ln_sum_cuda(const at::Tenso
   const c10::cuda::CUDAGuard guard(outs[0].device());
   const at::Tensor h = checked_like(h_in, outs[0], "h");
   const int64_t K = static_cast<int64_t>(outs.size());
-  const int64_t D = feature_dim(h, "h");
-  const int64_t N = num_rows(h);
-  const auto device = h.device();
-  const auto acc = acc_dtype(h.scalar_type());
-  const at::Tensor weights = checked_param(weights_in, {K}, device, acc, "weights");
-  const at::Tensor ln_w = checked_param(ln_weight_in, {K, D}, device, acc, "ln_weight");
-  const at::Tensor ln_b = checked_param(ln_bias_in, {K, D}, device, acc, "ln_bias");
+  const LnParams params = checked_ln_params(h, K, weights_in, ln_weight_in, ln_bias_in);
+  const int64_t D = params.D, N = params.N;
+  const auto acc = params.acc;
   at::Tensor residual;
   if (residual_in.has_value()) residual = checked_like(*residual_in, h, "residual");
 
@@ -361,9 +353,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_ln_sum_cuda(const at::Tenso
     const auto blocks = static_cast<unsigned int>(row_blocks(N, threads));
     const scalar_t* res_ptr = residual.defined() ? residual.data_ptr<scalar_t>() : nullptr;
     mixed_ln_sum_kernel<scalar_t, acc_t><<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        h.data_ptr<scalar_t>(), out_ptrs, weights.data_ptr<acc_t>(), ln_w.data_ptr<acc_t>(), ln_b.data_ptr<acc_t>(),
-        res_ptr, out.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), N, D,
-        static_cast<int>(K), static_cast<acc_t>(eps), static_cast<acc_t>(sign));
+        h.data_ptr<scalar_t>(), out_ptrs, params.weights.data_ptr<acc_t>(), params.ln_weight.data_ptr<acc_t>(),
+        params.ln_bias.data_ptr<acc_t>(), res_ptr, out.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(),
+        rstd.data_ptr<acc_t>(), N, D, static_cast<int>(K), static_cast<acc_t>(eps), static_cast<acc_t>(sign));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out, mean, rstd};
@@ -508,20 +500,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
   const at::Tensor h = checked_like(h_in, outs[0], "h");
   const at::Tensor grad = checked_like(grad_in, h, "grad");
   const int64_t K = static_cast<int64_t>(outs.size());
-  const int64_t D = feature_dim(h, "h");
-  const int64_t N = num_rows(h);
-  const auto device = h.device();
-  const auto acc = acc_dtype(h.scalar_type());
-  const at::Tensor weights = checked_param(weights_in, {K}, device, acc, "weights");
-  const at::Tensor ln_w = checked_param(ln_weight_in, {K, D}, device, acc, "ln_weight");
-  const at::Tensor ln_b = checked_param(ln_bias_in, {K, D}, device, acc, "ln_bias");
-  const at::Tensor mean = checked_param(mean_in, {K, N}, device, acc, "mean");
-  const at::Tensor rstd = checked_param(rstd_in, {K, N}, device, acc, "rstd");
+  const LnParams params = checked_ln_params(h, K, weights_in, ln_weight_in, ln_bias_in);
+  const int64_t D = params.D, N = params.N;
+  const auto acc = params.acc;
+  const at::Tensor mean = checked_param(mean_in, {K, N}, h.device(), acc, "mean");
+  const at::Tensor rstd = checked_param(rstd_in, {K, N}, h.device(), acc, "rstd");
 
   at::Tensor grad_h = at::empty(h.sizes(), h.options());
-  std::vector<at::Tensor> grad_outs;
-  grad_outs.reserve(outs.size());
-  for (int64_t k = 0; k < K; ++k) grad_outs.push_back(at::empty(h.sizes(), h.options()));
+  std::vector<at::Tensor> grad_outs = empty_like_each(outs);
   if (N == 0 || D == 0) {
     return {grad_h, grad_outs, at::zeros({K}, weights_in.options()), at::zeros({K, D}, ln_weight_in.options()),
             at::zeros({K, D}, ln_bias_in.options())};
@@ -543,8 +529,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
     const int threads = row_threads(D);
     const auto blocks = static_cast<unsigned int>(row_blocks(N, threads));
     mixed_ln_sum_backward_rows_kernel<scalar_t, acc_t><<<blocks, threads, 0, stream>>>(
-        grad.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), out_ptrs, weights.data_ptr<acc_t>(),
-        ln_w.data_ptr<acc_t>(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), grad_h.data_ptr<scalar_t>(),
+        grad.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), out_ptrs, params.weights.data_ptr<acc_t>(),
+        params.ln_weight.data_ptr<acc_t>(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), grad_h.data_ptr<scalar_t>(),
         grad_ptrs, N, D, static_cast<int>(K), static_cast<acc_t>(sign));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
@@ -557,14 +543,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 
-  const at::Tensor sums = partial.sum(0);            // (K + 1, D)
-  const at::Tensor S = sums.narrow(0, 0, K);         // (K, D): sum_n g * xhat_k
-  const at::Tensor C = sums.narrow(0, K, 1);         // (1, D): sum_n g
-  const at::Tensor sw = (weights * sign).unsqueeze(1);  // (K, 1): sign * w_k
-  at::Tensor grad_ln_weight = (S * sw).to(ln_weight_in.scalar_type());
-  at::Tensor grad_ln_bias = (C * sw).to(ln_bias_in.scalar_type());
-  at::Tensor grad_weights = (((ln_w * S).sum(1) + (ln_b * C).sum(1)) * sign).to(weights_in.scalar_type());
-  return {grad_h, grad_outs, grad_weights, grad_ln_weight, grad_ln_bias};
+  const at::Tensor sums = partial.sum(0);     // (K + 1, D)
+  const at::Tensor S = sums.narrow(0, 0, K);  // (K, D): sum_n g * xhat_k
+  const at::Tensor C = sums.select(0, K);     // (D): sum_n g
+  auto param_grads = ln_param_grads(S, C, params.weights, params.ln_weight, params.ln_bias, sign);
+  return {grad_h, grad_outs, std::get<0>(param_grads).to(weights_in.scalar_type()),
+          std::get<1>(param_grads).to(ln_weight_in.scalar_type()),
+          std::get<2>(param_grads).to(ln_bias_in.scalar_type())};
 }
 
 // ---------------------------------------------------------------------------
@@ -619,11 +604,8 @@ at::Tensor split_pool_cuda(at::TensorList xs_in, c10::string_view mode) {
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "mdarts_split_pool_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto ptrs = make_ptr_list<const scalar_t>(xs, "xs");
-    const auto blocks = static_cast<unsigned int>(elementwise_blocks(numel));
-    split_pool_kernel<scalar_t, acc_t><<<blocks, kElementwiseThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        ptrs, out.data_ptr<scalar_t>(), numel, static_cast<int>(xs.size()), is_max);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_elementwise(split_pool_kernel<scalar_t, acc_t>, numel, make_ptr_list<const scalar_t>(xs, "xs"),
+                       out.data_ptr<scalar_t>(), numel, static_cast<int>(xs.size()), is_max);
   });
   return out;
 }
@@ -635,9 +617,7 @@ std::vector<at::Tensor> split_pool_backward_cuda(const at::Tensor& grad_in, at::
   const at::Tensor& first = xs[0];
   const c10::cuda::CUDAGuard guard(first.device());
   const at::Tensor grad = checked_like(grad_in, first, "grad");
-  std::vector<at::Tensor> grad_xs;
-  grad_xs.reserve(xs.size());
-  for (size_t k = 0; k < xs.size(); ++k) grad_xs.push_back(at::empty(first.sizes(), first.options()));
+  std::vector<at::Tensor> grad_xs = empty_like_each(xs);
   const int64_t numel = first.numel();
   if (numel == 0) return grad_xs;
 
@@ -645,10 +625,8 @@ std::vector<at::Tensor> split_pool_backward_cuda(const at::Tensor& grad_in, at::
     using acc_t = at::opmath_type<scalar_t>;
     const auto x_ptrs = make_ptr_list<const scalar_t>(xs, "xs");
     const auto grad_ptrs = make_ptr_list<scalar_t>(grad_xs, "grad_xs");
-    const auto blocks = static_cast<unsigned int>(elementwise_blocks(numel));
-    split_pool_backward_kernel<scalar_t, acc_t><<<blocks, kElementwiseThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        grad.data_ptr<scalar_t>(), x_ptrs, grad_ptrs, numel, static_cast<int>(xs.size()), is_max);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_elementwise(split_pool_backward_kernel<scalar_t, acc_t>, numel, grad.data_ptr<scalar_t>(), x_ptrs,
+                       grad_ptrs, numel, static_cast<int>(xs.size()), is_max);
   });
   return grad_xs;
 }
@@ -678,11 +656,9 @@ at::Tensor seeded_dropout_cuda(const at::Tensor& x_in, double p, int64_t seed) {
   const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mdarts_seeded_dropout_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto blocks = static_cast<unsigned int>(elementwise_blocks(numel));
-    seeded_dropout_kernel<scalar_t, acc_t><<<blocks, kElementwiseThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), numel, k0, k1, dropout_threshold(p),
-        static_cast<acc_t>(1.0 / (1.0 - p)));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_elementwise(seeded_dropout_kernel<scalar_t, acc_t>, numel, x.data_ptr<scalar_t>(),
+                       out.data_ptr<scalar_t>(), numel, k0, k1, dropout_threshold(p),
+                       static_cast<acc_t>(1.0 / (1.0 - p)));
   });
   return out;
 }

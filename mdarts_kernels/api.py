@@ -32,12 +32,7 @@ def _check_list(tensors: Sequence[Tensor], name: str) -> list[Tensor]:
             raise ValueError(f"{name}[{k}]: expected a float64, float32, float16 or bfloat16 tensor, got {t.dtype}")
         if t.dim() == 0:
             raise ValueError(f"{name}[{k}]: expected at least one dimension (the feature axis D), got a scalar")
-        if t.shape != first.shape:
-            raise ValueError(f"{name}[{k}]: expected shape {tuple(first.shape)} like {name}[0], got {tuple(t.shape)}")
-        if t.dtype != first.dtype:
-            raise ValueError(f"{name}[{k}]: expected dtype {first.dtype} like {name}[0], got {t.dtype}")
-        if t.device != first.device:
-            raise ValueError(f"{name}[{k}]: expected device {first.device} like {name}[0], got {t.device}")
+        _check_like(t, first, f"{name}[{k}]", f"{name}[0]")
     if first.shape[-1] == 0:
         raise ValueError(f"{name}: expected a feature axis D >= 1, got shape {tuple(first.shape)}")
     return tensors

@@ -10,6 +10,7 @@ implementation and one autograd formula per op: the backward is itself a fused o
 
 from __future__ import annotations
 
+import inspect
 import math
 from types import SimpleNamespace
 from typing import Optional
@@ -17,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .reference import accumulation_dtype
+from .reference import OP_NAMES, accumulation_dtype
 
 try:
     from . import _C  # noqa: F401  (importing registers torch.ops.mdarts.*)
@@ -25,16 +26,6 @@ try:
     EXTENSION_ERROR: Optional[str] = None
 except ImportError as error:  # the package can still run its reference and triton backends
     EXTENSION_ERROR = f"{type(error).__name__}: {error}"
-
-OP_NAMES = (
-    "mixed_sum",
-    "mixed_sum_backward",
-    "mixed_ln_sum",
-    "mixed_ln_sum_backward",
-    "split_pool",
-    "split_pool_backward",
-    "seeded_dropout",
-)
 
 
 def has_cuda_kernels() -> bool:
@@ -49,6 +40,7 @@ def _new_like(t: Tensor) -> Tensor:
 
 
 # --- fake (meta) implementations, shared by both backends -------------------------------
+# Their signatures follow the schemas of csrc/ops.cpp; the triton ops take theirs from them.
 
 
 def _fake_mixed_sum(outs: list[Tensor], weights: Tensor) -> Tensor:
@@ -212,59 +204,21 @@ def _triton_kernels():
     return triton_kernels
 
 
-@torch.library.custom_op("mdarts::triton_mixed_sum", mutates_args=())
-def _triton_mixed_sum(outs: list[Tensor], weights: Tensor) -> Tensor:
-    return _triton_kernels().mixed_sum(outs, weights)
+def _define_triton_op(name: str) -> torch.library.CustomOpDef:
+    """The opaque custom op ``mdarts::triton_<name>`` around the launcher ``triton_kernels.<name>``.
+
+    Its schema is inferred from the signature of the fake of ``name``, which is that of the cpp op.
+    """
+
+    def launch(*args):
+        return getattr(_triton_kernels(), name)(*args)
+
+    launch.__signature__ = inspect.signature(_FAKES[name])
+    return torch.library.custom_op(f"mdarts::triton_{name}", launch, mutates_args=())
 
 
-@torch.library.custom_op("mdarts::triton_mixed_sum_backward", mutates_args=())
-def _triton_mixed_sum_backward(grad: Tensor, outs: list[Tensor], weights: Tensor) -> tuple[list[Tensor], Tensor]:
-    return _triton_kernels().mixed_sum_backward(grad, outs, weights)
-
-
-@torch.library.custom_op("mdarts::triton_mixed_ln_sum", mutates_args=())
-def _triton_mixed_ln_sum(
-    h: Tensor,
-    outs: list[Tensor],
-    weights: Tensor,
-    ln_weight: Tensor,
-    ln_bias: Tensor,
-    eps: float,
-    residual: Optional[Tensor],
-    sign: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    return _triton_kernels().mixed_ln_sum(h, outs, weights, ln_weight, ln_bias, eps, residual, sign)
-
-
-@torch.library.custom_op("mdarts::triton_mixed_ln_sum_backward", mutates_args=())
-def _triton_mixed_ln_sum_backward(
-    grad: Tensor,
-    h: Tensor,
-    outs: list[Tensor],
-    weights: Tensor,
-    ln_weight: Tensor,
-    ln_bias: Tensor,
-    mean: Tensor,
-    rstd: Tensor,
-    sign: float,
-) -> tuple[Tensor, list[Tensor], Tensor, Tensor, Tensor]:
-    return _triton_kernels().mixed_ln_sum_backward(grad, h, outs, weights, ln_weight, ln_bias, mean, rstd, sign)
-
-
-@torch.library.custom_op("mdarts::triton_split_pool", mutates_args=())
-def _triton_split_pool(xs: list[Tensor], mode: str) -> Tensor:
-    return _triton_kernels().split_pool(xs, mode)
-
-
-@torch.library.custom_op("mdarts::triton_split_pool_backward", mutates_args=())
-def _triton_split_pool_backward(grad: Tensor, xs: list[Tensor], mode: str) -> list[Tensor]:
-    return _triton_kernels().split_pool_backward(grad, xs, mode)
-
-
-@torch.library.custom_op("mdarts::triton_seeded_dropout", mutates_args=())
-def _triton_seeded_dropout(x: Tensor, p: float, seed: int) -> Tensor:
-    return _triton_kernels().seeded_dropout(x, p, seed)
-
+# held here: torch keeps custom op definitions only through weak references
+_TRITON_OPS = {name: _define_triton_op(name) for name in OP_NAMES}
 
 triton = SimpleNamespace(**{name: getattr(torch.ops.mdarts, f"triton_{name}") for name in OP_NAMES})
 _register_fakes("mdarts::triton_")

@@ -13,6 +13,18 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+OP_NAMES = (
+    "mixed_sum",
+    "mixed_sum_backward",
+    "mixed_ln_sum",
+    "mixed_ln_sum_backward",
+    "split_pool",
+    "split_pool_backward",
+    "seeded_dropout",
+)
+"""The names of the fused ops, forward and backward, in ``torch.ops.mdarts`` (csrc/ops.cpp); the
+Triton launchers (``triton_kernels``) and the fake kernels (``ops``) bear the same names."""
+
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 for float64 data, float32 for float32, float16 and bfloat16."""

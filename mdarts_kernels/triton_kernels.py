@@ -37,18 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import accumulation_dtype, dropout_threshold
+from .reference import OP_NAMES, accumulation_dtype, dropout_threshold
 
-__all__ = [
-    "MAX_BLOCK_D",
-    "mixed_sum",
-    "mixed_sum_backward",
-    "mixed_ln_sum",
-    "mixed_ln_sum_backward",
-    "split_pool",
-    "split_pool_backward",
-    "seeded_dropout",
-]
+__all__ = ["MAX_BLOCK_D", *OP_NAMES]  # one launcher per op
 
 MAX_BLOCK_D = 16384
 """Largest padded row length (a power of two) of the LayerNorm kernels."""
@@ -145,6 +136,44 @@ def _max_programs(device: torch.device) -> int:
     return 8
 
 
+def _launch_elementwise(kernel, dtype: torch.dtype, numel: int, *args, **constexprs) -> None:
+    """Launch an elementwise kernel over ``numel`` > 0 elements of data of ``dtype``: one program
+    per ``_ELEMENTWISE_BLOCK`` elements; ``args`` and ``constexprs``, then DTYPE, ACC and BLOCK."""
+    data_tl, acc_tl = _tl_dtypes(dtype)
+    grid = (triton.cdiv(numel, _ELEMENTWISE_BLOCK),)
+    kernel[grid](*args, **constexprs, DTYPE=data_tl, ACC=acc_tl, BLOCK=_ELEMENTWISE_BLOCK)
+
+
+def _check_ln_data(h: torch.Tensor, outs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Check ``outs`` and ``h`` (like ``outs[0]``, at least one dimension) of the LayerNorm ops;
+    return them contiguous."""
+    xs = _check_list(outs, "outs")
+    h = _check_like(h, xs[0], "h")
+    if h.dtype != xs[0].dtype:
+        raise TypeError(f"h: expected dtype {xs[0].dtype} (that of outs), got {h.dtype}")
+    if h.dim() == 0:
+        raise ValueError("h: expected at least one dimension")
+    return h, xs
+
+
+def _check_ln_params(
+    weights: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    k_count: int,
+    d: int,
+    device: torch.device,
+    acc: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``weights`` (K,) and ``ln_weight``, ``ln_bias`` (K, D) of the LayerNorm ops, checked as by
+    :func:`_check_vector`."""
+    return (
+        _check_vector(weights, (k_count,), device, acc, "weights"),
+        _check_vector(ln_weight, (k_count, d), device, acc, "ln_weight"),
+        _check_vector(ln_bias, (k_count, d), device, acc, "ln_bias"),
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Kernels. DTYPE is the element type of the tensors behind a pointer table, ACC the
 # accumulation type. Pointer tables hold one int64 address per list entry.
@@ -167,16 +196,7 @@ def _mixed_sum_fwd_kernel(x_table, w_ptr, y_ptr, numel, K, DTYPE: tl.constexpr, 
 
 @triton.jit
 def _mixed_sum_bwd_kernel(
-    g_ptr,
-    x_table,
-    gx_table,
-    w_ptr,
-    partial_ptr,
-    numel,
-    K,
-    DTYPE: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
+    g_ptr, x_table, gx_table, w_ptr, partial_ptr, numel, K, DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr
 ):
     """gx_k = w[k] * g over one block; partial[pid, k] = sum over the block of g * x_k."""
     pid = tl.program_id(0).to(tl.int64)
@@ -326,30 +346,37 @@ def _mixed_ln_sum_bwd_kernel(
 
 
 @triton.jit
+def _first_max(x_table, n, offs, mask, DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Elementwise maximum of the n tensors over one block and the index of the first tensor that
+    holds it; a NaN counts as a maximum, so the first NaN wins and propagates."""
+    first_ptr = tl.load(x_table).to(tl.pointer_type(DTYPE))
+    best = tl.load(first_ptr + offs, mask=mask, other=0.0).to(ACC)
+    best_idx = tl.zeros([BLOCK], dtype=tl.int32)
+    for k in range(1, n):
+        x_ptr = tl.load(x_table + k).to(tl.pointer_type(DTYPE))
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        take = (x > best) | ((x != x) & (best == best))
+        best = tl.where(take, x, best)
+        best_idx = tl.where(take, k, best_idx)
+    return best, best_idx
+
+
+@triton.jit
 def _split_pool_fwd_kernel(
-    x_table,
-    y_ptr,
-    numel,
-    n,
-    IS_MAX: tl.constexpr,
-    DTYPE: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
+    x_table, y_ptr, numel, n, IS_MAX: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr
 ):
     """y = elementwise max (NaN propagates, first one wins) or mean of the n tensors."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    first_ptr = tl.load(x_table).to(tl.pointer_type(DTYPE))
-    acc = tl.load(first_ptr + offs, mask=mask, other=0.0).to(ACC)
-    for k in range(1, n):
-        x_ptr = tl.load(x_table + k).to(tl.pointer_type(DTYPE))
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        if IS_MAX:
-            acc = tl.where((x > acc) | ((x != x) & (acc == acc)), x, acc)
-        else:
-            acc += x
-    if not IS_MAX:
+    if IS_MAX:
+        acc, _ = _first_max(x_table, n, offs, mask, DTYPE, ACC, BLOCK)
+    else:
+        first_ptr = tl.load(x_table).to(tl.pointer_type(DTYPE))
+        acc = tl.load(first_ptr + offs, mask=mask, other=0.0).to(ACC)
+        for k in range(1, n):
+            x_ptr = tl.load(x_table + k).to(tl.pointer_type(DTYPE))
+            acc += tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         acc = acc / n
     tl.store(y_ptr + offs, acc.to(DTYPE), mask=mask)
 
@@ -372,15 +399,7 @@ def _split_pool_bwd_kernel(
     mask = offs < numel
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
     if IS_MAX:
-        first_ptr = tl.load(x_table).to(tl.pointer_type(DTYPE))
-        best = tl.load(first_ptr + offs, mask=mask, other=0.0).to(ACC)
-        best_idx = tl.zeros([BLOCK], dtype=tl.int32)
-        for k in range(1, n):
-            x_ptr = tl.load(x_table + k).to(tl.pointer_type(DTYPE))
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-            take = (x > best) | ((x != x) & (best == best))
-            best = tl.where(take, x, best)
-            best_idx = tl.where(take, k, best_idx)
+        _, best_idx = _first_max(x_table, n, offs, mask, DTYPE, ACC, BLOCK)
         for k in range(n):
             gx_ptr = tl.load(gx_table + k).to(tl.pointer_type(DTYPE))
             tl.store(gx_ptr + offs, tl.where(best_idx == k, g, 0.0).to(DTYPE), mask=mask)
@@ -404,16 +423,7 @@ def _mix32(h):
 
 @triton.jit(do_not_specialize=["k0", "k1", "threshold"])
 def _seeded_dropout_kernel(
-    x_ptr,
-    y_ptr,
-    numel,
-    k0,
-    k1,
-    threshold,
-    scale,
-    DTYPE: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
+    x_ptr, y_ptr, numel, k0, k1, threshold, scale, DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr
 ):
     """y = x * (scale if mix32(mix32(lo ^ k0) + (k1 ^ hi)) >= threshold else 0) (lo, hi: the
     32-bit halves of the element index)."""
@@ -449,11 +459,7 @@ def mixed_sum(outs: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tens
     numel = y.numel()
     if numel == 0:
         return y
-    dtype, acc_tl = _tl_dtypes(y.dtype)
-    grid = (triton.cdiv(numel, _ELEMENTWISE_BLOCK),)
-    _mixed_sum_fwd_kernel[grid](
-        _pointer_table(xs), w, y, numel, len(xs), DTYPE=dtype, ACC=acc_tl, BLOCK=_ELEMENTWISE_BLOCK
-    )
+    _launch_elementwise(_mixed_sum_fwd_kernel, y.dtype, numel, _pointer_table(xs), w, y, numel, len(xs))
     return y
 
 
@@ -480,10 +486,12 @@ def mixed_sum_backward(
     numel = g.numel()
     if numel == 0:
         return grad_outs, torch.zeros_like(weights)
-    dtype, acc_tl = _tl_dtypes(xs[0].dtype)
-    num_programs = triton.cdiv(numel, _ELEMENTWISE_BLOCK)
+    num_programs = triton.cdiv(numel, _ELEMENTWISE_BLOCK)  # those of _launch_elementwise
     partial = torch.empty((num_programs, k_count), dtype=acc, device=g.device)
-    _mixed_sum_bwd_kernel[(num_programs,)](
+    _launch_elementwise(
+        _mixed_sum_bwd_kernel,
+        xs[0].dtype,
+        numel,
         g,
         _pointer_table(xs),
         _pointer_table(grad_outs),
@@ -491,9 +499,6 @@ def mixed_sum_backward(
         partial,
         numel,
         k_count,
-        DTYPE=dtype,
-        ACC=acc_tl,
-        BLOCK=_ELEMENTWISE_BLOCK,
     )
     return grad_outs, partial.sum(0).to(weights.dtype)
 
@@ -521,18 +526,11 @@ def mixed_ln_sum(
         ``out`` of the shape and dtype of ``h``; ``mean`` and ``rstd`` of ``h + outs[k]`` per row,
         ``(K, N)`` in the accumulation dtype.
     """
-    xs = _check_list(outs, "outs")
-    h = _check_like(h, xs[0], "h")
-    if h.dtype != xs[0].dtype:
-        raise TypeError(f"h: expected dtype {xs[0].dtype} (that of outs), got {h.dtype}")
-    if h.dim() == 0:
-        raise ValueError("h: expected at least one dimension")
+    h, xs = _check_ln_data(h, outs)
     k_count, d = len(xs), h.shape[-1]
     block_d, block_rows, num_warps = _row_config(d)
     acc = accumulation_dtype(h.dtype)
-    w = _check_vector(weights, (k_count,), h.device, acc, "weights")
-    lnw = _check_vector(ln_weight, (k_count, d), h.device, acc, "ln_weight")
-    lnb = _check_vector(ln_bias, (k_count, d), h.device, acc, "ln_bias")
+    w, lnw, lnb = _check_ln_params(weights, ln_weight, ln_bias, k_count, d, h.device, acc)
     res = None if residual is None else _check_like(residual, h, "residual")
     n_rows = h.numel() // d
     y = torch.empty_like(h)
@@ -590,32 +588,19 @@ def mixed_ln_sum_backward(
         ``grad_outs`` have the shape and dtype of ``h``; ``grad_weights`` is ``(K,)`` and
         ``grad_ln_weight``/``grad_ln_bias`` are ``(K, D)`` in the dtypes of their inputs.
     """
-    xs = _check_list(outs, "outs")
-    h = _check_like(h, xs[0], "h")
-    if h.dtype != xs[0].dtype:
-        raise TypeError(f"h: expected dtype {xs[0].dtype} (that of outs), got {h.dtype}")
-    if h.dim() == 0:
-        raise ValueError("h: expected at least one dimension")
+    h, xs = _check_ln_data(h, outs)
     g = _check_like(grad, h, "grad")
     k_count, d = len(xs), h.shape[-1]
     block_d, block_rows, num_warps = _row_config(d)
     n_rows = h.numel() // d
     acc = accumulation_dtype(h.dtype)
-    w = _check_vector(weights, (k_count,), h.device, acc, "weights")
-    lnw = _check_vector(ln_weight, (k_count, d), h.device, acc, "ln_weight")
-    lnb = _check_vector(ln_bias, (k_count, d), h.device, acc, "ln_bias")
+    w, lnw, lnb = _check_ln_params(weights, ln_weight, ln_bias, k_count, d, h.device, acc)
     mean = _check_vector(mean, (k_count, n_rows), h.device, acc, "mean")
     rstd = _check_vector(rstd, (k_count, n_rows), h.device, acc, "rstd")
     grad_h = torch.empty_like(h)
     grad_outs = [torch.empty_like(x) for x in xs]
     if n_rows == 0:
-        return (
-            grad_h,
-            grad_outs,
-            torch.zeros_like(weights),
-            torch.zeros_like(ln_weight),
-            torch.zeros_like(ln_bias),
-        )
+        return (grad_h, grad_outs, torch.zeros_like(weights), torch.zeros_like(ln_weight), torch.zeros_like(ln_bias))
     tiles = triton.cdiv(n_rows, block_rows)
     num_programs = min(tiles, _max_programs(h.device))
     rows_per_program = triton.cdiv(tiles, num_programs) * block_rows
@@ -681,18 +666,7 @@ def split_pool(xs: Sequence[torch.Tensor], mode: str) -> torch.Tensor:
     numel = y.numel()
     if numel == 0:
         return y
-    dtype, acc_tl = _tl_dtypes(y.dtype)
-    grid = (triton.cdiv(numel, _ELEMENTWISE_BLOCK),)
-    _split_pool_fwd_kernel[grid](
-        _pointer_table(ts),
-        y,
-        numel,
-        len(ts),
-        IS_MAX=is_max,
-        DTYPE=dtype,
-        ACC=acc_tl,
-        BLOCK=_ELEMENTWISE_BLOCK,
-    )
+    _launch_elementwise(_split_pool_fwd_kernel, y.dtype, numel, _pointer_table(ts), y, numel, len(ts), IS_MAX=is_max)
     return y
 
 
@@ -714,18 +688,16 @@ def split_pool_backward(grad: torch.Tensor, xs: Sequence[torch.Tensor], mode: st
     numel = g.numel()
     if numel == 0:
         return grads
-    dtype, acc_tl = _tl_dtypes(ts[0].dtype)
-    grid = (triton.cdiv(numel, _ELEMENTWISE_BLOCK),)
-    _split_pool_bwd_kernel[grid](
+    _launch_elementwise(
+        _split_pool_bwd_kernel,
+        ts[0].dtype,
+        numel,
         g,
         _pointer_table(ts),
         _pointer_table(grads),
         numel,
         len(ts),
         IS_MAX=is_max,
-        DTYPE=dtype,
-        ACC=acc_tl,
-        BLOCK=_ELEMENTWISE_BLOCK,
     )
     return grads
 
@@ -750,10 +722,11 @@ def seeded_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     numel = x.numel()
     if numel == 0:
         return y
-    dtype, acc_tl = _tl_dtypes(x.dtype)
-    grid = (triton.cdiv(numel, _ELEMENTWISE_BLOCK),)
     scale = 1.0 / (1.0 - p)
-    _seeded_dropout_kernel[grid](
+    _launch_elementwise(
+        _seeded_dropout_kernel,
+        x.dtype,
+        numel,
         x,
         y,
         numel,
@@ -761,8 +734,5 @@ def seeded_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
         (seed >> 32) & 0xFFFFFFFF,
         dropout_threshold(p),
         scale,
-        DTYPE=dtype,
-        ACC=acc_tl,
-        BLOCK=_ELEMENTWISE_BLOCK,
     )
     return y
