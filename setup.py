@@ -81,10 +81,7 @@ def extensions():
         sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
         common["include_dirs"] += nvidia_include_dirs()
         ext = CUDAExtension(
-            "mdarts_kernels._C",
-            sources,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
-            **common,
+            "mdarts_kernels._C", sources, extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]}, **common
         )
     else:
         ext = CppExtension("mdarts_kernels._C", sources, extra_compile_args={"cxx": cxx_flags}, **common)

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 from .config import MEMORY_MODES, POOLS, SettingError
 
-CHOICES = {"memory_mode": MEMORY_MODES, "pool": POOLS}
+CHOICES = {"memory_mode": (*MEMORY_MODES, "auto"), "pool": POOLS}
 
 
 def option(name: str) -> str:

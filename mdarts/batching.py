@@ -9,7 +9,8 @@ lengths; :func:`make_batches` keeps it at most ``max_tokens``.
 A pair too long to fit ``max_tokens`` even alone is left out (not batched on its own),
 with a warning; callers that must keep every sentence (evaluation, translation) choose
 ``max_tokens`` at least the longest sentence, or filter first with
-:func:`filter_by_length`, which training does anyway.
+:func:`filter_by_length`, which training does anyway. The pairs that filter leaves out
+(:attr:`TokenBatches.dropped`) are reported by :func:`warn_dropped`, with their line numbers.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import random
 import warnings
 from dataclasses import dataclass, replace
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
@@ -179,6 +180,10 @@ class TokenBatches:
     :meth:`set_epoch` picks the epoch. Batches depend only on the data, ``max_tokens``,
     ``max_positions``, ``seed`` and the epoch, so a resumed run can rebuild them and skip
     the ones already seen.
+
+    Attributes:
+        kept: indices of the pairs batched (those within ``max_positions``), ascending.
+        dropped: indices of the pairs left out for being longer (reported by :func:`warn_dropped`).
     """
 
     def __init__(
@@ -200,6 +205,8 @@ class TokenBatches:
         self.kept = (
             list(range(len(src_ids))) if max_positions is None else filter_by_length(src_ids, tgt_ids, max_positions)
         )
+        kept = set(self.kept)
+        self.dropped = [i for i in range(len(src_ids)) if i not in kept]
         self.epoch = 0
         self._batches = self._indices()
 
@@ -224,3 +231,57 @@ class TokenBatches:
 
     def _indices(self) -> list[list[int]]:
         return make_batches(self.src_ids, self.tgt_ids, self.max_tokens, self.seed, self.shuffle, self.epoch, self.kept)
+
+
+# ----------------------------------------------------------------------------- dropped pairs
+
+SHOWN_LINES = 5
+"""How many line numbers a warning about left-out pairs lists."""
+
+
+def line_numbers(split: Any, indices: Sequence[int]) -> list[int]:
+    """1-based line numbers (in the split's files) of the pairs ``indices`` of ``split`` (an
+    :class:`~mdarts.prepare.EncodedSplit`; one without a ``lines`` record counts from line 1)."""
+    lines = getattr(split, "lines", None)
+    return [i + 1 for i in indices] if lines is None else [lines[i] for i in indices]
+
+
+def format_lines(numbers: Sequence[int], shown: int = SHOWN_LINES) -> str:
+    """``"line 7"``, ``"lines 3, 9, 12"`` or ``"lines 3, 9, 12, 20, 31, ..."`` (the first ``shown``)."""
+    listed = ", ".join(str(n) for n in numbers[:shown]) + (", ..." if len(numbers) > shown else "")
+    return f"line{'s' if len(numbers) > 1 else ''} {listed}"
+
+
+def dropped_message(split: Any, name: str, dropped: Sequence[int], max_positions: int, purpose: str) -> Optional[str]:
+    """The warning about the pairs ``dropped`` (indices) of ``split`` for being longer than
+    ``max_positions``; None when none was."""
+    if not dropped:
+        return None
+    return (
+        f"{purpose}: left out {len(dropped)} of {len(split.src_ids)} {name} pair(s) whose source or target is longer "
+        f"than max_positions={max_positions} positions (subwords + EOS): {format_lines(line_numbers(split, dropped))}"
+    )
+
+
+def warn_dropped(
+    data: Any, max_positions: int, purpose: str, splits: Sequence[str] = ("train", "val"), stacklevel: int = 2
+) -> dict[str, int]:
+    """Warn (``warnings.warn``, one warning per split) about the pairs of ``data``'s training and
+    validation splits (a :class:`~mdarts.prepare.PreparedData`, or a dict of splits) that
+    :class:`TokenBatches` leaves out for being longer than ``max_positions``: how many, and the
+    line numbers of the first few. ``purpose`` ("training", "search") starts the message.
+    Returns the number of pairs kept in each split present."""
+    present = getattr(data, "splits", data)
+    kept = {}
+    for name in splits:
+        if name not in present:
+            continue
+        split = present[name]
+        fits = filter_by_length(split.src_ids, split.tgt_ids, max_positions)
+        fitting = set(fits)
+        dropped = [i for i in range(len(split.src_ids)) if i not in fitting]
+        message = dropped_message(split, name, dropped, max_positions, purpose)
+        if message is not None:
+            warnings.warn(message, stacklevel=stacklevel + 1)
+        kept[name] = len(fits)
+    return kept

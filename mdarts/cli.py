@@ -28,6 +28,7 @@ from .config import (
     search_preset,
 )
 from .data import PAIRS, SPLIT_LANGUAGES
+from .runs import RunDirectory
 
 SIGNAL_NAMES = ("SIGINT", "SIGTERM")  # the signals after which a run stops with a checkpoint
 
@@ -149,12 +150,14 @@ def _run_search(args: argparse.Namespace) -> int:
     if "max_steps" in values or "max_minutes" in values:  # a budget given replaces the preset's
         values = {"max_steps": None, "max_minutes": None, **values}
     settings = build_settings(SearchSettings, values, base=search_preset(args.preset))
+    RunDirectory(args.out, "search").check(args.resume, args.overwrite)  # before the data is prepared
     data = _prepared(args, ("train", "val"))
-    result = Searcher(config, data, settings, args.out, resume=args.resume, overwrite=args.overwrite).run()
-    if result.stopped_by is not None:
+    searcher = Searcher(config, data, settings, args.out, resume=args.resume, overwrite=args.overwrite)
+    result = searcher.run()
+    if result.stopped_by in SIGNAL_NAMES:
         return _stopped_by_signal(args, result.stopped_by, result.steps)
     print(
-        f"searched {result.steps} steps, memory mode {config.memory_mode}, "
+        f"searched {result.steps} steps ({result.stopped_by}), memory mode {searcher.memory_reason}, "
         f"peak memory {result.peak_memory_bytes / 2**20:,.0f} MiB"
     )
     if result.val_loss is not None:
@@ -234,6 +237,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from .train import Trainer
 
     train_config = build_settings(TrainConfig, given(args, TrainConfig))
+    RunDirectory(args.out, "training").check(args.resume, args.overwrite)  # before the data is prepared
     device = resolve_device(train_config.device)
     config = preset(args.preset, training=True)
     genotype = None if args.arch in BASELINES else Genotype.load(args.arch)
@@ -405,6 +409,40 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- experiment
+
+
+def _experiment_parser(sub) -> None:
+    parser = _command(sub, _run_experiment)
+    parser.add_argument("spec", type=Path, help="the experiment's specification (TOML or JSON; see mdarts.experiment)")
+    parser.add_argument("--out", type=Path, required=True, help="experiment directory (run again to continue)")
+    parser.add_argument("--data-dir", type=Path, help="folder of the raw Multi30k files (default $MDARTS_DATA)")
+    parser.add_argument("--max-minutes", type=_positive_float, help="start no new search or training after this")
+    _add_device(parser)
+
+
+def _run_experiment(args: argparse.Namespace) -> int:
+    """Run a comparison of searched networks against baselines from a specification file.
+
+    Searches, derives, sizes every network to the same parameter count, retrains every arm with
+    identical settings and seeds, scores the test split once at the end and writes table.md,
+    bleu.png and summary.json into --out. Running the same command again continues a stopped
+    experiment; finished searches and trainings are not redone.
+    """
+    from .experiment import Experiment, ExperimentSpec
+
+    spec = ExperimentSpec.load(args.spec)
+    summary = Experiment(spec, args.out, args.data_dir or os.environ.get("MDARTS_DATA"), args.device).run(
+        args.max_minutes
+    )
+    if summary is None:
+        again = shlex.join(["mdarts", *args.argv])
+        print(f"mdarts experiment: stopped before the end; continue with:\n  {again}", file=sys.stderr)
+        return 3
+    print((args.out / "table.md").read_text())
+    return 0
+
+
 # --------------------------------------------------------------------------- plan
 
 
@@ -463,7 +501,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mdarts", description="Memory-efficient differentiable architecture search for Transformers."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_search_parser, _derive_parser, _train_parser, _translate_parser, _evaluate_parser, _plan_parser):
+    for add in (
+        _search_parser,
+        _derive_parser,
+        _train_parser,
+        _translate_parser,
+        _evaluate_parser,
+        _experiment_parser,
+        _plan_parser,
+    ):
         add(sub)
     return parser
 
@@ -500,6 +546,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(f"mdarts {args.command}: interrupted; every file written so far is whole", file=sys.stderr)
+        if args.command in ("train", "search"):
+            print(f"  resume with: {_resume_command(args)}", file=sys.stderr)
         return 130
 
 

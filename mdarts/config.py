@@ -156,7 +156,8 @@ class ModelConfig(Settings):
     memory_mode: str = setting(
         "reconstruct",
         "reconstruct (recompute layers from their outputs, this method), checkpoint (store each "
-        "layer's input) or store (plain autograd: plain DARTS)",
+        "layer's input), store (plain autograd: plain DARTS), or auto (a search picks the fastest that fits "
+        "memory_budget_gb: store, else checkpoint, else reconstruct)",
     )
     pad_id: int = setting(0, "padding token id", cli=False)
     pool: str = setting("max", "how a split reads the other parts: elementwise max or mean")
@@ -188,7 +189,7 @@ class ModelConfig(Settings):
         if self.d_model % self.heads:
             raise SettingError("ModelConfig", "heads", f"{self.heads} does not divide d_model={self.d_model}")
         self._check_fraction(("dropout",))
-        self._check_choice("memory_mode", MEMORY_MODES)
+        self._check_choice("memory_mode", (*MEMORY_MODES, "auto"))
         self._check_choice("pool", POOLS)
         for name, allowed in (("encoder_candidates", ENCODER_CANDIDATES), ("decoder_candidates", DECODER_CANDIDATES)):
             chosen = getattr(self, name)
@@ -248,7 +249,8 @@ class RunSettings(Settings):
         self._check_ints(("max_steps",), 1, optional=True)
         self._check_positive(("max_minutes",), optional=True)
         self._check_positive(("lr",))
-        self._check_ints(("warmup_steps", "max_tokens"), 1)
+        self._check_ints(("warmup_steps",), 1, optional=isinstance(self, SearchSettings))
+        self._check_ints(("max_tokens",), 1)
         self._check_betas(("betas",))
         self._check_positive(("clip_norm",), zero=True)
         self._check_fraction(("label_smoothing",))
@@ -293,13 +295,53 @@ class SearchSettings(RunSettings):
     """How to search (the supernet itself is a :class:`ModelConfig`); docs/design.md 1.1.
     At least one of max_steps, max_minutes must be set."""
 
-    warmup_steps: int = setting(10_000, "linear warm-up updates of the weights; then the rate decays as 1/sqrt(step)")
-    alpha_lr: float = setting(3e-4, "learning rate of the architecture logits (fixed)")
-    alpha_betas: tuple[float, float] = setting((0.9, 0.98), "Adam betas of the architecture logits")
+    warmup_steps: Optional[int] = setting(
+        None, "linear warm-up updates of the weights, then 1/sqrt(step) decay (none: warmup_fraction of the budget)"
+    )
+    warmup_fraction: float = setting(
+        0.1, "the weights' warm-up as a fraction of the step budget (without warmup_steps)"
+    )
+    weights_only_fraction: float = setting(
+        0.3, "first fraction of the budget in which only the weights train, alpha frozen (as PC-DARTS does)"
+    )
+    alpha_lr: Optional[float] = setting(
+        None, "fixed learning rate of the architecture logits (none: alpha_travel / the number of alpha steps)"
+    )
+    alpha_travel: float = setting(
+        3.0,
+        "logit distance Adam can move a logit over the alpha phase if its gradient keeps its sign (one alpha_lr a "
+        "step); sets alpha_lr. 3 lets one op of 13 reach 0.6 against uniform 0.08",
+    )
+    alpha_betas: tuple[float, float] = setting((0.5, 0.999), "Adam betas of the architecture logits (DARTS's)")
     alpha_weight_decay: float = setting(1e-3, "Adam's L2 term on the architecture logits")
+    alpha_dropout: bool = setting(False, "dropout on in the architecture step (off: alpha sees the evaluated network)")
+    affine_free: bool = setting(
+        True, "candidate LayerNorms without learned gain and bias while searching, so the weights cannot do alpha's job"
+    )
+    parameter_free: bool = setting(
+        False,
+        "keep the parameter-free ops (zero, identity) in the search space; off: in a short search they win before "
+        "the other ops have learned anything (DARTS collapse), and derive never picks zero",
+    )
+    stable_evals: int = setting(
+        0, "stop once the genotype has not changed for this many evaluations of the alpha phase (0: never)"
+    )
+    single_path: bool = setting(
+        False,
+        "random search with weight sharing (Li and Talwalkar 2019) instead of DARTS: each weight step trains one "
+        "uniformly drawn path, alpha is never trained, and the genotype is the best of ranked_paths random ones by "
+        "shared-weight validation loss",
+    )
+    ranked_paths: int = setting(100, "with single_path: random genotypes ranked at the end")
+    memory_budget_gb: Optional[float] = setting(
+        None, "memory a step may use, for --memory-mode auto (none: 90%% of the GPU, or 80%% of the free RAM)"
+    )
     split_ratio: float = setting(0.55, "fraction of the training pairs for the weights (the rest, disjoint, for alpha)")
     eval_interval: int = setting(
         500, "steps between evaluations (genotype, alpha history, heatmap, validation loss)", resumable=True
+    )
+    valid_interval: int = setting(
+        500, "steps between validation losses (at an evaluation; the last evaluation always has one)", resumable=True
     )
     checkpoint_interval: int = setting(1000, "steps between checkpoints", resumable=True)
     second_order: bool = setting(False, "unrolled (second-order) DARTS")
@@ -310,13 +352,17 @@ class SearchSettings(RunSettings):
         super().__post_init__()
         if self.max_steps is None and self.max_minutes is None:
             raise SettingError("SearchSettings", "max_steps", "give a budget, max_steps and/or max_minutes")
-        self._check_positive(("alpha_lr",))
-        self._check_positive(("clip_norm",))
+        self._check_positive(("alpha_lr", "memory_budget_gb"), optional=True)
+        self._check_positive(("clip_norm", "alpha_travel"))
+        self._check_fraction(("warmup_fraction",), low_open=True)
+        self._check_fraction(("weights_only_fraction",))
+        self._check_ints(("stable_evals",), 0)
+        self._check_ints(("ranked_paths",), 1)
         self._check_positive(("unrolled_lr",), optional=True, zero=True)
         self._check_positive(("alpha_weight_decay",), zero=True)
         self._check_betas(("alpha_betas",))
         self._check_fraction(("split_ratio",), low_open=True)
-        self._check_ints(("eval_interval", "checkpoint_interval"), 1)
+        self._check_ints(("eval_interval", "valid_interval", "checkpoint_interval"), 1)
         if self.second_order and self.bf16:
             raise SettingError(
                 "SearchSettings",
@@ -328,12 +374,14 @@ class SearchSettings(RunSettings):
 # ----------------------------------------------------------------------------- presets
 
 MODEL_PRESETS: dict[str, ModelConfig] = {
-    # a search that runs on 2 CPU cores in minutes
-    "tiny": ModelConfig(d_model=96, embed_dim=64, encoder_layers=2, decoder_layers=2, heads=4, max_positions=128),
+    # a search that runs on 2 CPU cores in minutes (memory mode: the fastest that fits)
+    "tiny": ModelConfig(
+        d_model=96, embed_dim=64, encoder_layers=2, decoder_layers=2, heads=4, max_positions=128, memory_mode="auto"
+    ),
     # a search for one GPU
-    "small": ModelConfig(d_model=240, embed_dim=128, encoder_layers=6, decoder_layers=6, heads=8),
+    "small": ModelConfig(d_model=240, embed_dim=128, encoder_layers=6, decoder_layers=6, heads=8, memory_mode="auto"),
     # the paper's search width (docs/design.md 1.2): e = 256, d = 960
-    "paper": ModelConfig(d_model=960, embed_dim=256, encoder_layers=6, decoder_layers=6, heads=8),
+    "paper": ModelConfig(d_model=960, embed_dim=256, encoder_layers=6, decoder_layers=6, heads=8, memory_mode="auto"),
 }
 PRESETS = MODEL_PRESETS  # the search presets' models (earlier name)
 
@@ -348,10 +396,10 @@ TRAIN_PRESETS: dict[str, ModelConfig] = {
 # how each search preset searches: "tiny" finishes in about 10 minutes on 2 CPU cores
 SEARCH_PRESETS: dict[str, SearchSettings] = {
     "tiny": SearchSettings(
-        max_minutes=10.0, warmup_steps=200, eval_interval=50, checkpoint_interval=100, max_tokens=2048
+        max_minutes=10.0, lr=1e-3, eval_interval=10, valid_interval=100, checkpoint_interval=50, max_tokens=2048
     ),
-    "small": SearchSettings(max_steps=20_000, warmup_steps=4000, eval_interval=500, checkpoint_interval=1000),
-    "paper": SearchSettings(max_steps=60_000, warmup_steps=10_000, eval_interval=1000, checkpoint_interval=2000),
+    "small": SearchSettings(max_steps=20_000, eval_interval=500, checkpoint_interval=1000),
+    "paper": SearchSettings(max_steps=60_000, eval_interval=1000, checkpoint_interval=2000),
 }
 
 

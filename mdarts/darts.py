@@ -15,7 +15,10 @@ logs, checkpoints) is :class:`mdarts.search.Searcher`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -150,28 +153,75 @@ def unrolled_arch_gradients(
     return val_loss, [g - xi * h for g, h in zip(da, hvp)]
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """The budget-relative schedule of a search of ``steps`` steps (docs/design.md 1.1).
+
+    The weights warm up over ``warmup_steps`` (then decay as 1/sqrt(step)); alpha is frozen
+    until step ``alpha_start`` (1-based), then updated once a step at the fixed ``alpha_lr``.
+    Adam moves a logit by about its learning rate per step while the gradient keeps its sign,
+    so over the ``steps - alpha_start + 1`` alpha steps a logit can travel about
+    ``alpha_travel``: alpha_lr = alpha_travel / alpha steps. (The paper's 3e-4 over 60,000
+    steps allows 18; over 200 steps it allows 0.06, which leaves every weight near uniform.)
+    """
+
+    steps: int
+    warmup_steps: int
+    alpha_start: int
+    alpha_lr: float
+
+    @classmethod
+    def plan(cls, settings: SearchSettings, steps: int) -> "Schedule":
+        """The schedule of ``settings`` for a budget of ``steps`` search steps."""
+        warmup = settings.warmup_steps or max(1, round(settings.warmup_fraction * steps))
+        alpha_start = round(settings.weights_only_fraction * steps) + 1
+        alpha_lr = settings.alpha_lr or settings.alpha_travel / max(1, steps - alpha_start + 1)
+        return cls(steps, warmup, alpha_start, alpha_lr)
+
+    def check(self, settings: SearchSettings) -> None:
+        """ValueError when the budget is too short for the phases: no architecture step left
+        after the weights-only phase."""
+        if self.alpha_start > self.steps:
+            need = math.floor(1 / max(1e-9, 1 - settings.weights_only_fraction)) + 1
+            raise ValueError(
+                f"--max-steps / --max-minutes: a budget of {self.steps} steps leaves no architecture step after the "
+                f"weights-only phase ({settings.weights_only_fraction:.0%} of it); give at least {need} steps or a "
+                "smaller --weights-only-fraction"
+            )
+
+
 class DartsSearcher:
-    """A supernet, its two optimisers and the step counter: one :meth:`step` is one theta
-    update on a theta batch, then one alpha update on an alpha batch.
+    """A supernet, its two optimisers, the schedule and the step counter: one :meth:`step` is one
+    theta update on a theta batch, then (from ``schedule.alpha_start`` on) one alpha update on an
+    alpha batch.
 
     Each update computes the gradient of its own parameter group only (``torch.autograd.grad``)
     and steps only its own optimiser, so a theta update leaves every alpha bit-identical and
-    an alpha update every weight."""
+    an alpha update every weight. The first-order alpha update runs with the weights frozen
+    (no weight gradient is computed, not even inside the reversible layers' backward) and,
+    unless ``alpha_dropout``, in eval mode (no dropout)."""
 
-    def __init__(self, model: Supernet, settings: SearchSettings) -> None:
+    def __init__(self, model: Supernet, settings: SearchSettings, schedule: Schedule) -> None:
         self.model = model
         self.settings = settings
+        self.schedule = schedule
         self.config = model.config
-        self.weights = model.weight_parameters()
+        self.weights = [p for p in model.weight_parameters() if p.requires_grad]
         self.arch = model.arch_parameters()
         self.theta_optimizer = torch.optim.Adam(self.weights, lr=settings.lr, betas=settings.betas)
         self.alpha_optimizer = torch.optim.Adam(
-            self.arch, lr=settings.alpha_lr, betas=settings.alpha_betas, weight_decay=settings.alpha_weight_decay
+            self.arch, lr=schedule.alpha_lr, betas=settings.alpha_betas, weight_decay=settings.alpha_weight_decay
         )
         names = {id(p): name for name, p in model.named_parameters()}
         self.weight_names = [names[id(p)] for p in self.weights]
         self.arch_names = [names[id(p)] for p in self.arch]
         self.steps = 0
+
+    def reschedule(self, schedule: Schedule) -> None:
+        """Continue under ``schedule`` (the plan of a minutes budget, once the step time is known)."""
+        self.schedule = schedule
+        for group in self.alpha_optimizer.param_groups:
+            group["lr"] = schedule.alpha_lr
 
     def _autocast(self, device: torch.device) -> torch.autocast:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.settings.bf16)
@@ -184,7 +234,11 @@ class DartsSearcher:
 
     def theta_lr(self, step: Optional[int] = None) -> float:
         """Theta learning rate of update ``step`` (default: the next one)."""
-        return inverse_sqrt_lr(self.steps + 1 if step is None else step, self.settings.lr, self.settings.warmup_steps)
+        return inverse_sqrt_lr(self.steps + 1 if step is None else step, self.settings.lr, self.schedule.warmup_steps)
+
+    def alpha_active(self, step: Optional[int] = None) -> bool:
+        """Whether search step ``step`` (default: the next one) updates alpha."""
+        return (self.steps + 1 if step is None else step) >= self.schedule.alpha_start
 
     def theta_step(self, batch: Batch) -> float:
         """One Adam update of the weights on ``batch`` (device tensors), clipped; returns the loss."""
@@ -203,26 +257,35 @@ class DartsSearcher:
         """One Adam update of the architecture logits on ``batch`` (alpha part); returns its loss.
 
         Second-order settings need ``train_batch`` (a theta-part batch) for the unrolled step."""
-        self.model.train()
-        if self.settings.second_order:
-            if train_batch is None:
-                raise ValueError("alpha_step: second-order DARTS needs the theta batch (train_batch)")
-            xi = self.theta_lr(max(self.steps, 1)) if self.settings.unrolled_lr is None else self.settings.unrolled_lr
-            loss, grads = unrolled_arch_gradients(
-                self.model, self._loss, self.weight_names, self.arch_names, train_batch, batch, xi
-            )
-        else:
-            loss = self._loss(self.model, batch)
-            grads = torch.autograd.grad(loss, self.arch, allow_unused=True)
+        self.model.train(self.settings.alpha_dropout)
+        try:
+            if self.settings.second_order:
+                if train_batch is None:
+                    raise ValueError("alpha_step: second-order DARTS needs the theta batch (train_batch)")
+                xi = (
+                    self.theta_lr(max(self.steps, 1))
+                    if self.settings.unrolled_lr is None
+                    else self.settings.unrolled_lr
+                )
+                loss, grads = unrolled_arch_gradients(
+                    self.model, self._loss, self.weight_names, self.arch_names, train_batch, batch, xi
+                )
+            else:
+                with _frozen(self.weights):
+                    loss = self._loss(self.model, batch)
+                    grads = torch.autograd.grad(loss, self.arch, allow_unused=True)
+        finally:
+            self.model.train()
         _set_grads(self.arch, grads)
         self.alpha_optimizer.step()
         self.alpha_optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    def step(self, theta_batch: Batch, alpha_batch: Batch) -> tuple[float, float]:
-        """One search step: theta update, then alpha update; returns (theta loss, alpha loss)."""
+    def step(self, theta_batch: Batch, alpha_batch: Optional[Batch]) -> tuple[float, Optional[float]]:
+        """One search step: theta update, then the alpha update when ``alpha_batch`` is given
+        (see :meth:`alpha_active`); returns (theta loss, alpha loss or None)."""
         theta_loss = self.theta_step(theta_batch)
-        alpha_loss = self.alpha_step(alpha_batch, theta_batch)
+        alpha_loss = None if alpha_batch is None else self.alpha_step(alpha_batch, theta_batch)
         self.steps += 1
         return theta_loss, alpha_loss
 
@@ -239,3 +302,15 @@ class DartsSearcher:
         self.theta_optimizer.load_state_dict(state["theta_optimizer"])
         self.alpha_optimizer.load_state_dict(state["alpha_optimizer"])
         self.steps = state["steps"]
+
+
+@contextlib.contextmanager
+def _frozen(parameters: Sequence[nn.Parameter]) -> Iterator[None]:
+    """Within: ``parameters`` do not require grad, so autograd computes no gradient for them."""
+    for p in parameters:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in parameters:
+            p.requires_grad_(True)

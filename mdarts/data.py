@@ -187,7 +187,8 @@ def load_pair(
 
     Raises:
         ValueError: unknown pair, or a split the pair does not have (lists those it has).
-        FileNotFoundError: a file is missing from the data directory.
+        FileNotFoundError: the data directory or a file in it is missing.
+        NotADirectoryError: the data directory is a file.
         DownloadError: a needed file is not cached and cannot be downloaded.
     """
     src_lang, tgt_lang = parse_pair(pair)
@@ -196,7 +197,12 @@ def load_pair(
         raise ValueError(f"Multi30k has no split {split!r} for {pair}; it has: {', '.join(available)}")
     directory = _resolve_data_dir(data_dir)
     if directory is not None and not directory.is_dir():
-        raise FileNotFoundError(f"Multi30k data directory not found: {directory} (from --data-dir or MDARTS_DATA)")
+        origin = "--data-dir" if data_dir is not None else "MDARTS_DATA"
+        if directory.exists():
+            raise NotADirectoryError(
+                f"{origin} {directory}: is a file, not a directory (expected the folder holding {split}.{src_lang}.gz)"
+            )
+        raise FileNotFoundError(f"Multi30k data directory not found: {directory} (from {origin})")
     if directory is None:
         directory = multi30k_cache_dir()
         for lang in (src_lang, tgt_lang):

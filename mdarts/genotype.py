@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -39,6 +40,7 @@ class Genotype:
         for side in ("encoder", "decoder"):
             layers = getattr(self, side)
             candidates = getattr(self, f"{side}_candidates")
+            _check_candidates(candidates, f"genotype.{side}_candidates")
             if not isinstance(layers, list) or not layers:
                 raise ValueError(f"genotype.{side}: expected a non-empty list of layers, got {layers!r}")
             for i, layer in enumerate(layers):
@@ -93,6 +95,8 @@ class Genotype:
         missing = [key for key in ("encoder", "decoder", "encoder_candidates", "decoder_candidates") if key not in data]
         if missing:
             raise ValueError(f"{source}: missing field(s) {', '.join(missing)}")
+        for key in ("encoder_candidates", "decoder_candidates"):
+            _check_candidates(data[key], f"{source}: {key}")
         genotype = cls(
             encoder=data["encoder"],
             decoder=data["decoder"],
@@ -124,3 +128,38 @@ class Genotype:
             layers = " ".join("[" + " ".join(layer) + "]" for layer in getattr(self, side))
             parts.append(f"{side}: {layers}")
         return "\n".join(parts)
+
+
+def _check_candidates(candidates: object, name: str) -> None:
+    """ValueError naming ``name`` unless ``candidates`` is a non-empty list (or tuple) of op names:
+    a string such as ``"ffn"`` would otherwise read as the candidates f, f, n."""
+    if (
+        not isinstance(candidates, (list, tuple))
+        or not candidates
+        or not all(isinstance(op, str) and op for op in candidates)
+    ):
+        raise ValueError(f"{name}: expected a non-empty list of op names, got {candidates!r}")
+
+
+def random_genotype(config: ModelConfig, seed: int) -> Genotype:
+    """A genotype whose every node is drawn uniformly from the candidates of ``config`` (zero
+    excluded, as derive never picks it), from the random stream ``seed``: the same seed gives the
+    same genotype on every machine."""
+    rng = random.Random(f"random-genotype:{seed}")
+    layers = {}
+    for side, splits in (("encoder", config.encoder_splits), ("decoder", config.decoder_splits - 1)):
+        candidates = [op for op in getattr(config, f"{side}_candidates") if op != "zero"]
+        layers[side] = [[rng.choice(candidates) for _ in range(splits)] for _ in range(config.unit_layers)]
+    return Genotype(layers["encoder"], layers["decoder"], config.encoder_candidates, config.decoder_candidates)
+
+
+def control_genotype(config: ModelConfig) -> Genotype:
+    """The hand-made control in the reversible skeleton: the parts of every layer alternate
+    self-attention and FFN (encoder: [attention, ffn]; decoder: [attention, ffn] beside the fixed
+    cross-attention), as in a Transformer layer."""
+    pattern = ("attention", "ffn")
+    layers = {
+        side: [[pattern[k % 2] for k in range(splits)] for _ in range(config.unit_layers)]
+        for side, splits in (("encoder", config.encoder_splits), ("decoder", config.decoder_splits - 1))
+    }
+    return Genotype(layers["encoder"], layers["decoder"], config.encoder_candidates, config.decoder_candidates)

@@ -18,6 +18,7 @@ continues the prefix decoded so far without recomputing it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Iterator, Optional, Sequence
 
@@ -71,6 +72,7 @@ class Node(nn.Module):
         if alpha is not None and alpha.shape != (len(self.candidates),):
             raise ValueError(f"Node: alpha must have shape ({len(self.candidates)},), got {tuple(alpha.shape)}")
         self.alpha = alpha
+        self.path: Optional[int] = None  # a single path (weight sharing): the one candidate used, see Supernet.use_path
         self.parametric = [i for i, name in enumerate(self.candidates) if name in PARAMETRIC]
         self.identity = self.candidates.index("identity") if "identity" in self.candidates else None
         self.ops = nn.ModuleList(
@@ -93,6 +95,8 @@ class Node(nn.Module):
 
     def coupled(self, x: Optional[Tensor], h: Tensor, sign: float, op_ctx: Optional[OpContext] = None) -> Tensor:
         """x + sign * G(h), fused, summed in float32 (x None means 0); shapes (batch, time, dim)."""
+        if self.path is not None:
+            return self._single_path(x, h, sign, op_ctx)
         weights = self.weights().to(h.device)
         residual = None if x is None else x
         if self.identity is not None:
@@ -106,6 +110,18 @@ class Node(nn.Module):
         outs = [op(h, op_ctx).to(h.dtype) for op in self.ops]
         chosen = weights[self.parametric] if self.alpha is not None else weights
         return mk.mixed_ln_sum(h, outs, chosen, self.ln_weight, self.ln_bias, residual=residual, sign=sign)
+
+    def _single_path(self, x: Optional[Tensor], h: Tensor, sign: float, op_ctx: Optional[OpContext]) -> Tensor:
+        """x + sign * op~(h) for the one candidate ``self.path``, computing that op alone."""
+        name = self.candidates[self.path]
+        if name in PARAMETRIC:
+            j = self.parametric.index(self.path)
+            out = self.ops[j](h, op_ctx).to(h.dtype)
+            one = torch.ones(1, device=h.device)
+            weight, bias = self.ln_weight[j : j + 1], self.ln_bias[j : j + 1]
+            return mk.mixed_ln_sum(h, [out], one, weight, bias, residual=x, sign=sign)
+        update = sign * h if name == "identity" else torch.zeros_like(h)
+        return update if x is None else x + update
 
 
 def sinusoidal_positions(length: int, dim: int) -> Tensor:
@@ -343,6 +359,25 @@ class Supernet(_ReversibleNet):
             probs = [torch.softmax(a.detach().float(), 0).tolist() for a in alphas]
             result[side] = [probs[i * splits : (i + 1) * splits] for i in range(config.unit_layers)]
         return result
+
+    @contextlib.contextmanager
+    def use_path(self, genotype: Genotype) -> Iterator[None]:
+        """Within: every node computes only the op ``genotype`` names for it (a single path of
+        the supernet, for random search with weight sharing); the architecture logits are unused.
+        Run the backward within too: the reversible modes recompute the layers in it."""
+        alphas = {
+            id(alpha): getattr(self.config, f"{side}_candidates").index(op)
+            for side, params in (("encoder", self.alpha_encoder), ("decoder", self.alpha_decoder))
+            for alpha, op in zip(params, (op for layer in getattr(genotype, side) for op in layer))
+        }
+        nodes = [node for node in iter_nodes(self) if node.alpha is not None]
+        for node in nodes:
+            node.path = alphas[id(node.alpha)]
+        try:
+            yield
+        finally:
+            for node in nodes:
+                node.path = None
 
     def genotype(self, exclude_zero: bool = True) -> Genotype:
         """The argmax op of every node (zero excluded unless ``exclude_zero`` is False)."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -146,7 +147,7 @@ def _counts_at_small_widths(config: ModelConfig, vocab_size: int) -> tuple[int, 
     counts = []
     for multiple in (1, 2, 3):
         with torch.device("meta"):
-            model = Supernet(config.replace(d_model=multiple * config.d_model), vocab_size)
+            model = Supernet(config.replace(d_model=multiple * config.d_model, memory_mode="store"), vocab_size)
         arch = {id(p) for p in model.arch_parameters()}
         counts.append(sum(p.numel() for p in model.parameters() if id(p) not in arch))
     return counts[0], counts[1], counts[2]
@@ -419,3 +420,30 @@ def format_plan(
             else:
                 lines.append(f"- {mode}: d = {best}")
     return "\n".join(lines)
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """Bytes a training step may use when none is given: 90% of the GPU's memory, or 80% of
+    the memory the system has available now (Linux ``MemAvailable``; 8 GiB when unknown)."""
+    if device.type == "cuda":
+        return int(0.9 * torch.cuda.get_device_properties(device).total_memory)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(0.8 * int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    return 8 * 2**30
+
+
+def choose_memory_mode(
+    config: ModelConfig, vocab_size: int, tokens: int, device: torch.device, budget_bytes: int, dtype_bytes: int = 4
+) -> tuple[str, str]:
+    """The fastest memory mode whose predicted step fits ``budget_bytes`` (store, else
+    checkpoint, else reconstruct, which is returned when none fits) and the reason, for the log."""
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    for mode in ("store", "checkpoint", "reconstruct"):
+        total = predict_memory(config, vocab_size, tokens, mode, dtype_bytes=dtype_bytes, device=kind)["total"]
+        if total <= budget_bytes:
+            return mode, f"{mode}: predicted {_gib(total)} GiB fits the budget of {_gib(budget_bytes)} GiB"
+    return "reconstruct", f"reconstruct: no mode is predicted to fit {_gib(budget_bytes)} GiB (reconstruct needs least)"

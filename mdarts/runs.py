@@ -122,6 +122,17 @@ class JsonLog:
         records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
         return records if event is None else [r for r in records if r["event"] == event]
 
+    def size(self) -> int:
+        """Bytes logged so far (a checkpoint records it; :meth:`cut` goes back to it)."""
+        return self.path.stat().st_size if self.path.is_file() else 0
+
+    def cut(self, size: int) -> None:
+        """Keep the first ``size`` bytes (what was logged when a checkpoint recorded :meth:`size`),
+        atomically: a resume drops what its run logged after that checkpoint."""
+        if self.size() > size:
+            with self.path.open("rb") as handle:
+                write_atomic(self.path, handle.read(size))
+
     def truncate(self, last_step: int) -> None:
         """Drop the records of steps after ``last_step`` (written after the checkpoint a resume
         starts from) and those marked ``"partial": true`` (a summary cut short by the stop,
@@ -132,44 +143,77 @@ class JsonLog:
 
 
 class RunDirectory:
-    """A run's directory: the files a run of this ``kind`` writes and the one checkpoint a
-    resume starts from.
+    """A run's directory: the files a run of this ``kind`` ("training", "search") writes and the
+    one checkpoint a resume starts from, as :attr:`KINDS` lists them.
 
-    Args:
-        path: the directory (created when claimed).
-        kind: what runs there ("training", "search"), for messages.
-        checkpoint: file name of the resumable checkpoint.
-        files: every file name the run writes (the checkpoint included).
-        patterns: glob patterns of further files it writes (numbered checkpoints).
+    A directory holding a run of another kind (any file of :attr:`KINDS` other than this
+    kind's) is refused whatever the options: resuming or overwriting it would mix two runs.
     """
 
-    def __init__(
-        self, path: PathLike, kind: str, checkpoint: str, files: Iterable[str], patterns: Iterable[str] = ()
-    ) -> None:
+    KINDS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+        "training": (
+            "checkpoint_last.pt",
+            ("log.jsonl", "curves.png", "checkpoint_last.pt", "checkpoint_best.pt", "checkpoint_avg.pt"),
+            ("checkpoint_step*.pt",),
+        ),
+        "search": (
+            "search_checkpoint.pt",
+            ("search_checkpoint.pt", "genotype.json", "alpha_history.jsonl", "alpha_heatmap.png", "search_log.jsonl"),
+            (),
+        ),
+    }
+    """Every kind of mdarts run: its resumable checkpoint, the files it writes and the glob
+    patterns of further files (numbered checkpoints). One table, so that each kind can refuse a
+    directory holding another kind's run without importing the other's module."""
+
+    def __init__(self, path: PathLike, kind: str) -> None:
         self.path = Path(path)
         self.kind = kind
+        checkpoint, self.files, self.patterns = self.KINDS[kind]
         self.checkpoint = self.path / checkpoint
-        self.files = tuple(files)
-        self.patterns = tuple(patterns)
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
 
     def existing(self) -> list[Path]:
         """The run files present now."""
+        return self._present(self.files, self.patterns)
+
+    def foreign(self) -> dict[str, list[Path]]:
+        """The files of runs of other kinds (:attr:`KINDS`) present now, by kind; a name this
+        kind writes too is not counted."""
+        own = set(self.existing())
+        found = {
+            kind: [p for p in self._present(*names) if p not in own]
+            for kind, (_, *names) in self.KINDS.items()
+            if kind != self.kind
+        }
+        return {kind: paths for kind, paths in found.items() if paths}
+
+    def _present(self, files: Iterable[str], patterns: Iterable[str]) -> list[Path]:
         if not self.path.is_dir():
             return []
-        found = [self.path / name for name in self.files if (self.path / name).exists()]
-        return found + sorted(p for pattern in self.patterns for p in self.path.glob(pattern))
+        found = [self.path / name for name in files if (self.path / name).exists()]
+        return found + sorted(p for pattern in patterns for p in self.path.glob(pattern))
+
+    @staticmethod
+    def _names(paths: list[Path], shown: int = 4) -> str:
+        return ", ".join(p.name for p in paths[:shown]) + (", ..." if len(paths) > shown else "")
 
     def check(self, resume: bool, overwrite: bool) -> None:
         """Check, changing nothing, that the directory can be claimed: one holding a run is
         refused (FileExistsError) unless ``resume`` (its checkpoint must exist:
-        FileNotFoundError) or ``overwrite``; a path that is a file: NotADirectoryError."""
+        FileNotFoundError) or ``overwrite``; one holding a run of another kind is refused
+        (FileExistsError) in every case; a path that is a file: NotADirectoryError."""
         if resume and overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
         if self.path.exists() and not self.path.is_dir():
             raise NotADirectoryError(f"--out {self.path}: exists and is not a directory")
+        for kind, paths in self.foreign().items():
+            raise FileExistsError(
+                f"--out {self.path} holds a {kind} run ({self._names(paths)}), not a {self.kind} run; choose another "
+                f"directory (--overwrite deletes only a {self.kind} run's files)"
+            )
         if resume:
             if not self.checkpoint.is_file():
                 raise FileNotFoundError(
@@ -178,21 +222,31 @@ class RunDirectory:
             return
         present = self.existing()
         if present and not overwrite:
-            names = ", ".join(p.name for p in present[:4]) + (", ..." if len(present) > 4 else "")
             raise FileExistsError(
-                f"{self.path} already holds another {self.kind} run ({names}); resume it (--resume), start afresh with "
-                "--overwrite (deletes it) or choose another directory"
+                f"{self.path} already holds another {self.kind} run ({self._names(present)}); resume it (--resume), "
+                "start afresh with --overwrite (deletes it) or choose another directory"
             )
 
     def claim(self, resume: bool, overwrite: bool) -> None:
         """:meth:`check`, then create the directory; with ``overwrite`` (and not ``resume``)
-        delete the old run's files (only those). Call it after every setting has been checked,
-        so that a refused setting deletes nothing."""
+        delete the old run's files (only those); in every case delete the temporary files that a
+        process killed while writing one of them left behind (see :meth:`stale_temporaries`).
+        Call it after every setting has been checked, so that a refused setting deletes nothing."""
         self.check(resume, overwrite)
         self.path.mkdir(parents=True, exist_ok=True)
+        for stale in self.stale_temporaries():
+            stale.unlink(missing_ok=True)
         if not resume:
             for old in self.existing():
                 old.unlink()
+
+    def stale_temporaries(self) -> list[Path]:
+        """The temporary files of :func:`write_atomic` (``.NAME.XXXX.tmp``) for this kind's run
+        files, left by a process killed (SIGKILL, power cut) in the middle of a write."""
+        if not self.path.is_dir():
+            return []
+        names = (*self.files, *self.patterns)
+        return sorted({p for name in names for p in self.path.glob(f".{name}.*.tmp")})
 
 
 class RunClock:
@@ -256,6 +310,16 @@ def check_same_data(saved: Optional[dict], current: dict, path: PathLike, action
             f"cannot {action} {path}: it was made from other data: {'; '.join(differ)}; give the --pair, --data-dir "
             "and --vocab-size it was made with"
         )
+
+
+def spent_budget(steps: int, max_steps: Optional[int], clock: RunClock, max_minutes: Optional[float]) -> Optional[str]:
+    """Which budget is spent: "max_steps" once ``steps`` reach ``max_steps``, "max_minutes" once
+    ``clock`` passes ``max_minutes``, else None (a budget of None never ends)."""
+    if max_steps is not None and steps >= max_steps:
+        return "max_steps"
+    if max_minutes is not None and clock.seconds() >= 60.0 * max_minutes:
+        return "max_minutes"
+    return None
 
 
 def check_resume(saved: Any, current: Any, path: PathLike) -> None:

@@ -15,8 +15,12 @@ never interrupted).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import io
+import math
 import random
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,25 +30,23 @@ import numpy as np
 import torch
 
 from . import runs
-from .batching import Batch, TokenBatches
+from .batching import Batch, TokenBatches, warn_dropped
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import ModelConfig, SearchSettings
-from .darts import DartsSearcher
-from .genotype import Genotype
+from .darts import DartsSearcher, Schedule
+from .genotype import Genotype, random_genotype
 from .memory import peak_memory
-from .model import Supernet
+from .model import Supernet, iter_nodes
+from .plan import choose_memory_mode, default_memory_budget
 from .prepare import EncodedSplit, PreparedData
 from .progress import Progress
 
 __all__ = ["Searcher", "SearchResult", "SearchSettings", "split_corpus", "BatchStream", "plot_alpha_history"]
 
-CHECKPOINT_FILE = "search_checkpoint.pt"
-GENOTYPE_FILE = "genotype.json"
-HISTORY_FILE = "alpha_history.jsonl"
-HEATMAP_FILE = "alpha_heatmap.png"
-LOG_FILE = "search_log.jsonl"
-RUN_FILES = (CHECKPOINT_FILE, GENOTYPE_FILE, HISTORY_FILE, HEATMAP_FILE, LOG_FILE)
-COLLAPSE_OPS = ("zero", "identity")
+CHECKPOINT_FILE, GENOTYPE_FILE, HISTORY_FILE, HEATMAP_FILE, LOG_FILE = RUN_FILES = runs.RunDirectory.KINDS["search"][1]
+COLLAPSE_OPS = PARAMETER_FREE = ("zero", "identity")
+RANKING_PAIRS = 256  # validation pairs that rank the paths of a weight-sharing search
+CALIBRATION_STEPS = 5  # steps timed before a minutes budget is planned in steps, and again in the alpha phase
 
 
 # ----------------------------------------------------------------------------- data
@@ -149,9 +151,10 @@ def short_summary(genotype: Genotype) -> str:
 
 
 def plot_alpha_history(history: Sequence[dict], config: ModelConfig, path: Path) -> None:
-    """Heatmaps of softmax(alpha) over time, one panel per node (rows: unit layer and side,
-    columns: split), candidates on the y axis and evaluation steps on the x axis, one colour
-    scale from 0 to the largest weight seen; PNG at ``path``."""
+    """Heatmaps of each node's weights over the search, one panel per node (rows: side and unit
+    layer, columns: split), candidates on the y axis, evaluation steps on the x axis. A cell is
+    the weight against uniform, log2(K * softmax(alpha)_o) for a node of K candidates, on one
+    diverging scale centred on 0 (uniform), so nodes of 13 and 14 candidates compare; PNG at ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,38 +165,34 @@ def plot_alpha_history(history: Sequence[dict], config: ModelConfig, path: Path)
     columns = max(config.encoder_splits, config.decoder_splits - 1)
     height = max(len(config.encoder_candidates), len(config.decoder_candidates)) * 0.22 + 1.0
     fig, axes = plt.subplots(len(rows), columns, figsize=(3.2 * columns + 1.5, height * len(rows)), squeeze=False)
-    # one colour scale over the range the weights actually take (early in a search they all sit
-    # near 1/K, and a scale from 0 would show no difference)
-    weights = [
-        p
-        for record in history
-        for side in ("encoder", "decoder")
-        for layer in record[side]
-        for node in layer
-        for p in node
-    ]
-    vmin, vmax = min(weights), max(weights)
-    image = None
+    ratios = {
+        (side, i, k): np.log2(len(node) * np.maximum(np.array([r[side][i][k] for r in history]).T, 1e-12))
+        for side, i in rows
+        for k, node in enumerate(history[0][side][i])
+    }  # (candidates, evaluations) each
+    limit = max(1.0, max(float(np.abs(values).max()) for values in ratios.values()))
+    mappable = None
     for r, (side, i) in enumerate(rows):
         candidates = getattr(config, f"{side}_candidates")
         for k in range(columns):
             ax = axes[r][k]
-            if k >= len(history[0][side][i]):
+            if (side, i, k) not in ratios:
                 ax.axis("off")
                 continue
-            values = np.array([record[side][i][k] for record in history]).T  # (candidates, evaluations)
-            image = ax.imshow(values, aspect="auto", interpolation="nearest", cmap="viridis", vmin=vmin, vmax=vmax)
+            values = ratios[side, i, k]
+            mappable = ax.imshow(values, aspect="auto", interpolation="nearest", cmap="RdBu_r", vmin=-limit, vmax=limit)
             ax.set_yticks(range(len(candidates)), candidates, fontsize=7)
             ticks = sorted({0, len(steps) - 1, *range(0, len(steps), max(1, len(steps) // 5))})
             ax.set_xticks(ticks, [str(steps[t]) for t in ticks], fontsize=7)
             best = int(values[:, -1].argmax())
-            ax.set_title(f"{side}[{i}][{k}] -> {candidates[best]}", fontsize=8)
+            ax.set_title(f"{side}[{i}][{k}] -> {candidates[best]} ({2 ** values[best, -1]:.1f}x uniform)", fontsize=8)
             if r == len(rows) - 1:
                 ax.set_xlabel("step", fontsize=7)
-    fig.suptitle("softmax(alpha) per node over the search")
+    fig.suptitle("each node's weights against uniform over the search (red: above 1/K, blue: below)")
     fig.tight_layout(rect=(0, 0, 0.86, 0.96))
-    if image is not None:
-        fig.colorbar(image, cax=fig.add_axes((0.88, 0.1, 0.015, 0.8)), format="%.3f")
+    if mappable is not None:
+        bar = fig.colorbar(mappable, cax=fig.add_axes((0.88, 0.1, 0.015, 0.8)))
+        bar.set_label("weight / uniform (log2: 1 = twice uniform)")
     image = io.BytesIO()
     fig.savefig(image, format="png", dpi=110)
     plt.close(fig)
@@ -203,27 +202,41 @@ def plot_alpha_history(history: Sequence[dict], config: ModelConfig, path: Path)
 # ----------------------------------------------------------------------------- the run
 
 
+def searched_space(config: ModelConfig, parameter_free: bool) -> ModelConfig:
+    """``config`` with the candidates a search uses: without zero and identity unless
+    ``parameter_free`` (see ``SearchSettings.parameter_free``)."""
+    if parameter_free:
+        return config
+    return config.replace(
+        encoder_candidates=tuple(op for op in config.encoder_candidates if op not in PARAMETER_FREE),
+        decoder_candidates=tuple(op for op in config.decoder_candidates if op not in PARAMETER_FREE),
+    )
+
+
 @dataclass
 class SearchResult:
     """What a search produced: the genotype, the steps done in all, the peak memory (bytes;
     CUDA max allocated or CPU peak resident set), the last validation loss (None without a
     "val" split), the run directory, which holds the files named in the module docstring
-    (``out_dir / GENOTYPE_FILE`` and so on), and the signal that stopped it early, if one did
-    ("SIGINT", "SIGTERM": the checkpoint is written and ``resume`` continues)."""
+    (``out_dir / GENOTYPE_FILE`` and so on), and why it stopped: "max_steps", "max_minutes",
+    "stable" (see ``SearchSettings.stable_evals``), or a signal, "SIGINT" or "SIGTERM" (then
+    only the checkpoint is written, and ``resume`` continues)."""
 
     genotype: Genotype
     steps: int
     peak_memory_bytes: int
     val_loss: Optional[float]
     out_dir: Path
-    stopped_by: Optional[str] = None
+    stopped_by: str
 
 
 class Searcher:
     """Searches an architecture: first- (or second-) order DARTS on ``data["train"]``, into ``out_dir``.
 
     Args:
-        config: the supernet (its ``memory_mode`` is used as is).
+        config: the supernet. Its ``memory_mode`` "auto" becomes the fastest mode predicted to
+            fit ``settings.memory_budget_gb``; unless ``settings.parameter_free``, zero and
+            identity leave the candidates. ``self.config`` is the supernet searched.
         data: the tokenizer and encoded splits; "train" is required, "val" (optional) is
             scored at every evaluation.
         settings: optimisers, budget and reporting, see :class:`~mdarts.config.SearchSettings`.
@@ -244,14 +257,19 @@ class Searcher:
         overwrite: bool = False,
         progress: Optional[bool] = None,
     ) -> None:
-        self.run_dir = runs.RunDirectory(out_dir, "search", CHECKPOINT_FILE, RUN_FILES)
+        self.run_dir = runs.RunDirectory(out_dir, "search")
         self.run_dir.check(resume, overwrite)
-        self.config, self.data, self.settings, self.show_progress = config, data, settings, progress
+        self.data, self.settings, self.show_progress = data, settings, progress
         self.device = runs.resolve_device(settings.device)
         checkpoint = load_checkpoint(self.run_dir.checkpoint, kind="search") if resume else None
+        self.config, self.memory_reason = self._searched_config(config, checkpoint)
+        config = self.config
         if checkpoint is not None:
             self._check_resumable(checkpoint)
+        if settings.single_path and "val" not in data.splits:
+            raise ValueError("--single-path ranks genotypes by validation loss: give validation data")
         train = data["train"]
+        warn_dropped(data, config.max_positions, "search")  # pairs too long for the supernet: left out
         theta_idx, alpha_idx = split_corpus(len(train), settings.split_ratio, settings.seed)
         self.streams = {
             "theta": BatchStream(train, theta_idx, settings.max_tokens, settings.seed, config, "theta"),
@@ -270,14 +288,21 @@ class Searcher:
             )
         runs.seed_everything(settings.seed)
         self.model = Supernet(config, data.tokenizer.vocab_size).to(self.device)
-        self.darts = DartsSearcher(self.model, settings)
+        if settings.affine_free:
+            for node in iter_nodes(self.model):
+                if node.parametric:
+                    node.ln_weight.requires_grad_(False)
+                    node.ln_bias.requires_grad_(False)
+        self.darts = DartsSearcher(self.model, settings, self._first_schedule())
         self.run_dir.claim(resume, overwrite)
         self.log = runs.JsonLog(self.run_dir / LOG_FILE)
         self.history = runs.JsonLog(self.run_dir / HISTORY_FILE)
         self.recent_losses: list[float] = []  # theta losses since the last evaluation
         self.last_ops: Optional[list[str]] = None
+        self.stable_evals = 0  # evaluations of the alpha phase in a row with the same genotype
         self.last_eval_step = -1
         self.val_loss: Optional[float] = None
+        self.val_step = -1  # the step of val_loss
         self.clock = runs.RunClock()
         if checkpoint is not None:
             self._resume(checkpoint)
@@ -287,8 +312,10 @@ class Searcher:
                 0,
                 settings=settings.to_dict(),
                 config=config.to_dict(),
-                theta_pairs=len(theta_idx),
-                alpha_pairs=len(alpha_idx),
+                memory_mode=self.memory_reason,
+                schedule=dataclasses.asdict(self.darts.schedule),
+                theta_pairs=len(self.streams["theta"].batches.kept),
+                alpha_pairs=len(self.streams["alpha"].batches.kept),
                 parameters=self.model.num_parameters(),
                 device=str(self.device),
             )
@@ -298,6 +325,64 @@ class Searcher:
     @property
     def steps(self) -> int:
         return self.darts.steps
+
+    def _searched_config(self, config: ModelConfig, checkpoint: Optional[dict]) -> tuple[ModelConfig, str]:
+        """The supernet searched (zero dropped if asked, memory mode resolved) and why that mode."""
+        settings = self.settings
+        config = searched_space(config, settings.parameter_free)
+        if config.memory_mode != "auto":
+            return config, f"{config.memory_mode}: as asked"
+        if checkpoint is not None:
+            mode = checkpoint["config"]["memory_mode"]
+            return config.replace(memory_mode=mode), f"{mode}: chosen when the run started"
+        budget = (
+            int(settings.memory_budget_gb * 2**30) if settings.memory_budget_gb else default_memory_budget(self.device)
+        )
+        mode, reason = choose_memory_mode(
+            config, self.data.tokenizer.vocab_size, settings.max_tokens, self.device, budget, 2 if settings.bf16 else 4
+        )
+        return config.replace(memory_mode=mode), reason
+
+    def _first_schedule(self) -> Schedule:
+        """The schedule of a step budget; for a minutes budget, weights-only steps until
+        :meth:`_plan_minutes` knows the step time."""
+        settings = self.settings
+        if settings.single_path:
+            settings = settings.replace(weights_only_fraction=0.0)
+        if settings.max_steps is not None:
+            schedule = Schedule.plan(settings, settings.max_steps)
+            if self.settings.single_path:
+                return dataclasses.replace(schedule, alpha_start=sys.maxsize)
+            schedule.check(settings)
+            return schedule
+        return Schedule(0, settings.warmup_steps or 100, sys.maxsize, settings.alpha_lr or 1e-3)
+
+    def _plan_minutes(self) -> None:
+        """A minutes budget: after CALIBRATION_STEPS weights-only steps, plan the step budget
+        that fits (an alternating step costs about two weights-only steps) and log it."""
+        settings = self.settings
+        per_step = self.clock.seconds() / self.steps
+        fraction = settings.weights_only_fraction
+        steps = int(60.0 * settings.max_minutes / (per_step * (2.0 - fraction)))
+        schedule = Schedule.plan(settings, max(steps, self.steps + 1))
+        if settings.single_path:
+            schedule = dataclasses.replace(schedule, alpha_start=sys.maxsize)
+        else:
+            schedule.check(settings)
+        self.darts.reschedule(schedule)
+        self.log.append("schedule", self.steps, seconds_per_step=per_step, **dataclasses.asdict(schedule))
+
+    def _replan_alpha_phase(self, started: float) -> None:
+        """A minutes budget, CALIBRATION_STEPS into the alpha phase (which began at ``started``
+        seconds): fit the phase to the time left at the alternating steps' measured cost, and
+        spread alpha_travel over it."""
+        settings, schedule = self.settings, self.darts.schedule
+        per_step = (self.clock.seconds() - started) / CALIBRATION_STEPS
+        left = 60.0 * settings.max_minutes - self.clock.seconds()
+        steps = self.steps + max(1, int(left / per_step))
+        alpha_lr = settings.alpha_lr or settings.alpha_travel / (steps - schedule.alpha_start + 1)
+        self.darts.reschedule(dataclasses.replace(schedule, steps=steps, alpha_lr=alpha_lr))
+        self.log.append("schedule", self.steps, seconds_per_step=per_step, **dataclasses.asdict(self.darts.schedule))
 
     def _check_resumable(self, checkpoint: dict) -> None:
         """A resume must use the checkpoint's config, tokenizer and settings (budgets may change)."""
@@ -319,18 +404,32 @@ class Searcher:
         set_rng_state(checkpoint["rng"])
         self.clock = runs.RunClock(checkpoint["elapsed_s"])
         self.recent_losses = list(checkpoint.get("recent_losses", []))
-        for log in (self.log, self.history):
-            log.truncate(self.steps)
+        self.stable_evals = checkpoint.get("stable_evals", 0)
+        saved = SearchSettings.from_dict(checkpoint["settings"])
+        if (saved.max_steps, saved.max_minutes) == (self.settings.max_steps, self.settings.max_minutes):
+            self.darts.reschedule(Schedule(**checkpoint["schedule"]))
+        elif self.settings.max_steps is None:  # another minutes budget: plan it at the step time so far
+            self._plan_minutes()
+        # else another step budget: the phases are planned over it (_first_schedule)
+        sizes = checkpoint.get("log_bytes")
+        for name, log in (("log", self.log), ("history", self.history)):
+            if sizes:
+                log.cut(sizes[name])
+            else:
+                log.truncate(self.steps)
         history = self.history.read()
         if history:
             self.last_ops, self.last_eval_step = argmax_ops(history[-1], self.config), history[-1]["step"]
+        if "last_eval_step" in checkpoint:
+            self.last_eval_step, self.val_step = checkpoint["last_eval_step"], checkpoint["val_step"]
+            self.val_loss = checkpoint["val_loss"]
         self.log.append("resume", self.steps, settings=self.settings.to_dict())
 
     def run(self) -> SearchResult:
-        """Search until ``max_steps`` steps are done in all or ``max_minutes`` have passed,
-        evaluating every ``eval_interval`` and checkpointing every ``checkpoint_interval``
-        steps, and at the end. SIGINT or SIGTERM stops it after the current step with the
-        checkpoint (and nothing else) written."""
+        """Search until the planned steps are done, ``max_minutes`` have passed or the genotype
+        is stable (see :meth:`_stop_reason`), evaluating every ``eval_interval`` and
+        checkpointing every ``checkpoint_interval`` steps, and at the end. SIGINT or SIGTERM
+        stops it after the current step with the checkpoint (and nothing else) written."""
         self.clock = runs.RunClock(self.clock.seconds())
         bar = Progress(self.settings.max_steps, "search", self.device, initial=self.steps, enabled=self.show_progress)
         with runs.StopSignals() as signals:
@@ -344,48 +443,97 @@ class Searcher:
             return SearchResult(
                 genotype, self.steps, peak_memory(self.device), self.val_loss, self.run_dir.path, signals.requested
             )
-        if self.last_eval_step != self.steps:
-            self._evaluate()
+        if self.last_eval_step != self.steps or (self.valid_batches is not None and self.val_step != self.steps):
+            self._evaluate(final=True)
+        if self.settings.single_path:
+            self._ranked_path().save(self.run_dir / GENOTYPE_FILE)
         self._save()
         genotype = Genotype.load(self.run_dir / GENOTYPE_FILE)
         peak = peak_memory(self.device)
+        stopped_by = self._stop_reason() or "max_steps"
         self.log.append(
             "end",
             self.steps,
+            stopped_by=stopped_by,
             elapsed_s=round(self.clock.seconds(), 3),
             peak_memory_bytes=peak,
             tokens_per_s=bar.tokens_per_second(),
             genotype=genotype.summary(),
         )
-        return SearchResult(genotype, self.steps, peak, self.val_loss, self.run_dir.path)
+        return SearchResult(genotype, self.steps, peak, self.val_loss, self.run_dir.path, stopped_by)
 
     def _loop(self, bar: Progress, signals: runs.StopSignals) -> None:
         """Search steps until the budget is spent or a signal asks to stop."""
         settings = self.settings
-        while not self._budget_spent() and not signals.requested:
+        alpha_started = None  # with a minutes budget: when the alpha phase began (seconds of the clock)
+        while self._stop_reason() is None and not signals.requested:
             theta_batch = self.streams["theta"].next().to(self.device)
-            alpha_batch = self.streams["alpha"].next().to(self.device)
+            alpha_batch = self.streams["alpha"].next().to(self.device) if self.darts.alpha_active() else None
             lr = self.darts.theta_lr()
-            theta_loss, alpha_loss = self.darts.step(theta_batch, alpha_batch)
+            with self._path():
+                theta_loss, alpha_loss = self.darts.step(theta_batch, alpha_batch)
             self.recent_losses.append(theta_loss)
-            tokens = theta_batch.num_tokens + alpha_batch.num_tokens
+            tokens = theta_batch.num_tokens + (0 if alpha_batch is None else alpha_batch.num_tokens)
             self.log.append("step", self.steps, theta_loss=theta_loss, alpha_loss=alpha_loss, lr=lr, tokens=tokens)
+            if self.steps == CALIBRATION_STEPS and self.darts.schedule.steps == 0:
+                self._plan_minutes()
+            if settings.max_steps is None and self.steps == self.darts.schedule.alpha_start - 1:
+                alpha_started = self.clock.seconds()
+            if alpha_started is not None and self.steps == self.darts.schedule.alpha_start + CALIBRATION_STEPS - 1:
+                self._replan_alpha_phase(alpha_started)
+                alpha_started = None
             if self.steps % settings.eval_interval == 0:
-                self._evaluate()
+                self._evaluate(final=self._stop_reason() is not None)
             if self.steps % settings.checkpoint_interval == 0:
                 self._save()
-            bar.update(
-                tokens, theta_loss, lr, alpha_loss=f"{alpha_loss:.3f}", arch=short_summary(self.model.genotype())
-            )
+            shown = "frozen" if alpha_loss is None else f"{alpha_loss:.3f}"
+            bar.update(tokens, theta_loss, lr, alpha_loss=shown, arch=short_summary(self.model.genotype()))
 
-    def _budget_spent(self) -> bool:
+    def _path(self) -> contextlib.AbstractContextManager:
+        """With ``single_path``: the uniformly drawn path of the next step (a function of the seed
+        and the step, so a resumed run draws the same); else nothing."""
+        if not self.settings.single_path:
+            return contextlib.nullcontext()
+        return self.model.use_path(random_genotype(self.config, self.settings.seed * 1_000_003 + self.steps))
+
+    def _ranked_path(self) -> Genotype:
+        """The best of ``ranked_paths`` random genotypes by shared-weight validation loss (on the
+        first RANKING_PAIRS validation pairs), each logged as a "ranking" record."""
+        settings, val = self.settings, self.data["val"]
+        batches = TokenBatches(
+            val.src_ids[:RANKING_PAIRS],
+            val.tgt_ids[:RANKING_PAIRS],
+            settings.max_tokens,
+            shuffle=False,
+            max_positions=self.config.max_positions,
+            pad_id=self.config.pad_id,
+        )
+        best, best_loss = None, math.inf
+        for i in range(settings.ranked_paths):
+            genotype = random_genotype(self.config, -(settings.seed * 1_000_003 + i + 1))
+            with self.model.use_path(genotype):
+                loss = runs.evaluate_loss(
+                    self.model, batches, self.config.pad_id, settings.label_smoothing, self.device, settings.bf16
+                )["loss"]
+            self.log.append("ranking", self.steps, genotype=genotype.summary(), val_loss=loss)
+            if loss < best_loss:
+                best, best_loss = genotype, loss
+        return best
+
+    def _stop_reason(self) -> Optional[str]:
+        """Why the search stops now: "max_steps" (the planned steps are done), "max_minutes",
+        "stable" (the genotype has not changed for ``stable_evals`` evaluations), or None."""
         settings = self.settings
-        if settings.max_steps is not None and self.steps >= settings.max_steps:
-            return True
-        return settings.max_minutes is not None and self.clock.seconds() >= 60.0 * settings.max_minutes
+        spent = runs.spent_budget(self.steps, self.darts.schedule.steps or None, self.clock, settings.max_minutes)
+        if spent:
+            return spent
+        if settings.stable_evals and self.stable_evals >= settings.stable_evals:
+            return "stable"
+        return None
 
-    def _evaluate(self) -> Genotype:
-        """Write genotype.json, the alpha history line, the heatmap and an "eval" log record."""
+    def _evaluate(self, final: bool = False) -> Genotype:
+        """Write genotype.json, the alpha history line, the heatmap and an "eval" log record, with
+        the validation loss every ``valid_interval`` steps and at the ``final`` evaluation."""
         step, weights, genotype = self.steps, self.model.arch_weights(), self.model.genotype()
         genotype.save(self.run_dir / GENOTYPE_FILE)
         self.history.append("alpha", step, **weights)
@@ -399,13 +547,15 @@ class Searcher:
             "peak_memory_bytes": peak_memory(self.device),
             "elapsed_s": round(self.clock.seconds(), 3),
         }
+        same = self.last_ops == ops and self.darts.alpha_active(step)
+        self.stable_evals = self.stable_evals + 1 if same else 0
         self.last_ops, self.last_eval_step, self.recent_losses = ops, step, []
-        if self.valid_batches is not None:
+        if self.valid_batches is not None and (step % self.settings.valid_interval == 0 or final):
             settings = self.settings
             scores = runs.evaluate_loss(
                 self.model, self.valid_batches, self.config.pad_id, settings.label_smoothing, self.device, settings.bf16
             )
-            self.val_loss = scores["loss"]
+            self.val_loss, self.val_step = scores["loss"], step
             record.update(val_loss=scores["loss"], val_nll=scores["nll"])
         message = collapse_message(ops)
         self.log.append("eval", step, **record, collapse=message is not None)
@@ -424,6 +574,12 @@ class Searcher:
                 "rng": rng_state(),
                 "elapsed_s": self.clock.seconds(),
                 "recent_losses": list(self.recent_losses),
+                "log_bytes": {"log": self.log.size(), "history": self.history.size()},
+                "last_eval_step": self.last_eval_step,
+                "val_step": self.val_step,
+                "val_loss": self.val_loss,
+                "stable_evals": self.stable_evals,
+                "schedule": dataclasses.asdict(self.darts.schedule),
                 "settings": self.settings.to_dict(),
                 "config": self.config.to_dict(),
                 "vocab_size": self.data.tokenizer.vocab_size,

@@ -33,9 +33,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from .batching import TokenBatches
+from .batching import TokenBatches, warn_dropped
 from .checkpoint import (
-    AVERAGE_FILE,
     TRAIN_KIND,
     check_state_dict,
     load_checkpoint,
@@ -62,16 +61,13 @@ from .runs import (
     evaluate_loss,
     resolve_device,
     seed_everything,
+    spent_budget,
     write_atomic,
 )
 
 __all__ = ["Trainer", "TrainConfig", "plot_curves", "read_log", "LOG_FILE", "LAST_FILE", "BEST_FILE", "CURVES_FILE"]
 
-LOG_FILE = "log.jsonl"
-CURVES_FILE = "curves.png"
-LAST_FILE = "checkpoint_last.pt"
-BEST_FILE = "checkpoint_best.pt"
-RUN_FILES = (LOG_FILE, CURVES_FILE, LAST_FILE, BEST_FILE, AVERAGE_FILE)
+LOG_FILE, CURVES_FILE, LAST_FILE, BEST_FILE, _ = RUN_FILES = RunDirectory.KINDS["training"][1]
 
 
 def read_log(out_dir: PathLike) -> list[dict[str, Any]]:
@@ -150,7 +146,7 @@ class Trainer:
         overwrite: bool = False,
         progress: Optional[bool] = None,
     ) -> None:
-        self.run_dir = RunDirectory(out_dir, "training", LAST_FILE, RUN_FILES, ("checkpoint_step*.pt",))
+        self.run_dir = RunDirectory(out_dir, "training")
         self.run_dir.check(resume, overwrite)
         self.config = config
         self.device = resolve_device(config.device)
@@ -162,6 +158,7 @@ class Trainer:
         self.show_progress = progress
         self.model = model.to(self.device)
         limits = dict(max_positions=model.config.max_positions, pad_id=self.pad_id)
+        warn_dropped(data, limits["max_positions"], "training")  # pairs too long for the model: left out
         self.train_batches = TokenBatches(
             *_ids(data, "train"), config.max_tokens, seed=config.seed, shuffle=True, **limits
         )
@@ -208,6 +205,7 @@ class Trainer:
         self.clock = RunClock(state.get("train_seconds", 0.0))
         self.validated_step = self.step
         set_rng_state(state["rng"])
+        self.run_dir.claim(resume=True, overwrite=False)  # removes what a killed write left
         self.log.truncate(self.step)
 
     def run(self) -> dict[str, Any]:
@@ -278,14 +276,11 @@ class Trainer:
 
     def _stop_reason(self) -> Optional[str]:
         config = self.config
-        if self.signals.requested:
-            return self.signals.requested
-        if config.max_steps is not None and self.step >= config.max_steps:
-            return "max_steps"
+        spent = spent_budget(self.step, config.max_steps, self.clock, config.max_minutes)
+        if self.signals.requested or spent:
+            return self.signals.requested or spent
         if config.max_epochs is not None and self.epoch >= config.max_epochs:
             return "max_epochs"
-        if config.max_minutes is not None and self.clock.seconds() >= 60.0 * config.max_minutes:
-            return "max_minutes"
         if config.patience and self.bad_validations >= config.patience:
             return "patience"
         return None

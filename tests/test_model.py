@@ -313,3 +313,33 @@ def test_presets():
     )
     with pytest.raises(ValueError, match="unknown preset 'huge'; presets: tiny, small, paper"):
         preset("huge")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_single_path_is_the_supernet_with_one_hot_weights(seed):
+    """use_path(genotype) computes only the named ops; the result equals the full supernet whose
+    architecture weights are one-hot on them (whole logits tensors, float64), identity and zero
+    included, in the forward and in every weight gradient."""
+    from mdarts.genotype import random_genotype
+
+    torch.manual_seed(0)
+    model = Supernet(TINY.replace(dropout=0.0), VOCAB).double()
+    genotype = random_genotype(TINY, seed)
+    src, tgt = torch.randint(4, VOCAB, (3, 7)), torch.randint(4, VOCAB, (3, 6))
+    with model.use_path(genotype):  # the backward recomputes the layers: it runs on the path too
+        single = model(src, tgt)
+        grads = torch.autograd.grad(single.sum(), model.weight_parameters(), allow_unused=True)
+    with torch.no_grad():
+        for side, alphas in (("encoder", model.alpha_encoder), ("decoder", model.alpha_decoder)):
+            candidates = getattr(TINY, f"{side}_candidates")
+            for alpha, op in zip(alphas, (op for layer in getattr(genotype, side) for op in layer)):
+                alpha.fill_(-1e4)[candidates.index(op)] = 0.0
+    full = model(src, tgt)
+    full_grads = torch.autograd.grad(full.sum(), model.weight_parameters(), allow_unused=True)
+    torch.testing.assert_close(single, full, rtol=1e-10, atol=1e-10)
+    for got, want in zip(grads, full_grads):
+        if got is None:  # an op off the path has no gradient (in the full net: exactly zero)
+            assert want is None or not want.any()
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    assert all(node.path is None for node in iter_nodes(model))

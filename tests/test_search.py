@@ -4,6 +4,7 @@ resume, separation of the theta and alpha updates, the second-order finite diffe
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 
 from mdarts.checkpoint import load_checkpoint
 from mdarts.config import SearchSettings
-from mdarts.darts import DartsSearcher, finite_difference_hvp, loss_and_grads, unrolled_arch_gradients
+from mdarts.darts import DartsSearcher, Schedule, finite_difference_hvp, loss_and_grads, unrolled_arch_gradients
 from mdarts.genotype import Genotype
 from mdarts.model import Supernet
 from mdarts.prepare import PreparedData
@@ -67,7 +68,7 @@ def saved_alphas(out_dir) -> list[torch.Tensor]:
 
 def test_tiny_search_writes_genotype_history_and_heatmap(data, tmp_path):
     out = tmp_path / "run"
-    result = search(data, tiny_settings(max_steps=10), out)
+    result = search(data, tiny_settings(max_steps=10, valid_interval=8), out)
     assert result.steps == 10 and result.peak_memory_bytes > 0
     genotype = Genotype.load(out / "genotype.json").validate(CONFIG)
     assert genotype == result.genotype
@@ -80,19 +81,32 @@ def test_tiny_search_writes_genotype_history_and_heatmap(data, tmp_path):
     evals = [json.loads(line) for line in (out / "search_log.jsonl").read_text().splitlines()]
     evals = [r for r in evals if r["event"] == "eval"]
     assert evals[0]["argmax_stability"] is None and 0.0 <= evals[-1]["argmax_stability"] <= 1.0
-    assert all(r["val_loss"] > 0 for r in evals) and result.val_loss == evals[-1]["val_loss"]
+    # the validation loss every valid_interval steps and at the end
+    assert [r["step"] for r in evals if "val_loss" in r] == [8, 10]
+    assert all(r["val_loss"] > 0 for r in evals if "val_loss" in r) and result.val_loss == evals[-1]["val_loss"]
     assert len(step_losses(out)) == 10
 
 
 @pytest.mark.parametrize("second_order", [False, True])
-def test_resume_gives_the_same_losses_and_alphas_as_an_uninterrupted_run(data, tmp_path, second_order):
+def test_resume_gives_the_same_losses_and_alphas_as_an_uninterrupted_run(data, tmp_path, second_order, monkeypatch):
     assert CONFIG.dropout > 0
     straight, parted = tmp_path / "straight", tmp_path / "parted"
-    search(data, tiny_settings(max_steps=8, second_order=second_order), straight)
-    search(data, tiny_settings(max_steps=4, second_order=second_order), parted)
+    settings = tiny_settings(max_steps=8, second_order=second_order)
+    search(data, settings, straight)
+    with monkeypatch.context() as patch:  # a crash right after the checkpoint of step 4
+        save = Searcher._save
+
+        def save_then_crash(searcher: Searcher) -> None:
+            save(searcher)
+            if searcher.steps == 4:
+                raise KeyboardInterrupt
+
+        patch.setattr(Searcher, "_save", save_then_crash)
+        with pytest.raises(KeyboardInterrupt):
+            search(data, settings, parted)
     with pytest.raises(FileExistsError, match="another search run"):
-        search(data, tiny_settings(max_steps=8, second_order=second_order), parted)
-    search(data, tiny_settings(max_steps=8, second_order=second_order), parted, resume=True)
+        search(data, settings, parted)
+    search(data, settings, parted, resume=True)
     assert step_losses(parted) == step_losses(straight)
     for a, b in zip(saved_alphas(parted), saved_alphas(straight), strict=True):
         assert torch.equal(a, b)
@@ -110,7 +124,8 @@ def make_searcher(data, **changes) -> tuple[DartsSearcher, BatchStream, BatchStr
     theta_idx, alpha_idx = split_corpus(len(data["train"]), settings.split_ratio, settings.seed)
     theta = BatchStream(data["train"], theta_idx, settings.max_tokens, 0, CONFIG, "theta")
     alpha = BatchStream(data["train"], alpha_idx, settings.max_tokens, 1, CONFIG, "alpha")
-    return DartsSearcher(Supernet(CONFIG, data.tokenizer.vocab_size), settings), theta, alpha
+    schedule = Schedule.plan(settings, settings.max_steps)
+    return DartsSearcher(Supernet(CONFIG, data.tokenizer.vocab_size), settings, schedule), theta, alpha
 
 
 @pytest.mark.parametrize("second_order", [False, True])
@@ -252,3 +267,109 @@ def test_out_dir_of_another_run_is_refused_and_left_alone(data, tmp_path):
         search(data, tiny_settings(max_steps=1), tmp_path, resume=True)
     result = search(data, tiny_settings(max_steps=1), tmp_path, overwrite=True)
     Genotype.load(result.out_dir / "genotype.json").validate(CONFIG)
+
+
+# ----------------------------------------------------------------------------- the schedule
+
+
+def test_schedule_is_relative_to_the_budget():
+    settings = tiny_settings(max_steps=200, warmup_steps=None, warmup_fraction=0.1, weights_only_fraction=0.3)
+    schedule = Schedule.plan(settings, 200)
+    assert (schedule.warmup_steps, schedule.alpha_start) == (20, 61)
+    # alpha_travel spread over the 140 alpha steps: a consistent gradient sign moves a logit by it
+    assert schedule.alpha_lr == pytest.approx(settings.alpha_travel / 140)
+    assert Schedule.plan(settings.replace(alpha_lr=1e-3), 200).alpha_lr == 1e-3
+    short = settings.replace(weights_only_fraction=0.6)
+    with pytest.raises(ValueError, match="1 steps leaves no architecture step.*give at least 3 steps"):
+        Schedule.plan(short, 1).check(short)
+    Schedule.plan(short, 3).check(short)
+
+
+def test_alpha_is_frozen_in_the_weights_only_phase(data, tmp_path):
+    settings = tiny_settings(max_steps=8, weights_only_fraction=0.5, eval_interval=1, checkpoint_interval=8)
+    search(data, settings, tmp_path)
+    steps = [json.loads(line) for line in (tmp_path / "search_log.jsonl").read_text().splitlines()]
+    alpha_losses = [r["alpha_loss"] for r in steps if r["event"] == "step"]
+    assert alpha_losses[:4] == [None] * 4 and all(loss is not None for loss in alpha_losses[4:])
+    history = [json.loads(line) for line in (tmp_path / "alpha_history.jsonl").read_text().splitlines()]
+    assert all(h["encoder"] == history[0]["encoder"] for h in history[:4])  # steps 1-4: alpha untouched
+    assert history[4]["encoder"] != history[3]["encoder"]
+
+
+def test_alpha_step_computes_no_weight_gradient_and_drops_nothing(data):
+    searcher, theta, alpha = make_searcher(data)
+    batch = alpha.next()
+    before = [p.detach().clone() for p in searcher.weights]
+    state = torch.get_rng_state()
+    searcher.alpha_optimizer.param_groups[0]["lr"] = 0.0  # the loss must not depend on the RNG: no dropout
+    losses = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        losses.append(searcher.alpha_step(batch))
+    torch.set_rng_state(state)
+    assert losses[0] == losses[1]
+    assert all(p.grad is None and p.requires_grad for p in searcher.weights)
+    assert all(torch.equal(a, b) for a, b in zip(before, searcher.weights))
+    assert searcher.model.training  # back in training mode
+
+
+def test_search_space_and_affine_free_normalisation(data, tmp_path):
+    from mdarts.model import iter_nodes
+
+    searcher = Searcher(CONFIG, data, tiny_settings(max_steps=3), tmp_path, progress=False)
+    assert searcher.config.encoder_candidates == ("conv3", "attention", "ffn")  # zero and identity left out
+    assert searcher.memory_reason.startswith(f"{CONFIG.memory_mode}: as asked")
+    searcher.run()
+    for node in iter_nodes(searcher.model):
+        if node.parametric:  # no gain or bias learned while searching
+            assert torch.equal(node.ln_weight, torch.ones_like(node.ln_weight))
+            assert torch.equal(node.ln_bias, torch.zeros_like(node.ln_bias))
+    kept = Searcher(CONFIG, data, tiny_settings(max_steps=3, parameter_free=True), tmp_path / "free", progress=False)
+    assert kept.config.encoder_candidates == CONFIG.encoder_candidates
+
+
+def test_auto_memory_mode_picks_the_fastest_that_fits(data, tmp_path):
+    config = CONFIG.replace(memory_mode="auto")
+    roomy = Searcher(config, data, tiny_settings(max_steps=2), tmp_path / "roomy", progress=False)
+    assert roomy.config.memory_mode == "store" and "fits the budget" in roomy.memory_reason
+    tight = Searcher(
+        config, data, tiny_settings(max_steps=2, memory_budget_gb=1e-4), tmp_path / "tight", progress=False
+    )
+    assert tight.config.memory_mode == "reconstruct" and "no mode is predicted to fit" in tight.memory_reason
+    roomy.run()
+    start = [json.loads(line) for line in (tmp_path / "roomy" / "search_log.jsonl").read_text().splitlines()][0]
+    assert start["memory_mode"] == roomy.memory_reason and start["config"]["memory_mode"] == "store"
+
+
+def test_a_stable_genotype_stops_the_search(data, tmp_path):
+    settings = tiny_settings(max_steps=40, eval_interval=1, stable_evals=2, alpha_lr=1e-9, weights_only_fraction=0.0)
+    result = search(data, settings, tmp_path)
+    assert result.stopped_by == "stable" and result.steps == 3  # evaluations 1, 2, 3 agree: stable twice
+
+
+def test_weight_sharing_search_ranks_random_paths(data, tmp_path):
+    result = search(data, tiny_settings(max_steps=3, single_path=True, ranked_paths=4), tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "search_log.jsonl").read_text().splitlines()]
+    ranking = [r for r in records if r["event"] == "ranking"]
+    assert len(ranking) == 4 and not any(r["alpha_loss"] for r in records if r["event"] == "step")
+    best = min(ranking, key=lambda r: r["val_loss"])
+    assert result.genotype.summary() == best["genotype"]
+
+
+def test_a_minutes_budget_is_planned_in_steps(data, tmp_path, monkeypatch):
+    """Timed on its first steps, a minutes budget gets a step plan (weights-only phase, warm-up,
+    alpha_lr), re-fitted once the alternating steps have been timed; the run ends on time."""
+    import mdarts.runs as runs_module
+
+    clock = iter(range(0, 1_000_000))  # every reading of the clock: one second later
+    monkeypatch.setattr(runs_module, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    settings = tiny_settings(max_steps=None, max_minutes=1.5, eval_interval=100, checkpoint_interval=100)
+    result = search(data, settings, tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "search_log.jsonl").read_text().splitlines()]
+    plans = [r for r in records if r["event"] == "schedule"]
+    assert [r["step"] for r in plans][0] == 5 and len(plans) == 2
+    first, refit = plans
+    assert first["alpha_start"] == round(0.3 * first["steps"]) + 1 and refit["alpha_start"] == first["alpha_start"]
+    assert refit["alpha_lr"] == pytest.approx(settings.alpha_travel / (refit["steps"] - refit["alpha_start"] + 1))
+    assert result.stopped_by in ("max_minutes", "max_steps")
+    assert any(r["event"] == "step" and r["alpha_loss"] is not None for r in records)

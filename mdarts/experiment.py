@@ -1,0 +1,404 @@
+"""``mdarts experiment``: a whole comparison of searched architectures against baselines, from a
+small specification file, resumable, with a table, a plot and ``summary.json``.
+
+Arms (``kind``): ``searched`` (DARTS searches, one per seed), ``weight_sharing`` (random search
+with weight sharing, one per seed), ``random`` (``count`` uniformly drawn genotypes, seeds fixed
+in advance: 0, 1, ...), ``control`` (attention + FFN in the reversible skeleton), ``transformer``
+and ``evolved`` (the baselines). Every network is sized to ``params`` parameters (within 2%:
+d_model in its steps, then the embedding width), built with the training preset's depth, heads,
+FFN width and dropout, and trained with identical settings. Each is first trained with the first
+training seed; the finalists (every arm but ``random``, and the ``random_finalists`` random
+genotypes best on validation loss) with every training seed. Choices use validation only; the
+test split is translated and scored once, at the end.
+
+The specification is TOML (or JSON)::
+
+    name = "en-de"
+    pair = "en-de"
+    params = 2349568
+    train_seeds = [1, 2, 3]
+    random_finalists = 2
+    search_preset = "tiny"
+    [search]                # SearchSettings fields over the search preset's
+    max_minutes = 60
+    [train]                 # TrainConfig fields of every retrain
+    max_minutes = 30
+    lr = 1e-3
+    [[arms]]
+    name = "DARTS"
+    kind = "searched"
+    seeds = [0, 1, 2]
+    [[arms]]
+    name = "random"
+    kind = "random"
+    count = 8
+
+Outputs in the experiment directory: ``searches/`` and ``train/`` (the run directories),
+``scores/`` (test scores per run), ``genotypes/``, ``summary.json``, ``table.md``, ``bleu.png``.
+A killed experiment run again continues where it stopped; finished runs are not redone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import tomllib
+import torch
+from torch import nn
+
+from . import runs
+from .arguments import build_settings
+from .checkpoint import BASELINES, load_model
+from .config import ModelConfig, SearchSettings, TrainConfig, preset, search_preset
+from .data import PAIRS
+from .genotype import Genotype, control_genotype, random_genotype
+from .model import DerivedNet
+from .prepare import PreparedData, prepare_data
+
+ARM_KINDS = ("searched", "weight_sharing", "random", "control", "transformer", "evolved")
+SIZE_TOLERANCE = 0.02  # every network within 2% of the experiment's parameter count
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm: ``seeds`` of its searches (searched, weight_sharing) or ``count`` genotypes (random)."""
+
+    name: str
+    kind: str
+    seeds: tuple[int, ...] = (0,)
+    count: int = 8
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    """A comparison, as read from its specification file (see the module docstring)."""
+
+    name: str
+    pair: str
+    params: int
+    arms: tuple[Arm, ...]
+    train_seeds: tuple[int, ...] = (1,)
+    random_finalists: int = 2
+    search_preset: str = "tiny"
+    search: dict = field(default_factory=dict)
+    train_preset: str = "multi30k-base"
+    train: dict = field(default_factory=dict)
+    vocab_size: int = 8000
+    beam: int = 5
+    split: str = "test_2016_flickr"
+    limit: int = 0  # score only the first sentences of the split (0: all; for smoke runs)
+
+    @classmethod
+    def load(cls, path: runs.PathLike) -> "ExperimentSpec":
+        """The specification in ``path`` (TOML, or JSON by extension), checked entry by entry:
+        ValueError naming the file and the entry for anything that would fail later."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"experiment file not found: {path}")
+        text = path.read_text()
+        try:
+            values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        except (ValueError, tomllib.TOMLDecodeError) as error:
+            raise ValueError(
+                f"experiment file {path}: not valid {path.suffix.lstrip('.') or 'TOML'}: {error}"
+            ) from None
+        return cls.from_dict(values, str(path))
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "experiment") -> "ExperimentSpec":
+        def fail(entry: str, message: str) -> None:
+            raise ValueError(f"{source}: {entry}: {message}")
+
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in sorted(set(values) - known):
+            fail(key, f"unknown entry; known: {', '.join(sorted(known))}")
+        for key in ("name", "pair", "params", "arms"):
+            if key not in values:
+                fail(key, "missing")
+        if values["pair"] not in PAIRS:
+            fail("pair", f"expected one of {', '.join(PAIRS)}, got {values['pair']!r}")
+        for key in ("params", "random_finalists", "vocab_size", "beam"):
+            value = values.get(key, 1)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "random_finalists" else 1):
+                fail(key, f"expected a positive integer, got {value!r}")
+        arms = []
+        for i, arm in enumerate(values["arms"]):
+            label = f"arms[{i}] ({arm.get('name', '?')!r})"
+            unknown = sorted(set(arm) - {f.name for f in dataclasses.fields(Arm)})
+            if unknown or "name" not in arm or arm.get("kind") not in ARM_KINDS:
+                fail(
+                    label,
+                    f"needs a name and a kind in {', '.join(ARM_KINDS)}" + (f"; unknown {unknown}" if unknown else ""),
+                )
+            if any(a.name == arm["name"] for a in arms):
+                fail(label, "two arms have this name")
+            arm = Arm(**{**arm, "seeds": tuple(arm.get("seeds", (0,)))})
+            if not arm.seeds or arm.count < 1:
+                fail(label, "expected at least one seed and a positive count")
+            arms.append(arm)
+        if not arms:
+            fail("arms", "expected at least one arm")
+        spec = cls(**{**values, "arms": tuple(arms), "train_seeds": tuple(values.get("train_seeds", (1,)))})
+        if not spec.train_seeds:
+            fail("train_seeds", "expected at least one seed")
+        for entry, build in (
+            ("search", spec.search_settings),
+            ("train", lambda: spec.train_config(spec.train_seeds[0])),
+        ):
+            try:
+                build()
+            except ValueError as error:
+                fail(f"[{entry}]", str(error))
+        return spec
+
+    def search_settings(self, seed: int = 0) -> SearchSettings:
+        return build_settings(SearchSettings, {**self.search, "seed": seed}, base=search_preset(self.search_preset))
+
+    def train_config(self, seed: int) -> TrainConfig:
+        return build_settings(TrainConfig, {**self.train, "seed": seed})
+
+    def model_config(self) -> ModelConfig:
+        """The retrained networks' sizes before sizing: the search preset's space with the
+        training preset's depth, heads, FFN width and dropout."""
+        base = preset(self.train_preset, training=True)
+        return preset(self.search_preset).replace(
+            encoder_layers=base.encoder_layers,
+            decoder_layers=base.decoder_layers,
+            heads=base.heads,
+            ffn_mult=base.ffn_mult,
+            dropout=base.dropout,
+            max_positions=base.max_positions,
+            memory_mode="store",
+        )
+
+
+# ----------------------------------------------------------------------------- sizing
+
+
+def count_parameters(build: Callable[[ModelConfig], nn.Module], config: ModelConfig) -> tuple[int, int]:
+    """(all parameters, those outside the embedding table) of ``build(config)``, built on the meta device."""
+    with torch.device("meta"):
+        model = build(config)
+    total = sum(p.numel() for p in model.parameters())
+    return total, total - model.src_embed.table.weight.numel()
+
+
+def sized_config(
+    build: Callable[[ModelConfig], nn.Module], config: ModelConfig, target: int, d_step: int
+) -> ModelConfig:
+    """``config`` with the d_model (a multiple of ``d_step``) and then the embedding width whose
+    ``build`` has the parameter count nearest ``target``. ValueError when it misses by over 2%."""
+
+    def total(d: int, e: int) -> int:
+        return count_parameters(build, config.replace(d_model=d, embed_dim=e))[0]
+
+    d = d_step
+    while total(d + d_step, d + d_step) <= target:
+        d += d_step
+    low, high = 8, 8 * d
+    while low < high:  # the largest e whose count stays under the target, then the nearer of e, e + 1
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if total(d, mid) <= target else (low, mid - 1)
+    e = min((low, low + 1), key=lambda e: abs(total(d, e) - target))
+    if abs(total(d, e) - target) > SIZE_TOLERANCE * target:
+        raise ValueError(f"params: no size of this network comes within 2% of {target:,} parameters")
+    return config.replace(d_model=d, embed_dim=e)
+
+
+# ----------------------------------------------------------------------------- the runner
+
+
+@dataclass
+class Member:
+    """One network of an arm: ``genotype`` (None for a baseline) and where it came from."""
+
+    arm: Arm
+    name: str
+    genotype: Optional[Genotype] = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.arm.name}/{self.name}"
+
+
+class Experiment:
+    """Runs ``spec`` in ``out_dir`` (see the module docstring); :meth:`run` returns the summary
+    (None when ``max_minutes`` ended it first: run it again to continue)."""
+
+    def __init__(
+        self,
+        spec: ExperimentSpec,
+        out_dir: runs.PathLike,
+        data_dir: Optional[runs.PathLike] = None,
+        device: str = "auto",
+    ) -> None:
+        self.spec, self.out_dir, self.data_dir, self.device = spec, Path(out_dir), data_dir, device
+        saved = self.out_dir / "spec.json"
+        if saved.is_file() and json.loads(saved.read_text()) != json.loads(json.dumps(dataclasses.asdict(spec))):
+            raise ValueError(f"{self.out_dir} holds an experiment with another specification ({saved})")
+        runs.write_atomic(saved, json.dumps(dataclasses.asdict(spec), indent=1))
+        self.clock = runs.RunClock()
+
+    def run(self, max_minutes: Optional[float] = None) -> Optional[dict]:
+        self.deadline = None if max_minutes is None else 60.0 * max_minutes
+        data = prepare_data(self.spec.pair, ("train", "val"), self.data_dir, vocab_size=self.spec.vocab_size)
+        members = self._members(data)
+        if members is None:
+            return None
+        first = self.spec.train_seeds[0]
+        trained = {m.key: self._train(m, first, data) for m in members}
+        if None in trained.values():
+            return None
+        finalists = self._finalists(members, trained)
+        for member in finalists:
+            for seed in self.spec.train_seeds[1:]:
+                if self._train(member, seed, data) is None:
+                    return None
+        return self._report(members, finalists, data)
+
+    def _time_left(self) -> bool:
+        return self.deadline is None or self.clock.seconds() < self.deadline
+
+    def _members(self, data: PreparedData) -> Optional[list[Member]]:
+        """Every network to train, searching first where an arm needs it (None: out of time)."""
+        from .search import Searcher, searched_space
+
+        space = searched_space(preset(self.spec.search_preset), self.spec.search_settings().parameter_free)
+        members = []
+        for arm in self.spec.arms:
+            if arm.kind in ("searched", "weight_sharing"):
+                for seed in arm.seeds:
+                    run_dir = self.out_dir / "searches" / arm.name / f"seed{seed}"
+                    if not (run_dir / "result.json").is_file():
+                        if not self._time_left():
+                            return None
+                        settings = self.spec.search_settings(seed).replace(single_path=arm.kind == "weight_sharing")
+                        resume = (run_dir / "search_checkpoint.pt").is_file()
+                        result = Searcher(preset(self.spec.search_preset), data, settings, run_dir, resume=resume).run()
+                        if result.stopped_by in ("SIGINT", "SIGTERM"):
+                            return None
+                        runs.write_atomic(run_dir / "result.json", json.dumps({"steps": result.steps}))
+                    members.append(Member(arm, f"seed{seed}", Genotype.load(run_dir / "genotype.json")))
+            elif arm.kind == "random":
+                members += [Member(arm, f"g{i}", random_genotype(space, i)) for i in range(arm.count)]
+            elif arm.kind == "control":
+                members.append(Member(arm, "control", control_genotype(space)))
+            else:
+                members.append(Member(arm, arm.kind))
+        for member in members:
+            if member.genotype is not None:
+                member.genotype.save(self.out_dir / "genotypes" / f"{member.arm.name}-{member.name}.json")
+        return members
+
+    def _build(self, member: Member) -> tuple[Callable[[ModelConfig], nn.Module], int]:
+        """How to build ``member`` at a size, and the step of its d_model."""
+        vocab = self.spec.vocab_size
+        if member.genotype is None:
+            step = 2 * preset(self.spec.train_preset, training=True).heads
+            return (lambda config: BASELINES[member.arm.kind](config, vocab)), step
+        config = self.spec.model_config()
+        step = math.lcm(config.encoder_splits, config.decoder_splits) * config.heads
+        return (lambda c: DerivedNet(member.genotype, c, vocab)), step
+
+    def _train(self, member: Member, seed: int, data: PreparedData) -> Optional[dict]:
+        """Train ``member`` with ``seed`` (or continue it); its record, or None when out of time."""
+        run_dir = self.out_dir / "train" / member.arm.name / f"{member.name}-seed{seed}"
+        record_path = run_dir / "record.json"
+        if record_path.is_file():
+            return json.loads(record_path.read_text())
+        if not self._time_left():
+            return None
+        build, step = self._build(member)
+        base = (
+            self.spec.model_config() if member.genotype is not None else preset(self.spec.train_preset, training=True)
+        )
+        config = sized_config(build, base, self.spec.params, step)
+        runs.seed_everything(seed)
+        model = build(config)
+        settings = self.spec.train_config(seed).replace(device=self.device)
+        resume = (run_dir / "checkpoint_last.pt").is_file()
+        from .train import Trainer
+
+        started = time.perf_counter()
+        summary = Trainer(model, data, settings, run_dir, resume=resume).run()
+        if summary["stopped_by"] in ("SIGINT", "SIGTERM"):
+            return None
+        total, non_embedding = count_parameters(build, config)
+        record = {
+            "seed": seed,
+            "params": total,
+            "non_embedding_params": non_embedding,
+            "d_model": config.d_model,
+            "embed_dim": config.embed_dim,
+            "valid_loss": summary["best_valid_loss"],
+            "minutes": (time.perf_counter() - started) / 60.0,
+        }
+        runs.write_atomic(record_path, json.dumps(record, indent=1))
+        return record
+
+    def _finalists(self, members: list[Member], trained: dict[str, dict]) -> list[Member]:
+        """Every member outside the random arms, and the best random ones on validation loss."""
+        randoms = sorted((m for m in members if m.arm.kind == "random"), key=lambda m: trained[m.key]["valid_loss"])
+        return [m for m in members if m.arm.kind != "random"] + randoms[: self.spec.random_finalists]
+
+    def _score(self, member: Member, seed: int, data: PreparedData) -> dict:
+        """Test scores of a finished run (translated once; kept in scores/)."""
+        from .data import load_pair
+        from .evaluate import load_tok_references, score
+        from .translate import translate
+
+        path = self.out_dir / "scores" / member.arm.name / f"{member.name}-seed{seed}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        device = runs.resolve_device(self.device)
+        checkpoint = self.out_dir / "train" / member.arm.name / f"{member.name}-seed{seed}" / "checkpoint_best.pt"
+        loaded = load_model(checkpoint, device)
+        corpus = load_pair(self.spec.pair, self.spec.split, self.data_dir)
+        if self.spec.limit:
+            corpus.src, corpus.tgt = corpus.src[: self.spec.limit], corpus.tgt[: self.spec.limit]
+        ids = translate(loaded.model, loaded.tokenizer.encode(corpus.src), beam_size=self.spec.beam, device=device)
+        tok_refs = load_tok_references(self.data_dir, self.spec.split, corpus.tgt_lang) if self.data_dir else None
+        if tok_refs is not None and self.spec.limit:
+            tok_refs = tok_refs[: self.spec.limit]
+        scores = score(loaded.tokenizer.decode(ids), corpus.tgt, corpus.tgt_lang, tok_refs)
+        result = {name: entry["score"] for name, entry in scores.items()}
+        result["signatures"] = {name: entry["signature"] for name, entry in scores.items()}
+        runs.write_atomic(path, json.dumps(result, indent=1))
+        return result
+
+    def _report(self, members: list[Member], finalists: list[Member], data: PreparedData) -> dict:
+        """Score every run on the test split, then write summary.json, table.md and bleu.png."""
+        from .report import write_report
+
+        finals = {m.key for m in finalists}
+        arms = []
+        for arm in self.spec.arms:
+            runs_of_arm = []
+            for member in (m for m in members if m.arm is arm):
+                seeds = self.spec.train_seeds if member.key in finals else self.spec.train_seeds[:1]
+                for seed in seeds:
+                    run_dir = self.out_dir / "train" / arm.name / f"{member.name}-seed{seed}"
+                    record = json.loads((run_dir / "record.json").read_text())
+                    scores = self._score(member, seed, data)
+                    runs_of_arm.append(
+                        {
+                            "member": member.name,
+                            **record,
+                            "bleu": scores["bleu"],
+                            "lc_bleu": scores["bleu_lc_tok"],
+                            "chrf": scores["chrf"],
+                            "finalist": member.key in finals,
+                            "genotype": None if member.genotype is None else member.genotype.summary(),
+                        }
+                    )
+            arms.append({"name": arm.name, "kind": arm.kind, "runs": runs_of_arm})
+        summary = {"name": self.spec.name, "pair": self.spec.pair, "split": self.spec.split, "arms": arms}
+        runs.write_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=1))
+        write_report(summary, self.out_dir)
+        return summary

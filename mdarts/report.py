@@ -1,0 +1,79 @@
+"""The table and the plot of an experiment's ``summary.json`` (see :mod:`mdarts.experiment`).
+
+``table.md``: per arm the mean +- standard deviation over its runs of test BLEU, lowercased
+BLEU and chrF, the parameters, then every run. ``bleu.png``: the test BLEU of each random
+genotype as a distribution, with every other arm's runs marked beside it.
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+from pathlib import Path
+
+from .runs import write_atomic
+
+
+def mean_std(values: list[float]) -> str:
+    """``"mean +- std"`` (the sample standard deviation; just the value for one run)."""
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}"
+
+
+def table(summary: dict) -> str:
+    """The markdown table of ``summary`` (arms, then every run)."""
+    lines = [
+        f"Experiment {summary['name']}: {summary['pair']}, {summary['split']} (finalist runs of every training seed)",
+        "",
+        "| arm | kind | runs | BLEU | lc BLEU | chrF | parameters (non-embedding) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for arm in summary["arms"]:
+        finals = [run for run in arm["runs"] if run["finalist"]] or arm["runs"]
+        params = sorted({(run["params"], run["non_embedding_params"]) for run in finals})
+        shown = ", ".join(f"{total:,} ({inner:,})" for total, inner in params[:2]) + (" ..." if len(params) > 2 else "")
+        cells = [mean_std([run[key] for run in finals]) for key in ("bleu", "lc_bleu", "chrf")]
+        lines.append(f"| {arm['name']} | {arm['kind']} | {len(finals)} | {' | '.join(cells)} | {shown} |")
+    lines += ["", "| arm | network | seed | BLEU | lc BLEU | chrF | valid loss | parameters | minutes | genotype |"]
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for arm in summary["arms"]:
+        for run in arm["runs"]:
+            genotype = (run["genotype"] or "").replace("\n", " / ")
+            lines.append(
+                f"| {arm['name']} | {run['member']} | {run['seed']} | {run['bleu']:.2f} | {run['lc_bleu']:.2f} | "
+                f"{run['chrf']:.2f} | {run['valid_loss']:.3f} | {run['params']:,} | {run['minutes']:.1f} | {genotype} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict) -> bytes:
+    """PNG: the random genotypes' test BLEU (first training seed) as a distribution, and the
+    other arms' runs as marks, one row per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = summary["arms"]
+    figure, axis = plt.subplots(figsize=(7, 1.0 + 0.5 * len(arms)))
+    for row, arm in enumerate(arms):
+        values = [run["bleu"] for run in arm["runs"]]
+        if arm["kind"] == "random" and len(values) > 2:
+            axis.violinplot([values], positions=[row], orientation="horizontal", showextrema=False)
+        axis.scatter(values, [row] * len(values), s=18, zorder=3)
+    axis.set_yticks(range(len(arms)), [f"{arm['name']} ({arm['kind']})" for arm in arms], fontsize=8)
+    axis.set_xlabel(f"test BLEU ({summary['split']}, sacreBLEU)")
+    axis.grid(axis="x", alpha=0.3)
+    axis.set_title(f"{summary['name']}: every run, at equal parameters", fontsize=9)
+    figure.tight_layout()
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=110)
+    plt.close(figure)
+    return image.getvalue()
+
+
+def write_report(summary: dict, out_dir: Path) -> None:
+    """Write ``table.md`` and ``bleu.png`` of ``summary`` into ``out_dir``."""
+    write_atomic(out_dir / "table.md", table(summary))
+    write_atomic(out_dir / "bleu.png", plot(summary))

@@ -1,0 +1,119 @@
+"""mdarts experiment: a whole comparison on a tiny budget, resumed without redoing finished
+runs, and the errors of a bad specification file."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from mdarts.cli import main
+from mdarts.experiment import ExperimentSpec
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SPEC = {
+    "name": "smoke",
+    "pair": "en-de",
+    "params": 120_000,
+    "vocab_size": 200,
+    "train_seeds": [1, 2],
+    "random_finalists": 1,
+    "train_preset": "tiny",
+    "beam": 1,
+    "limit": 20,
+    "search": {
+        "max_steps": 4,
+        "max_minutes": None,
+        "eval_interval": 2,
+        "valid_interval": 2,
+        "max_tokens": 512,
+        "ranked_paths": 3,
+        "device": "cpu",
+    },
+    "train": {
+        "max_steps": 3,
+        "valid_interval": 3,
+        "max_tokens": 512,
+        "warmup_steps": 2,
+        "keep_last": 0,
+        "device": "cpu",
+    },
+    "arms": [
+        {"name": "DARTS", "kind": "searched", "seeds": [0]},
+        {"name": "WS", "kind": "weight_sharing", "seeds": [0]},
+        {"name": "random", "kind": "random", "count": 2},
+        {"name": "control", "kind": "control"},
+        {"name": "Transformer", "kind": "transformer"},
+    ],
+}
+
+
+@pytest.fixture
+def small_multi30k(multi30k_dir, tmp_path):
+    """The first 600 training, 40 validation and 20 test pairs of Multi30k En-De (and the test
+    split's tokenised references), as a Multi30k data folder."""
+    folder = tmp_path / "multi30k"
+    (folder / "tok").mkdir(parents=True)
+    files = [f"{split}.{lang}.gz" for split in ("train", "val", "test_2016_flickr") for lang in ("en", "de")]
+    for name in [*files, "tok/test_2016_flickr.lc.norm.tok.de.gz"]:
+        count = {"train": 600, "val": 40}.get(name.split(".")[0], 20)
+        with gzip.open(multi30k_dir / name, "rt", encoding="utf-8") as source:
+            lines = [next(source) for _ in range(count)]
+        with gzip.open(folder / name, "wt", encoding="utf-8") as target:
+            target.writelines(lines)
+    return folder
+
+
+def test_an_experiment_runs_every_arm_at_equal_size_and_resumes(small_multi30k, tmp_path, capsys):
+    spec_path, out = tmp_path / "spec.json", tmp_path / "experiment"
+    spec_path.write_text(json.dumps(SPEC))
+    argv = ["experiment", str(spec_path), "--out", str(out), "--data-dir", str(small_multi30k), "--device", "cpu"]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    kinds = {arm["name"]: arm["kind"] for arm in summary["arms"]}
+    assert kinds == {
+        "DARTS": "searched",
+        "WS": "weight_sharing",
+        "random": "random",
+        "control": "control",
+        "Transformer": "transformer",
+    }
+    runs = {arm["name"]: arm["runs"] for arm in summary["arms"]}
+    # finalists (all but random, and the best random genotype) train with both seeds
+    assert [run["seed"] for run in runs["DARTS"]] == [1, 2] and [run["seed"] for run in runs["control"]] == [1, 2]
+    assert sorted(run["seed"] for run in runs["random"]) == [1, 1, 2]
+    every = [run for arm_runs in runs.values() for run in arm_runs]
+    for run in every:
+        assert set(run) >= {"seed", "bleu", "lc_bleu", "chrf", "params", "valid_loss", "minutes"}
+        assert abs(run["params"] - SPEC["params"]) <= 0.02 * SPEC["params"]
+        assert run["non_embedding_params"] < run["params"]
+    assert (out / "table.md").read_text().count("| DARTS |") == 3  # the arm's line and its two runs
+    assert (out / "bleu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+
+    # run again: nothing is redone (records and scores keep their contents and times)
+    records = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("record.json")}
+    assert main(argv) == 0
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("record.json")} == records
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"pair": None}, "pair: missing"),
+        ({"pair": "en-xx"}, "pair: expected one of"),
+        ({"arms": [{"name": "x", "kind": "lottery"}]}, r"arms\[0\] \('x'\): needs a name and a kind"),
+        ({"arms": [{"name": "x", "kind": "random"}, {"name": "x", "kind": "control"}]}, "two arms have this name"),
+        ({"train": {"max_steps": 0}}, r"\[train\]: --max-steps: expected a positive integer"),
+        ({"search": {"max_minutes": -5}}, r"\[search\]: --max-minutes: expected a positive"),
+        ({"params": 0}, "params: expected a positive integer"),
+        ({"colour": "red"}, "colour: unknown entry"),
+    ],
+)
+def test_a_bad_specification_names_the_entry_before_anything_runs(change, message, tmp_path):
+    values = {**SPEC, **change}
+    values = {key: value for key, value in values.items() if value is not None}
+    with pytest.raises(ValueError, match=message):
+        ExperimentSpec.from_dict(values)
