@@ -20,7 +20,7 @@ import pytest
 import torch
 
 if TYPE_CHECKING:
-    from mdarts.config import ModelConfig
+    from mdarts.config import ModelConfig, TrainConfig
     from mdarts.prepare import EncodedSplit
 
 # Nothing of mdarts or mdarts_kernels is imported here at import time: test_triton_kernels_raw
@@ -55,6 +55,29 @@ def _tiny() -> "ModelConfig":
     from mdarts.config import ModelConfig
 
     return ModelConfig(d_model=24, embed_dim=16, encoder_layers=2, decoder_layers=2, heads=2, max_positions=32)
+
+
+def search_config() -> "ModelConfig":
+    """The tiny supernet of the search tests: TINY with one layer a side and one unit layer, 256
+    positions, and five candidates a node (three ops, zero and identity)."""
+    ops = ("conv3", "attention", "ffn", "zero", "identity")
+    return _tiny().replace(
+        encoder_layers=1,
+        decoder_layers=1,
+        unit_layers=1,
+        max_positions=256,
+        encoder_candidates=ops,
+        decoder_candidates=(*ops, "cross_attention"),
+    )
+
+
+def short_training(**changes) -> "TrainConfig":
+    """A few updates of a tiny training run on the CPU (lr 2e-3, warm-up 10, 512-position batches,
+    6 steps, validation every 3, a log line every step, 2 step checkpoints); ``changes`` override."""
+    from mdarts.config import TrainConfig
+
+    values = dict(lr=2e-3, warmup_steps=10, max_tokens=512, max_steps=6, valid_interval=3, log_interval=1)
+    return TrainConfig(**{**values, "keep_last": 2, "device": "cpu", **changes})
 
 
 def __getattr__(name: str):

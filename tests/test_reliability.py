@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO_ROOT, TINY, head
+from helpers import REPO_ROOT, TINY, head, search_config, short_training
 
 import mdarts.runs as runs_module
 import mdarts.train as train_module
@@ -51,14 +51,7 @@ from mdarts.train import Trainer
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 MODEL = TINY.replace(encoder_layers=1, decoder_layers=1, max_positions=128)
-SEARCH_CONFIG = TINY.replace(
-    encoder_layers=1,
-    decoder_layers=1,
-    unit_layers=1,
-    max_positions=256,
-    encoder_candidates=("conv3", "attention", "ffn", "zero", "identity"),
-    decoder_candidates=("conv3", "attention", "ffn", "zero", "identity", "cross_attention"),
-)
+SEARCH_CONFIG = search_config()
 WALL_CLOCK = ("tokens_per_s", "elapsed_s", "peak_memory_bytes")
 """Log fields that measure time or memory and differ between two runs of one command."""
 RUN_EVENTS = ("start", "resume", "end")
@@ -156,18 +149,9 @@ def tiny_model(data: PreparedData, config=MODEL) -> TransformerBaseline:
 
 
 def train_config(**changes) -> TrainConfig:
-    values = dict(
-        lr=2e-3,
-        warmup_steps=5,
-        max_tokens=512,
-        max_steps=4,
-        valid_interval=2,
-        log_interval=1,
-        keep_last=0,
-        seed=1,
-        device="cpu",
+    return short_training(
+        **{"warmup_steps": 5, "max_steps": 4, "valid_interval": 2, "keep_last": 0, "seed": 1, **changes}
     )
-    return TrainConfig(**{**values, **changes})
 
 
 def search_settings(**changes) -> SearchSettings:

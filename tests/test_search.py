@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY, head
+from helpers import head, search_config
 from torch import nn
 
 from mdarts.checkpoint import load_checkpoint
@@ -22,14 +22,7 @@ from mdarts.search import BatchStream, Searcher, argmax_stability, collapse_mess
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CONFIG = TINY.replace(
-    encoder_layers=1,
-    decoder_layers=1,
-    unit_layers=1,
-    max_positions=256,
-    encoder_candidates=("conv3", "attention", "ffn", "zero", "identity"),
-    decoder_candidates=("conv3", "attention", "ffn", "zero", "identity", "cross_attention"),
-)
+CONFIG = search_config()
 
 
 def tiny_settings(**changes) -> SearchSettings:

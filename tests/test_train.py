@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from helpers import TINY as BASE
-from helpers import head
+from helpers import head, short_training
 
 import mdarts.runs as runs_module
 import mdarts.train as train_module
@@ -69,19 +69,7 @@ def _trainer(
     return Trainer(model, _prepared(data, n_train, n_valid), config, out_dir, progress=False, **kwargs)
 
 
-def _short(**changes) -> TrainConfig:
-    settings = dict(
-        lr=2e-3,
-        warmup_steps=10,
-        max_tokens=512,
-        max_steps=6,
-        valid_interval=3,
-        log_interval=1,
-        keep_last=2,
-        device="cpu",
-    )
-    settings.update(changes)
-    return TrainConfig(**settings)
+_short = short_training
 
 
 # ---------------------------------------------------------------------------- exact resume
