@@ -402,6 +402,12 @@ class Searcher:
         for name, stream in self.streams.items():
             stream.load_state(checkpoint["streams"][name])
         set_rng_state(checkpoint["rng"])
+        sizes = checkpoint.get("log_bytes")  # what was logged after the checkpoint goes first
+        for name, log in (("log", self.log), ("history", self.history)):
+            if sizes:
+                log.cut(sizes[name])
+            else:
+                log.truncate(self.steps)
         self.clock = runs.RunClock(checkpoint["elapsed_s"])
         self.recent_losses = list(checkpoint.get("recent_losses", []))
         self.stable_evals = checkpoint.get("stable_evals", 0)
@@ -411,12 +417,6 @@ class Searcher:
         elif self.settings.max_steps is None:  # another minutes budget: plan it at the step time so far
             self._plan_minutes()
         # else another step budget: the phases are planned over it (_first_schedule)
-        sizes = checkpoint.get("log_bytes")
-        for name, log in (("log", self.log), ("history", self.history)):
-            if sizes:
-                log.cut(sizes[name])
-            else:
-                log.truncate(self.steps)
         history = self.history.read()
         if history:
             self.last_ops, self.last_eval_step = argmax_ops(history[-1], self.config), history[-1]["step"]

@@ -366,3 +366,17 @@ def test_a_minutes_budget_is_planned_in_steps(data, tmp_path, monkeypatch):
     assert refit["alpha_lr"] == pytest.approx(settings.alpha_travel / (refit["steps"] - refit["alpha_start"] + 1))
     assert result.stopped_by in ("max_minutes", "max_steps")
     assert any(r["event"] == "step" and r["alpha_loss"] is not None for r in records)
+
+
+def test_a_resume_with_another_minutes_budget_plans_it_again(data, tmp_path, monkeypatch):
+    import mdarts.runs as runs_module
+
+    clock = iter(range(0, 1_000_000))
+    monkeypatch.setattr(runs_module, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    settings = tiny_settings(max_steps=None, max_minutes=1.0, eval_interval=100, checkpoint_interval=100)
+    first = search(data, settings, tmp_path)
+    longer = search(data, settings.replace(max_minutes=3.0), tmp_path, resume=True)
+    records = [json.loads(line) for line in (tmp_path / "search_log.jsonl").read_text().splitlines()]
+    resumed_at = next(i for i, r in enumerate(records) if r["event"] == "resume")
+    assert records[resumed_at - 1]["event"] == "schedule" and records[resumed_at - 1]["step"] == first.steps
+    assert longer.steps > first.steps
