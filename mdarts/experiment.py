@@ -43,7 +43,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -54,7 +53,7 @@ from torch import nn
 
 from . import runs
 from .arguments import build_settings
-from .checkpoint import BASELINES, load_model
+from .checkpoint import BASELINES, load_checkpoint, load_model
 from .config import ModelConfig, SearchSettings, TrainConfig, preset, search_preset
 from .data import PAIRS
 from .genotype import Genotype, control_genotype, random_genotype
@@ -279,8 +278,9 @@ class Experiment:
                         if not self._time_left():
                             return None
                         settings = self.spec.search_settings(seed).replace(single_path=arm.kind == "weight_sharing")
-                        resume = (run_dir / "search_checkpoint.pt").is_file()
-                        result = Searcher(preset(self.spec.search_preset), data, settings, run_dir, resume=resume).run()
+                        resume = (run_dir / "search_checkpoint.pt").is_file()  # else what a kill left goes
+                        config = preset(self.spec.search_preset)
+                        result = Searcher(config, data, settings, run_dir, resume=resume, overwrite=not resume).run()
                         if result.stopped_by in ("SIGINT", "SIGTERM"):
                             return None
                         runs.write_atomic(run_dir / "result.json", json.dumps({"steps": result.steps}))
@@ -322,11 +322,10 @@ class Experiment:
         runs.seed_everything(seed)
         model = build(config)
         settings = self.spec.train_config(seed).replace(device=self.device)
-        resume = (run_dir / "checkpoint_last.pt").is_file()
+        resume = (run_dir / "checkpoint_last.pt").is_file()  # else what a kill left goes
         from .train import Trainer
 
-        started = time.perf_counter()
-        summary = Trainer(model, data, settings, run_dir, resume=resume).run()
+        summary = Trainer(model, data, settings, run_dir, resume=resume, overwrite=not resume).run()
         if summary["stopped_by"] in ("SIGINT", "SIGTERM"):
             return None
         total, non_embedding = count_parameters(build, config)
@@ -337,7 +336,7 @@ class Experiment:
             "d_model": config.d_model,
             "embed_dim": config.embed_dim,
             "valid_loss": summary["best_valid_loss"],
-            "minutes": (time.perf_counter() - started) / 60.0,
+            "minutes": load_checkpoint(run_dir / "checkpoint_last.pt")["train_seconds"] / 60.0,
         }
         runs.write_atomic(record_path, json.dumps(record, indent=1))
         return record
