@@ -162,3 +162,24 @@ def test_search_derive_train_translate_end_to_end(small_corpus, tmp_path, capsys
         == 0
     )
     assert len(capsys.readouterr().out.splitlines()) == 2
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_evolved_transformer_trains_resumes_and_translates(small_corpus, tmp_path, capsys):
+    """--arch evolved does what --arch transformer does: sized by --params, trained, resumed
+    to a larger budget, and used by translate."""
+    run = tmp_path / "evolved"
+    common = ["--arch", "evolved", "--params", "60000", "--preset", "tiny", "--out", str(run), "--warmup-steps", "2"]
+    common += ["--valid-interval", "2", "--max-tokens", "512", *corpus_args(small_corpus, tmp_path)]
+    assert main(["train", *common, "--max-steps", "2"]) == 0
+    first = capsys.readouterr()
+    assert "EvolvedTransformer:" in first.err and "parameters" in first.err
+    assert main(["train", *common, "--max-steps", "4", "--resume"]) == 0
+    assert "steps: 4" in capsys.readouterr().out
+    source = tmp_path / "source.txt"
+    source.write_text("A man rides a bike.\n\nTwo dogs play.\n")
+    checkpoint = str(run / "checkpoint_best.pt")
+    translate = ["translate", "--checkpoint", checkpoint, "--input", str(source), "--beam", "2", "--device", "cpu"]
+    assert main(translate) == 0
+    lines = capsys.readouterr().out.split("\n")
+    assert len(lines) == 4 and lines[1] == "" and lines[3] == ""  # an empty line stays empty
