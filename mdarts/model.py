@@ -76,8 +76,7 @@ class Node(nn.Module):
         self.parametric = [i for i, name in enumerate(self.candidates) if name in PARAMETRIC]
         self.identity = self.candidates.index("identity") if "identity" in self.candidates else None
         self.ops = nn.ModuleList(
-            build_candidate(self.candidates[i], dim, causal, config.heads, config.dropout, d_memory, config.ffn_mult)
-            for i in self.parametric
+            build_candidate(self.candidates[i], dim, causal, config, d_memory) for i in self.parametric
         )
         if self.parametric:
             self.ln_weight = nn.Parameter(torch.ones(len(self.parametric), dim))

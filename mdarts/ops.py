@@ -30,13 +30,16 @@ unfused attention when training); on CUDA they keep the fused dropout of
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import mdarts_kernels
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
 
 CONV_WIDTHS: tuple[int, ...] = (3, 5, 7, 11)
 DYNCONV_WIDTHS: tuple[int, ...] = (3, 7, 11, 15)
@@ -474,13 +477,7 @@ class Identity(CandidateOp):
 
 
 def build_candidate(
-    name: str,
-    d_model: int,
-    causal: bool,
-    heads: int = 8,
-    dropout: float = 0.1,
-    d_memory: Optional[int] = None,
-    ffn_mult: int = 4,
+    name: str, d_model: int, causal: bool, config: "ModelConfig", d_memory: Optional[int] = None
 ) -> CandidateOp:
     """Build the candidate op called ``name`` (one of :data:`DECODER_CANDIDATES`).
 
@@ -488,17 +485,17 @@ def build_candidate(
         name: op name, e.g. "conv7", "dynconv15", "attention", "cross_attention".
         d_model: feature size d of the op's input and output.
         causal: True in the decoder (no look-ahead).
-        heads: attention heads, and kernel-sharing channel groups of dynamic convolutions;
-            must divide d_model for those ops.
-        dropout: dropout probability.
+        config: the sizes the ops share: ``heads`` (attention heads, and kernel-sharing channel
+            groups of dynamic convolutions; must divide d_model for those ops), ``dropout``
+            and ``ffn_mult`` (hidden size of "ffn" as a multiple of d_model).
         d_memory: feature size of the encoder memory read by cross-attention (default d_model).
-        ffn_mult: hidden size of "ffn" as a multiple of d_model.
 
     Raises:
         ValueError: unknown ``name`` (the message lists the valid names) or bad sizes.
     """
     if name not in DECODER_CANDIDATES:
         raise ValueError(f"unknown candidate op {name!r}; valid names: {', '.join(DECODER_CANDIDATES)}")
+    heads, dropout, ffn_mult = config.heads, config.dropout, config.ffn_mult
     if name.startswith("dynconv"):
         return DynamicConv(d_model, causal, int(name.removeprefix("dynconv")), heads, dropout)
     if name.startswith("conv"):

@@ -184,7 +184,7 @@ def test_derived_parameter_count_adds_up_from_its_ops():
     def op_params(name, dim, causal):
         if name not in PARAMETRIC:
             return 0
-        op = build_candidate(name, dim, causal, TINY.heads, TINY.dropout, TINY.d_model, TINY.ffn_mult)
+        op = build_candidate(name, dim, causal, TINY, TINY.d_model)
         return sum(p.numel() for p in op.parameters()) + 2 * dim  # plus its LayerNorm
 
     expected = TINY.embed_dim * VOCAB + TINY.embed_dim * TINY.d_model * 2  # table, in/out projections

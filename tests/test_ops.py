@@ -10,6 +10,7 @@ import torch
 from helpers import TOLERANCES
 from torch import Tensor
 
+from mdarts.config import ModelConfig
 from mdarts.memory import saved_tensor_bytes
 from mdarts.ops import (
     DECODER_CANDIDATES,
@@ -22,12 +23,13 @@ from mdarts.ops import (
 )
 
 D, D_MEM, HEADS, BATCH, TIME, SRC_TIME = 16, 24, 4, 2, 10, 7
+SIZES = ModelConfig(d_model=D, heads=HEADS, dropout=0.1)  # the heads, dropout and FFN width of the ops
 
 
 def make_op(name: str, causal: bool, train: bool = False) -> torch.nn.Module:
     """A small op with fixed weights, in eval mode unless ``train``."""
     torch.manual_seed(0)
-    op = build_candidate(name, D, causal, heads=HEADS, dropout=0.1, d_memory=D_MEM)
+    op = build_candidate(name, D, causal, SIZES, d_memory=D_MEM)
     return op.train(train)
 
 
@@ -206,14 +208,14 @@ def test_cross_attention_needs_memory() -> None:
 
 def test_unknown_op_name_is_rejected_with_the_valid_names() -> None:
     with pytest.raises(ValueError, match="'conv4'") as error:
-        build_candidate("conv4", D, causal=False)
+        build_candidate("conv4", D, False, SIZES)
     assert all(name in str(error.value) for name in DECODER_CANDIDATES)
 
 
 @pytest.mark.parametrize("name", ["attention", "dynconv3", "cross_attention"])
 def test_heads_must_divide_d_model(name: str) -> None:
     with pytest.raises(ValueError, match="heads"):
-        build_candidate(name, 18, causal=True, heads=4)
+        build_candidate(name, 18, True, SIZES)
 
 
 def test_search_space_counts() -> None:
@@ -224,7 +226,7 @@ def test_search_space_counts() -> None:
 
 
 def test_conv_is_depthwise_separable() -> None:
-    op = build_candidate("conv11", D, causal=False)
+    op = build_candidate("conv11", D, False, SIZES)
     assert sum(p.numel() for p in op.parameters()) == D * 11 + D + D * D + D
 
 

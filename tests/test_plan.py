@@ -28,7 +28,7 @@ TOLERANCE = 0.05
 @pytest.mark.parametrize("batch,time,width,heads", [(2, 12, 24, 4), (3, 8, 16, 2)])
 def test_op_constants_match_saved_tensor_counts(name: str, batch: int, time: int, width: int, heads: int) -> None:
     config = TINY.replace(heads=heads, ffn_mult=3)
-    op = build_candidate(name, width, True, heads, 0.1, d_memory=3 * width, ffn_mult=3).train()
+    op = build_candidate(name, width, True, config, d_memory=3 * width).train()
     h = torch.randn(batch, time, width, requires_grad=True)
     memory = torch.randn(batch, time, 3 * width, requires_grad=True)
     ctx = OpContext(
