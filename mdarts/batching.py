@@ -223,11 +223,15 @@ class TokenBatches:
         """Number of batches in the current epoch."""
         return len(self._batches)
 
+    def __getitem__(self, k: int) -> Batch:
+        """Batch ``k`` of the current epoch, collated."""
+        batch = self._batches[k]
+        pairs = [(self.src_ids[i], self.tgt_ids[i]) for i in batch]
+        return replace(collate(pairs, **self.special_ids), indices=tuple(batch))
+
     def __iter__(self) -> Iterator[Batch]:
         """The current epoch's batches, collated."""
-        for batch in self._batches:
-            pairs = [(self.src_ids[i], self.tgt_ids[i]) for i in batch]
-            yield replace(collate(pairs, **self.special_ids), indices=tuple(batch))
+        return (self[k] for k in range(len(self._batches)))
 
     def _indices(self) -> list[list[int]]:
         return make_batches(self.src_ids, self.tgt_ids, self.max_tokens, self.seed, self.shuffle, self.epoch, self.kept)

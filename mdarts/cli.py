@@ -28,9 +28,7 @@ from .config import (
     search_preset,
 )
 from .data import PAIRS, SPLIT_LANGUAGES
-from .runs import RunDirectory
-
-SIGNAL_NAMES = ("SIGINT", "SIGTERM")  # the signals after which a run stops with a checkpoint
+from .runs import SIGNAL_NAMES, RunDirectory
 
 
 def _positive_int(text: str) -> int:
@@ -156,6 +154,8 @@ def _run_search(args: argparse.Namespace) -> int:
     result = searcher.run()
     if result.stopped_by in SIGNAL_NAMES:
         return _stopped_by_signal(args, result.stopped_by, result.steps)
+    if not searcher.ranks.main:  # of several processes, rank 0 reports
+        return 0
     print(
         f"searched {result.steps} steps ({result.stopped_by}), memory mode {searcher.memory_reason}, "
         f"peak memory {result.peak_memory_bytes / 2**20:,.0f} MiB"
@@ -254,13 +254,18 @@ def _run_train(args: argparse.Namespace) -> int:
     else:
         model = DerivedNet(genotype, config, vocab)
     validate_bleu = _bleu_callback(data, args.valid_bleu, device) if args.valid_bleu > 0 else None
-    print(f"{type(model).__name__}: {model.num_parameters():,} parameters, d_model {config.d_model}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":
+        print(
+            f"{type(model).__name__}: {model.num_parameters():,} parameters, d_model {config.d_model}", file=sys.stderr
+        )
     trainer = Trainer(
         model, data, train_config, args.out, validate_bleu=validate_bleu, resume=args.resume, overwrite=args.overwrite
     )
     summary = trainer.run()
     if summary["stopped_by"] in SIGNAL_NAMES:
         return _stopped_by_signal(args, summary["stopped_by"], summary["steps"])
+    if not trainer.ranks.main:  # of several processes, rank 0 reports
+        return 0
     for key, value in summary.items():
         print(f"{key}: {value}")
     return 0
@@ -439,7 +444,8 @@ def _run_experiment(args: argparse.Namespace) -> int:
         again = shlex.join(["mdarts", *args.argv])
         print(f"mdarts experiment: stopped before the end; continue with:\n  {again}", file=sys.stderr)
         return 3
-    print((args.out / "table.md").read_text())
+    if summary:  # rank 0 of several processes, or the only one
+        print((args.out / "table.md").read_text())
     return 0
 
 

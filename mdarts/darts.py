@@ -27,7 +27,7 @@ from .batching import Batch
 from .config import SearchSettings
 from .loss import label_smoothed_loss
 from .model import Supernet
-from .runs import inverse_sqrt_lr
+from .runs import ONE_PROCESS, Ranks, inverse_sqrt_lr
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
@@ -201,10 +201,17 @@ class DartsSearcher:
     (no weight gradient is computed, not even inside the reversible layers' backward) and,
     unless ``alpha_dropout``, in eval mode (no dropout)."""
 
-    def __init__(self, model: Supernet, settings: SearchSettings, schedule: Schedule) -> None:
+    def __init__(
+        self, model: Supernet, settings: SearchSettings, schedule: Schedule, ranks: Ranks = ONE_PROCESS
+    ) -> None:
+        if settings.second_order and ranks.world_size > 1:
+            raise ValueError(
+                "--second-order: the unrolled step runs in one process; use first-order DARTS with torchrun"
+            )
         self.model = model
         self.settings = settings
         self.schedule = schedule
+        self.ranks = ranks
         self.config = model.config
         self.weights = [p for p in model.weight_parameters() if p.requires_grad]
         self.arch = model.arch_parameters()
@@ -227,10 +234,13 @@ class DartsSearcher:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.settings.bf16)
 
     def _loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        """The label-smoothed loss of ``batch`` summed, over the target tokens of the step in all
+        processes: the processes' gradients sum to the gradient of the whole step."""
         with self._autocast(batch.src.device):
             logits = model(batch.src, batch.tgt_in)
         loss, _, ntokens = label_smoothed_loss(logits, batch.tgt_out, self.config.pad_id, self.settings.label_smoothing)
-        return loss / max(ntokens, 1)
+        (all_tokens,) = self.ranks.sum([float(ntokens)])
+        return loss / max(all_tokens, 1)
 
     def theta_lr(self, step: Optional[int] = None) -> float:
         """Theta learning rate of update ``step`` (default: the next one)."""
@@ -248,10 +258,11 @@ class DartsSearcher:
             group["lr"] = lr
         loss = self._loss(self.model, batch)
         _set_grads(self.weights, torch.autograd.grad(loss, self.weights, allow_unused=True))
+        self.ranks.reduce([p.grad for p in self.weights])
         torch.nn.utils.clip_grad_norm_(self.weights, self.settings.clip_norm)
         self.theta_optimizer.step()
         self.theta_optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return self.ranks.sum([loss.item()])[0]
 
     def alpha_step(self, batch: Batch, train_batch: Optional[Batch] = None) -> float:
         """One Adam update of the architecture logits on ``batch`` (alpha part); returns its loss.
@@ -277,9 +288,10 @@ class DartsSearcher:
         finally:
             self.model.train()
         _set_grads(self.arch, grads)
+        self.ranks.reduce([p.grad for p in self.arch])
         self.alpha_optimizer.step()
         self.alpha_optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return self.ranks.sum([loss.item()])[0]
 
     def step(self, theta_batch: Batch, alpha_batch: Optional[Batch]) -> tuple[float, Optional[float]]:
         """One search step: theta update, then the alpha update when ``alpha_batch`` is given

@@ -238,11 +238,18 @@ class Experiment:
         device: str = "auto",
     ) -> None:
         self.spec, self.out_dir, self.data_dir, self.device = spec, Path(out_dir), data_dir, device
+        self.ranks = runs.Ranks.from_environment(device)  # under torchrun every run is shared out; rank 0 writes
         saved = self.out_dir / "spec.json"
         if saved.is_file() and json.loads(saved.read_text()) != json.loads(json.dumps(dataclasses.asdict(spec))):
             raise ValueError(f"{self.out_dir} holds an experiment with another specification ({saved})")
-        runs.write_atomic(saved, json.dumps(dataclasses.asdict(spec), indent=1))
+        self._write(saved, json.dumps(dataclasses.asdict(spec), indent=1))
         self.clock = runs.RunClock()
+
+    def _write(self, path: Path, text: str) -> None:
+        """Write ``path`` (rank 0), and let every process go on once it is there."""
+        if self.ranks.main:
+            runs.write_atomic(path, text)
+        self.ranks.barrier()
 
     def run(self, max_minutes: Optional[float] = None) -> Optional[dict]:
         self.deadline = None if max_minutes is None else 60.0 * max_minutes
@@ -262,7 +269,9 @@ class Experiment:
         return self._report(members, finalists, data)
 
     def _time_left(self) -> bool:
-        return self.deadline is None or self.clock.seconds() < self.deadline
+        """Whether to start another search or training (one answer for every process)."""
+        over = self.deadline is not None and self.clock.seconds() >= self.deadline
+        return not self.ranks.any(over)
 
     def _members(self, data: PreparedData) -> Optional[list[Member]]:
         """Every network to train, searching first where an arm needs it (None: out of time)."""
@@ -283,7 +292,7 @@ class Experiment:
                         result = Searcher(config, data, settings, run_dir, resume=resume, overwrite=not resume).run()
                         if result.stopped_by in ("SIGINT", "SIGTERM"):
                             return None
-                        runs.write_atomic(run_dir / "result.json", json.dumps({"steps": result.steps}))
+                        self._write(run_dir / "result.json", json.dumps({"steps": result.steps}))
                     members.append(Member(arm, f"seed{seed}", Genotype.load(run_dir / "genotype.json")))
             elif arm.kind == "random":
                 members += [Member(arm, f"g{i}", random_genotype(space, i)) for i in range(arm.count)]
@@ -292,7 +301,7 @@ class Experiment:
             else:
                 members.append(Member(arm, arm.kind))
         for member in members:
-            if member.genotype is not None:
+            if member.genotype is not None and self.ranks.main:
                 member.genotype.save(self.out_dir / "genotypes" / f"{member.arm.name}-{member.name}.json")
         return members
 
@@ -338,7 +347,7 @@ class Experiment:
             "valid_loss": summary["best_valid_loss"],
             "minutes": load_checkpoint(run_dir / "checkpoint_last.pt")["train_seconds"] / 60.0,
         }
-        runs.write_atomic(record_path, json.dumps(record, indent=1))
+        self._write(record_path, json.dumps(record, indent=1))
         return record
 
     def _finalists(self, members: list[Member], trained: dict[str, dict]) -> list[Member]:
@@ -372,7 +381,10 @@ class Experiment:
         return result
 
     def _report(self, members: list[Member], finalists: list[Member], data: PreparedData) -> dict:
-        """Score every run on the test split, then write summary.json, table.md and bleu.png."""
+        """Score every run on the test split, then write summary.json, table.md and bleu.png
+        (rank 0; the other processes return an empty summary)."""
+        if not self.ranks.main:
+            return {}
         from .report import write_report
 
         finals = {m.key for m in finalists}

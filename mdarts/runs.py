@@ -11,7 +11,9 @@
 * SIGINT and SIGTERM turned into a stop after the current step (:class:`StopSignals`);
 * the check that a resume or an evaluation uses the data its run was made from
   (:func:`check_same_data`);
-* the validation loss of a model on a set of batches (:func:`evaluate_loss`).
+* the validation loss of a model on a set of batches (:func:`evaluate_loss`);
+* several processes (:class:`Ranks`): the process group torchrun describes, gradients and
+  sums reduced over it, one decision to stop.
 """
 
 from __future__ import annotations
@@ -25,17 +27,93 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Optional, Union
 
 import numpy as np
 import torch
-from torch import nn
+import torch.distributed as dist
+from torch import Tensor, nn
 
 from .loss import label_smoothed_loss
 
 PathLike = Union[str, "os.PathLike[str]"]
 Content = Union[bytes, str, Callable[[IO[bytes]], None]]
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the processes of one run (``torchrun``'s RANK, WORLD_SIZE and
+    LOCAL_RANK; one process: rank 0 of 1). Rank 0 writes every file of the run; every process
+    reads the run directory, so on several machines it lies on a shared file system.
+
+    The gradients of a step are summed over the processes (:meth:`reduce`) after each process
+    has divided its summed loss by the step's token count over all of them (:meth:`sum`), so
+    the processes get exactly the gradient of one process holding every batch, and their
+    weights and architecture logits stay identical, by construction."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_environment(cls, device: str) -> "Ranks":
+        """Join the process group that torchrun's environment describes (NCCL for a CUDA
+        ``device``, else gloo); one process when WORLD_SIZE is unset or 1."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size == 1:
+            return cls()
+        if not dist.is_initialized():
+            cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+            dist.init_process_group("nccl" if cuda else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the run's files (rank 0)."""
+        return self.rank == 0
+
+    def device(self, name: str) -> torch.device:
+        """:func:`resolve_device` of ``name``; a CUDA device is the one of this process's local rank."""
+        device = resolve_device(name)
+        if device.type == "cuda" and self.world_size > 1:
+            device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(device)
+        return device
+
+    def sum(self, values: list[float]) -> list[float]:
+        """``values`` summed over the processes (float64; themselves in one process)."""
+        if self.world_size == 1:
+            return values
+        total = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(total)
+        return total.tolist()
+
+    def reduce(self, tensors: list[Tensor]) -> None:
+        """Sum ``tensors`` (gradients) over the processes, in place, in one flat message."""
+        if self.world_size == 1 or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` holds in any process: one decision to stop for every process."""
+        if self.world_size == 1:
+            return flag
+        return bool(self.sum([float(flag)])[0])
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+ONE_PROCESS = Ranks()
+"""The ranks of a run in one process."""
 
 
 def seed_everything(seed: int) -> None:
@@ -103,16 +181,19 @@ def _umask() -> int:
 
 
 class JsonLog:
-    """A JSON-lines log: one record a line, each with ``"event"`` (what happened) and ``"step"``."""
+    """A JSON-lines log: one record a line, each with ``"event"`` (what happened) and ``"step"``.
+    With ``writes`` False (a process of a run other than rank 0) it reads but never writes."""
 
-    def __init__(self, path: PathLike) -> None:
+    def __init__(self, path: PathLike, writes: bool = True) -> None:
         self.path = Path(path)
+        self.writes = writes
 
     def append(self, event: str, step: int, **fields: Any) -> dict[str, Any]:
         """Append ``{"event": event, "step": step, **fields}``; returns the record."""
         record = {"event": event, "step": step, **fields}
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        if self.writes:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
         return record
 
     def read(self, event: Optional[str] = None) -> list[dict[str, Any]]:
@@ -129,7 +210,7 @@ class JsonLog:
     def cut(self, size: int) -> None:
         """Keep the first ``size`` bytes (what was logged when a checkpoint recorded :meth:`size`),
         atomically: a resume drops what its run logged after that checkpoint."""
-        if self.size() > size:
+        if self.writes and self.size() > size:
             with self.path.open("rb") as handle:
                 write_atomic(self.path, handle.read(size))
 
@@ -137,7 +218,7 @@ class JsonLog:
         """Drop the records of steps after ``last_step`` (written after the checkpoint a resume
         starts from) and those marked ``"partial": true`` (a summary cut short by the stop,
         which the resumed run continues), atomically."""
-        if self.path.is_file():
+        if self.writes and self.path.is_file():
             kept = [r for r in self.read() if r["step"] <= last_step and not r.get("partial")]
             write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
@@ -258,6 +339,10 @@ class RunClock:
 
     def seconds(self) -> float:
         return self.before + time.perf_counter() - self.started
+
+
+SIGNAL_NAMES = ("SIGINT", "SIGTERM")
+"""What a run stopped by a signal reports as its reason (see :class:`StopSignals`)."""
 
 
 class StopSignals:

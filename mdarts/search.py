@@ -24,7 +24,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -67,15 +67,26 @@ def split_corpus(num_pairs: int, ratio: float, seed: int) -> tuple[list[int], li
 
 
 class BatchStream:
-    """Endless batches over some pairs of a split, epoch after epoch, resumable.
+    """Endless batches over some pairs of a split, epoch after epoch, resumable, shared out
+    among the processes of a run: each step takes the next ``ranks.world_size`` batches of the
+    epoch, this process the one at its rank (an epoch's last batches that do not fill a step
+    are left out), so the processes see disjoint parts of every epoch.
 
     Batch order is a function of (seed, epoch) (see :class:`~mdarts.batching.TokenBatches`),
-    so :meth:`state` (epoch, position in it) is all a resumed run needs."""
+    so :meth:`state` (epoch, batches of it taken by all processes) is all a resumed run needs,
+    with any number of processes."""
 
     def __init__(
-        self, split: EncodedSplit, indices: Sequence[int], max_tokens: int, seed: int, config: ModelConfig, name: str
+        self,
+        split: EncodedSplit,
+        indices: Sequence[int],
+        max_tokens: int,
+        seed: int,
+        config: ModelConfig,
+        name: str,
+        ranks: runs.Ranks = runs.ONE_PROCESS,
     ) -> None:
-        self.name = name
+        self.name, self.ranks = name, ranks
         self.batches = TokenBatches(
             [split.src_ids[i] for i in indices],
             [split.tgt_ids[i] for i in indices],
@@ -85,20 +96,20 @@ class BatchStream:
             max_positions=config.max_positions,
             pad_id=config.pad_id,
         )
-        if len(self.batches) == 0:
+        if len(self.batches) < ranks.world_size:
             raise ValueError(
-                f"the {name} part yields no batch: every pair is longer than max_tokens={max_tokens} "
-                f"or max_positions={config.max_positions} positions"
+                f"the {name} part yields {len(self.batches)} batch(es), fewer than the {ranks.world_size} processes: "
+                f"every pair longer than max_tokens={max_tokens} or max_positions={config.max_positions} is left out"
             )
         self.epoch, self.position = 0, 0
-        self._iterator: Iterator[Batch] = iter(self.batches)
 
     def next(self) -> Batch:
-        """The next batch (CPU tensors), starting a new epoch when one ends."""
-        if self.position >= len(self.batches):
+        """This process's batch of the next step (CPU tensors), starting a new epoch when one ends."""
+        if self.position + self.ranks.world_size > len(self.batches):
             self.load_state({"epoch": self.epoch + 1, "position": 0})
-        self.position += 1
-        return next(self._iterator)
+        batch = self.batches[self.position + self.ranks.rank]
+        self.position += self.ranks.world_size
+        return batch
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}
@@ -107,9 +118,6 @@ class BatchStream:
         """Continue at batch ``position`` of epoch ``epoch``."""
         self.epoch, self.position = state["epoch"], state["position"]
         self.batches.set_epoch(self.epoch)
-        self._iterator = iter(self.batches)
-        for _ in range(self.position):
-            next(self._iterator)
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -260,7 +268,8 @@ class Searcher:
         self.run_dir = runs.RunDirectory(out_dir, "search")
         self.run_dir.check(resume, overwrite)
         self.data, self.settings, self.show_progress = data, settings, progress
-        self.device = runs.resolve_device(settings.device)
+        self.ranks = runs.Ranks.from_environment(settings.device)
+        self.device = self.ranks.device(settings.device)
         checkpoint = load_checkpoint(self.run_dir.checkpoint, kind="search") if resume else None
         self.config, self.memory_reason = self._searched_config(config, checkpoint)
         config = self.config
@@ -272,8 +281,8 @@ class Searcher:
         warn_dropped(data, config.max_positions, "search")  # pairs too long for the supernet: left out
         theta_idx, alpha_idx = split_corpus(len(train), settings.split_ratio, settings.seed)
         self.streams = {
-            "theta": BatchStream(train, theta_idx, settings.max_tokens, settings.seed, config, "theta"),
-            "alpha": BatchStream(train, alpha_idx, settings.max_tokens, settings.seed + 1, config, "alpha"),
+            "theta": BatchStream(train, theta_idx, settings.max_tokens, settings.seed, config, "theta", self.ranks),
+            "alpha": BatchStream(train, alpha_idx, settings.max_tokens, settings.seed + 1, config, "alpha", self.ranks),
         }
         self.valid_batches = None
         if "val" in data.splits:
@@ -293,10 +302,12 @@ class Searcher:
                 if node.parametric:
                     node.ln_weight.requires_grad_(False)
                     node.ln_bias.requires_grad_(False)
-        self.darts = DartsSearcher(self.model, settings, self._first_schedule())
-        self.run_dir.claim(resume, overwrite)
-        self.log = runs.JsonLog(self.run_dir / LOG_FILE)
-        self.history = runs.JsonLog(self.run_dir / HISTORY_FILE)
+        self.darts = DartsSearcher(self.model, settings, self._first_schedule(), self.ranks)
+        if self.ranks.main:
+            self.run_dir.claim(resume, overwrite)
+        self.ranks.barrier()  # the others read the run directory once rank 0 has claimed it
+        self.log = runs.JsonLog(self.run_dir / LOG_FILE, writes=self.ranks.main)
+        self.history = runs.JsonLog(self.run_dir / HISTORY_FILE, writes=self.ranks.main)
         self.recent_losses: list[float] = []  # theta losses since the last evaluation
         self.last_ops: Optional[list[str]] = None
         self.stable_evals = 0  # evaluations of the alpha phase in a row with the same genotype
@@ -361,7 +372,7 @@ class Searcher:
         """A minutes budget: after CALIBRATION_STEPS weights-only steps, plan the step budget
         that fits (an alternating step costs about two weights-only steps) and log it."""
         settings = self.settings
-        per_step = self.clock.seconds() / self.steps
+        per_step = self._mean_seconds() / self.steps
         fraction = settings.weights_only_fraction
         steps = int(60.0 * settings.max_minutes / (per_step * (2.0 - fraction)))
         schedule = Schedule.plan(settings, max(steps, self.steps + 1))
@@ -372,13 +383,18 @@ class Searcher:
         self.darts.reschedule(schedule)
         self.log.append("schedule", self.steps, seconds_per_step=per_step, **dataclasses.asdict(schedule))
 
+    def _mean_seconds(self) -> float:
+        """The run's seconds so far, averaged over the processes, so that they all plan alike."""
+        return self.ranks.sum([self.clock.seconds()])[0] / self.ranks.world_size
+
     def _replan_alpha_phase(self, started: float) -> None:
         """A minutes budget, CALIBRATION_STEPS into the alpha phase (which began at ``started``
         seconds): fit the phase to the time left at the alternating steps' measured cost, and
         spread alpha_travel over it."""
         settings, schedule = self.settings, self.darts.schedule
-        per_step = (self.clock.seconds() - started) / CALIBRATION_STEPS
-        left = 60.0 * settings.max_minutes - self.clock.seconds()
+        now = self._mean_seconds()
+        per_step = (now - started) / CALIBRATION_STEPS
+        left = 60.0 * settings.max_minutes - now
         steps = self.steps + max(1, int(left / per_step))
         alpha_lr = settings.alpha_lr or settings.alpha_travel / (steps - schedule.alpha_start + 1)
         self.darts.reschedule(dataclasses.replace(schedule, steps=steps, alpha_lr=alpha_lr))
@@ -431,26 +447,26 @@ class Searcher:
         checkpointing every ``checkpoint_interval`` steps, and at the end. SIGINT or SIGTERM
         stops it after the current step with the checkpoint (and nothing else) written."""
         self.clock = runs.RunClock(self.clock.seconds())
-        bar = Progress(self.settings.max_steps, "search", self.device, initial=self.steps, enabled=self.show_progress)
+        shown = self.show_progress if self.ranks.main else False
+        bar = Progress(self.settings.max_steps, "search", self.device, initial=self.steps, enabled=shown)
         with runs.StopSignals() as signals:
             try:
-                self._loop(bar, signals)
+                stopped_by = self._loop(bar, signals)
             finally:
                 bar.close()
-        if signals.requested:
+        if stopped_by in runs.SIGNAL_NAMES:
             self._save()
             genotype = self.model.genotype()
             return SearchResult(
-                genotype, self.steps, peak_memory(self.device), self.val_loss, self.run_dir.path, signals.requested
+                genotype, self.steps, peak_memory(self.device), self.val_loss, self.run_dir.path, stopped_by
             )
         if self.last_eval_step != self.steps or (self.valid_batches is not None and self.val_step != self.steps):
             self._evaluate(final=True)
-        if self.settings.single_path:
+        if self.settings.single_path and self.ranks.main:
             self._ranked_path().save(self.run_dir / GENOTYPE_FILE)
         self._save()
-        genotype = Genotype.load(self.run_dir / GENOTYPE_FILE)
+        genotype = Genotype.load(self.run_dir / GENOTYPE_FILE) if self.ranks.main else self.model.genotype()
         peak = peak_memory(self.device)
-        stopped_by = self._stop_reason() or "max_steps"
         self.log.append(
             "end",
             self.steps,
@@ -462,11 +478,11 @@ class Searcher:
         )
         return SearchResult(genotype, self.steps, peak, self.val_loss, self.run_dir.path, stopped_by)
 
-    def _loop(self, bar: Progress, signals: runs.StopSignals) -> None:
-        """Search steps until the budget is spent or a signal asks to stop."""
+    def _loop(self, bar: Progress, signals: runs.StopSignals) -> str:
+        """Search steps until the budget is spent or a signal asks to stop; why it stopped."""
         settings = self.settings
         alpha_started = None  # with a minutes budget: when the alpha phase began (seconds of the clock)
-        while self._stop_reason() is None and not signals.requested:
+        while (stopped_by := self._stop_reason(signals)) is None:
             theta_batch = self.streams["theta"].next().to(self.device)
             alpha_batch = self.streams["alpha"].next().to(self.device) if self.darts.alpha_active() else None
             lr = self.darts.theta_lr()
@@ -478,7 +494,7 @@ class Searcher:
             if self.steps == CALIBRATION_STEPS and self.darts.schedule.steps == 0:
                 self._plan_minutes()
             if settings.max_steps is None and self.steps == self.darts.schedule.alpha_start - 1:
-                alpha_started = self.clock.seconds()
+                alpha_started = self._mean_seconds()
             if alpha_started is not None and self.steps == self.darts.schedule.alpha_start + CALIBRATION_STEPS - 1:
                 self._replan_alpha_phase(alpha_started)
                 alpha_started = None
@@ -488,6 +504,7 @@ class Searcher:
                 self._save()
             shown = "frozen" if alpha_loss is None else f"{alpha_loss:.3f}"
             bar.update(tokens, theta_loss, lr, alpha_loss=shown, arch=short_summary(self.model.genotype()))
+        return stopped_by
 
     def _path(self) -> contextlib.AbstractContextManager:
         """With ``single_path``: the uniformly drawn path of the next step (a function of the seed
@@ -520,25 +537,33 @@ class Searcher:
                 best, best_loss = genotype, loss
         return best
 
-    def _stop_reason(self) -> Optional[str]:
-        """Why the search stops now: "max_steps" (the planned steps are done), "max_minutes",
-        "stable" (the genotype has not changed for ``stable_evals`` evaluations), or None."""
+    def _stop_reason(self, signals: Optional[runs.StopSignals] = None) -> Optional[str]:
+        """Why the search stops now: "SIGINT" or "SIGTERM" (to any process), "max_steps" (the
+        planned steps are done), "max_minutes", "stable" (the genotype has not changed for
+        ``stable_evals`` evaluations), or None; decided for all processes at once."""
         settings = self.settings
-        spent = runs.spent_budget(self.steps, self.darts.schedule.steps or None, self.clock, settings.max_minutes)
-        if spent:
-            return spent
-        if settings.stable_evals and self.stable_evals >= settings.stable_evals:
-            return "stable"
-        return None
+        reason = runs.spent_budget(self.steps, self.darts.schedule.steps or None, self.clock, settings.max_minutes)
+        if reason is None and settings.stable_evals and self.stable_evals >= settings.stable_evals:
+            reason = "stable"
+        signal = signals.requested if signals is not None else None
+        signalled, stopping = self.ranks.sum([float(signal is not None), float(reason is not None)])
+        if signalled:
+            return signal or "SIGTERM"  # another process was signalled
+        return reason or ("another process" if stopping else None)
 
     def _evaluate(self, final: bool = False) -> Genotype:
         """Write genotype.json, the alpha history line, the heatmap and an "eval" log record, with
         the validation loss every ``valid_interval`` steps and at the ``final`` evaluation."""
         step, weights, genotype = self.steps, self.model.arch_weights(), self.model.genotype()
+        ops = argmax_ops(weights, self.config)
+        same = self.last_ops == ops and self.darts.alpha_active(step)
+        self.stable_evals = self.stable_evals + 1 if same else 0
+        if not self.ranks.main:  # every process keeps the count that may stop the search; rank 0 writes
+            self.last_ops, self.last_eval_step, self.recent_losses = ops, step, []
+            return genotype
         genotype.save(self.run_dir / GENOTYPE_FILE)
         self.history.append("alpha", step, **weights)
         plot_alpha_history(self.history.read(), self.config, self.run_dir / HEATMAP_FILE)
-        ops = argmax_ops(weights, self.config)
         recent = sum(self.recent_losses) / len(self.recent_losses) if self.recent_losses else None
         record: dict[str, Any] = {
             "train_loss": recent,
@@ -547,8 +572,6 @@ class Searcher:
             "peak_memory_bytes": peak_memory(self.device),
             "elapsed_s": round(self.clock.seconds(), 3),
         }
-        same = self.last_ops == ops and self.darts.alpha_active(step)
-        self.stable_evals = self.stable_evals + 1 if same else 0
         self.last_ops, self.last_eval_step, self.recent_losses = ops, step, []
         if self.valid_batches is not None and (step % self.settings.valid_interval == 0 or final):
             settings = self.settings
@@ -565,6 +588,8 @@ class Searcher:
         return genotype
 
     def _save(self) -> None:
+        if not self.ranks.main:
+            return
         save_checkpoint(
             self.run_dir.checkpoint,
             {

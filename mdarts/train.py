@@ -24,7 +24,6 @@ Every checkpoint carries the model spec and the SentencePiece model, so
 from __future__ import annotations
 
 import io
-import itertools
 import math
 import time
 from pathlib import Path
@@ -51,15 +50,16 @@ from .memory import peak_memory
 from .prepare import PreparedData
 from .progress import Progress
 from .runs import (
+    SIGNAL_NAMES,
     JsonLog,
     PathLike,
+    Ranks,
     RunClock,
     RunDirectory,
     StopSignals,
     check_resume,
     check_same_data,
     evaluate_loss,
-    resolve_device,
     seed_everything,
     spent_budget,
     write_atomic,
@@ -149,7 +149,8 @@ class Trainer:
         self.run_dir = RunDirectory(out_dir, "training")
         self.run_dir.check(resume, overwrite)
         self.config = config
-        self.device = resolve_device(config.device)
+        self.ranks = Ranks.from_environment(config.device)
+        self.device = self.ranks.device(config.device)
         self.spec = model_spec(model)
         self.pad_id = model.config.pad_id
         self.tokenizer_bytes = data.tokenizer.to_bytes()
@@ -171,7 +172,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
         )
-        self.log = JsonLog(self.run_dir / LOG_FILE)
+        self.log = JsonLog(self.run_dir / LOG_FILE, writes=self.ranks.main)
         # training state: updates done, epoch, batches of that epoch done, early stopping
         self.step = self.epoch = self.position = 0
         self.best_loss = math.inf
@@ -183,8 +184,10 @@ class Trainer:
         if resume:
             self._resume()
         else:
-            self.run_dir.claim(resume=False, overwrite=overwrite)
+            if self.ranks.main:
+                self.run_dir.claim(resume=False, overwrite=overwrite)
             seed_everything(config.seed)
+        self.ranks.barrier()  # the others read the run directory once rank 0 has claimed it
 
     def _resume(self) -> None:
         """Load the training state of ``checkpoint_last.pt`` and cut the log back to it."""
@@ -205,7 +208,8 @@ class Trainer:
         self.clock = RunClock(state.get("train_seconds", 0.0))
         self.validated_step = self.step
         set_rng_state(state["rng"])
-        self.run_dir.claim(resume=True, overwrite=False)  # removes what a killed write left
+        if self.ranks.main:
+            self.run_dir.claim(resume=True, overwrite=False)  # removes what a killed write left
         self.log.truncate(self.step)
 
     def run(self) -> dict[str, Any]:
@@ -218,7 +222,8 @@ class Trainer:
         peak_memory_bytes, parameters and the checkpoint paths."""
         self.clock = RunClock(self.clock.seconds())
         started = time.perf_counter()
-        progress = Progress(self.config.max_steps, "train", self.device, initial=self.step, enabled=self.show_progress)
+        shown = self.show_progress if self.ranks.main else False
+        progress = Progress(self.config.max_steps, "train", self.device, initial=self.step, enabled=shown)
         self.model.train()
         stopped_by = self._stop_reason()
         with StopSignals() as self.signals:
@@ -227,13 +232,16 @@ class Trainer:
                     stopped_by = self._train_epoch(progress)
             finally:
                 progress.close()
-            if self.signals.requested:
-                save_checkpoint(self.run_dir / LAST_FILE, self._payload())
+            if stopped_by in SIGNAL_NAMES:
+                if self.ranks.main:
+                    save_checkpoint(self.run_dir / LAST_FILE, self._payload())
                 return {"steps": self.step, "epochs": self.epoch, "stopped_by": stopped_by}
         if self.validated_step != self.step:
             self._validate_and_save()  # the checkpoint keeps the open window, which a resume continues
         if self.window.steps:
             self._log_window(progress, partial=True)
+        if not self.ranks.main:
+            return {"steps": self.step, "epochs": self.epoch, "stopped_by": stopped_by}
         average = (
             write_average_checkpoint(self.run_dir.path, self.config.keep_last) if self.config.keep_last > 1 else None
         )
@@ -256,11 +264,11 @@ class Trainer:
     def _train_epoch(self, progress: Progress) -> Optional[str]:
         """Train from the current position to the end of the epoch, or until a budget ends or
         early stopping; returns why training stops (None: go on with the next epoch)."""
-        config = self.config
+        config, world = self.config, self.ranks.world_size
         self.train_batches.set_epoch(self.epoch)
-        for batch in itertools.islice(self.train_batches, self.position, None):
-            loss, nll, tokens, grad_norm = self._train_step(batch)
-            self.position += 1
+        while self.position + world <= len(self.train_batches):  # each process its batch of the step
+            loss, nll, tokens, grad_norm = self._train_step(self.train_batches[self.position + self.ranks.rank])
+            self.position += world
             self.window.add(loss, nll, tokens, grad_norm)
             progress.update(tokens, loss / tokens, config.learning_rate(self.step), epoch=str(self.epoch))
             if self.step % config.log_interval == 0:
@@ -275,19 +283,22 @@ class Trainer:
         return self._stop_reason()
 
     def _stop_reason(self) -> Optional[str]:
+        """Why training stops now (None: it goes on), decided for all processes at once: a
+        signal to any of them, or a reason seen by any (rank 0 keeps the early-stopping count)."""
         config = self.config
-        spent = spent_budget(self.step, config.max_steps, self.clock, config.max_minutes)
-        if self.signals.requested or spent:
-            return self.signals.requested or spent
-        if config.max_epochs is not None and self.epoch >= config.max_epochs:
-            return "max_epochs"
-        if config.patience and self.bad_validations >= config.patience:
-            return "patience"
-        return None
+        reason = spent_budget(self.step, config.max_steps, self.clock, config.max_minutes)
+        if reason is None and config.max_epochs is not None and self.epoch >= config.max_epochs:
+            reason = "max_epochs"
+        if reason is None and config.patience and self.bad_validations >= config.patience:
+            reason = "patience"
+        signalled, stopping = self.ranks.sum([float(bool(self.signals.requested)), float(reason is not None)])
+        if signalled:
+            return self.signals.requested or "SIGTERM"  # another process was signalled
+        return reason or ("another process" if stopping else None)
 
     def _train_step(self, batch) -> tuple[float, float, int, float]:
-        """One update on ``batch``: (summed loss, summed NLL, target tokens, gradient norm
-        before clipping)."""
+        """One update on ``batch`` (this process's share of the step): (summed loss, summed NLL,
+        target tokens, all over the processes, and the gradient norm before clipping)."""
         config = self.config
         self.step += 1
         for group in self.optimizer.param_groups:
@@ -296,15 +307,17 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.bf16):
             logits = self.model(batch.src, batch.tgt_in)
         loss, nll, tokens = label_smoothed_loss(logits, batch.tgt_out, self.pad_id, config.label_smoothing)
+        loss_sum, nll_sum, all_tokens = self.ranks.sum([float(loss.detach()), float(nll.detach()), float(tokens)])
         self.optimizer.zero_grad(set_to_none=True)
-        (loss / tokens).backward()
+        (loss / all_tokens).backward()  # summed over the processes: the gradient of the whole step
         parameters = [p for p in self.model.parameters() if p.grad is not None]
+        self.ranks.reduce([p.grad for p in parameters])
         if config.clip_norm > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, config.clip_norm))
         else:
             grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in parameters]))
         self.optimizer.step()
-        return float(loss.detach()), float(nll.detach()), tokens, grad_norm
+        return loss_sum, nll_sum, int(all_tokens), grad_norm
 
     def _log_window(self, progress: Progress, partial: bool = False) -> None:
         """Log the training summary of the updates since the last line (``partial``: a window
@@ -320,8 +333,12 @@ class Trainer:
             **extra,
         )
 
-    def _validate_and_save(self) -> dict[str, Any]:
-        """Validation loss (and BLEU), log line, early-stopping bookkeeping, checkpoints."""
+    def _validate_and_save(self) -> None:
+        """Validation loss (and BLEU), log line, early-stopping bookkeeping, checkpoints: on
+        rank 0 only (the others go on to the next step, which waits for it)."""
+        self.validated_step = self.step
+        if not self.ranks.main:
+            return
         config = self.config
         result = evaluate_loss(
             self.model, self.valid_batches, self.pad_id, config.label_smoothing, self.device, config.bf16
@@ -336,8 +353,7 @@ class Trainer:
             self.best_loss, self.bad_validations = result["loss"], 0
         else:
             self.bad_validations += 1
-        self.validated_step = self.step
-        entry = self.log.append(
+        self.log.append(
             "valid",
             self.step,
             epoch=self.epoch,
@@ -354,7 +370,6 @@ class Trainer:
             for old in step_checkpoints(self.run_dir.path)[: -config.keep_last]:
                 old.unlink()
         plot_curves(self.run_dir.path)
-        return entry
 
     def _payload(self) -> dict[str, Any]:
         """Everything an exact resume and :func:`~mdarts.checkpoint.load_model` need."""
