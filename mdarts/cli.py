@@ -399,7 +399,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     loaded, pair = _load_for_decoding(args)
     if pair not in PAIRS:
-        raise ValueError(f"--pair: {args.checkpoint} does not record a Multi30k direction ({pair}); give --pair")
+        recorded = "records none (an older checkpoint)" if pair is None else f"records {pair}, not a Multi30k one"
+        raise ValueError(f"--pair: {args.checkpoint} {recorded}: give the direction with --pair")
     corpus = load_pair(pair, args.split, args.data_dir)
     src, refs = corpus.src[: args.limit], corpus.tgt[: args.limit]
     hyps = _translate_lines(args, loaded, src, progress=True)
