@@ -42,37 +42,10 @@ def write_corpus(data_dir: Path, folder: Path, pairs: int) -> list[str]:
 
 def run(processes: int, steps: int, corpus: list[str], folder: Path) -> dict:
     out = folder / f"run-{processes}-{time.monotonic_ns()}"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(processes),
-        "-m",
-        "mdarts",
-        "train",
-        "--arch",
-        "transformer",
-        "--preset",
-        "tiny",
-        "--out",
-        str(out),
-        "--max-steps",
-        str(steps),
-        "--valid-interval",
-        str(10 * steps),
-        "--log-interval",
-        str(steps),
-        "--max-tokens",
-        "2048",
-        "--vocab-size",
-        "2000",
-        "--tokenizer-cache",
-        str(folder / "spm"),
-        "--device",
-        "cpu",
-        *corpus,
-    ]
+    launch = f"-m torch.distributed.run --nproc-per-node {processes} -m mdarts train --arch transformer --preset tiny"
+    budget = f"--max-steps {steps} --valid-interval {10 * steps} --log-interval {steps} --max-tokens 2048"
+    cache = f"--vocab-size 2000 --tokenizer-cache {folder / 'spm'} --device cpu"
+    command = [sys.executable, *launch.split(), "--out", str(out), *budget.split(), *cache.split(), *corpus]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     started = time.perf_counter()
     subprocess.run(command, cwd=REPO_ROOT, env=env, check=True, capture_output=True)
