@@ -168,3 +168,39 @@ def test_training_resumes_with_another_number_of_processes(corpus, tmp_path):
     log = records(run / "log.jsonl")
     assert [r["step"] for r in log if r["event"] == "train"] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in log if r["event"] == "valid"] == [2, 4, 6]
+
+
+def dying_worker(rank: int, port: int, argv: list[str], die_at: int) -> None:
+    """Runs ``mdarts argv``; rank 1 is killed (SIGKILL) when it starts update ``die_at``."""
+    import signal
+
+    import mdarts.train as train_module
+    from mdarts.cli import main
+
+    join(rank, port)
+    step = train_module.Trainer._train_step
+
+    def train_step(self, batch):
+        if rank == 1 and self.step + 1 == die_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return step(self, batch)
+
+    train_module.Trainer._train_step = train_step
+    try:
+        main(argv)
+    finally:
+        leave()
+
+
+def test_a_killed_rank_leaves_the_last_checkpoint_whole_and_the_run_resumable(corpus, tmp_path):
+    from mdarts.checkpoint import load_checkpoint
+    from mdarts.cli import main
+
+    run = tmp_path / "train"
+    common = ["train", "--arch", "transformer", "--preset", "tiny", "--out", str(run), "--warmup-steps", "2"]
+    common += ["--valid-interval", "2", "--max-tokens", "400", *corpus]
+    with pytest.raises(mp.ProcessExitedException):  # the others are stopped with it
+        start(dying_worker, [*common, "--max-steps", "6"], 4)
+    assert load_checkpoint(run / "checkpoint_last.pt", "train")["step"] == 2
+    assert main([*common, "--max-steps", "6", "--resume"]) == 0
+    assert load_checkpoint(run / "checkpoint_last.pt", "train")["step"] == 6
