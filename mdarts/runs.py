@@ -111,6 +111,18 @@ class Ranks:
         if self.world_size > 1:
             dist.barrier()
 
+    def check_same(self, settings: dict[str, Any]) -> None:
+        """ValueError, in every process, naming the settings whose values differ between the
+        processes (they must all run the same command)."""
+        if self.world_size == 1:
+            return
+        everyone: list[dict[str, Any]] = [{} for _ in range(self.world_size)]
+        dist.all_gather_object(everyone, settings)
+        differ = sorted({key for other in everyone for key in settings if other.get(key) != settings[key]})
+        if differ:
+            shown = "; ".join(f"{key}: {[other.get(key) for other in everyone]}" for key in differ)
+            raise ValueError(f"the {self.world_size} processes were started with different settings ({shown})")
+
 
 ONE_PROCESS = Ranks()
 """The ranks of a run in one process."""

@@ -295,6 +295,9 @@ class Searcher:
                 max_positions=config.max_positions,
                 pad_id=config.pad_id,
             )
+        self.ranks.check_same(
+            {**settings.to_dict(), "device": None, "config": config.to_dict(), "data": data.identity()}
+        )
         runs.seed_everything(settings.seed)
         self.model = Supernet(config, data.tokenizer.vocab_size).to(self.device)
         if settings.affine_free:

@@ -168,6 +168,12 @@ class Trainer:
                 f"--max-tokens: no training pair fits max_tokens={config.max_tokens} "
                 f"and max_positions={limits['max_positions']}"
             )
+        if len(self.train_batches) < self.ranks.world_size:
+            raise ValueError(
+                f"--max-tokens: the training data makes {len(self.train_batches)} batch(es), fewer than the "
+                f"{self.ranks.world_size} processes"
+            )
+        self.ranks.check_same({**config.to_dict(), "device": None, "model": self.spec, "data": self.data_identity})
         self.valid_batches = TokenBatches(*_ids(data, "val"), config.max_tokens, shuffle=False, **limits)
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay

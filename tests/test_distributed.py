@@ -204,3 +204,30 @@ def test_a_killed_rank_leaves_the_last_checkpoint_whole_and_the_run_resumable(co
     assert load_checkpoint(run / "checkpoint_last.pt", "train")["step"] == 2
     assert main([*common, "--max-steps", "6", "--resume"]) == 0
     assert load_checkpoint(run / "checkpoint_last.pt", "train")["step"] == 6
+
+
+def status_worker(rank: int, port: int, argvs: list[list[str]], out: str) -> None:
+    """Rank r runs ``mdarts argvs[r]``; its exit status and error output are saved."""
+    import contextlib
+    import io
+
+    from mdarts.cli import main
+
+    join(rank, port)
+    error = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(error):
+            status = main(argvs[rank])
+        (Path(out) / f"rank{rank}.json").write_text(json.dumps({"status": status, "stderr": error.getvalue()}))
+    finally:
+        leave()
+
+
+def test_processes_started_with_different_settings_all_stop_and_say_what_differs(corpus, tmp_path):
+    run = tmp_path / "train"
+    argv = ["train", "--arch", "transformer", "--preset", "tiny", "--out", str(run), "--max-steps", "2", *corpus]
+    start(status_worker, [[*argv, "--lr", "1e-3"], [*argv, "--lr", "2e-3"]], str(tmp_path))
+    for rank in range(WORLD):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["status"] == 2
+        assert "processes were started with different settings (lr: [0.001, 0.002])" in result["stderr"]
