@@ -268,6 +268,7 @@ class Searcher:
         self.run_dir = runs.RunDirectory(out_dir, "search")
         self.run_dir.check(resume, overwrite)
         self.data, self.settings, self.show_progress = data, settings, progress
+        self.data_identity = data.identity()  # recorded in every checkpoint, checked on resume
         self.ranks = runs.Ranks.from_environment(settings.device)
         self.device = self.ranks.device(settings.device)
         checkpoint = load_checkpoint(self.run_dir.checkpoint, kind="search") if resume else None
@@ -296,7 +297,7 @@ class Searcher:
                 pad_id=config.pad_id,
             )
         self.ranks.check_same(
-            {**settings.to_dict(), "device": None, "config": config.to_dict(), "data": data.identity()}
+            {**settings.to_dict(), "device": None, "config": config.to_dict(), "data": self.data_identity}
         )
         runs.seed_everything(settings.seed)
         self.model = Supernet(config, data.tokenizer.vocab_size).to(self.device)
@@ -409,7 +410,7 @@ class Searcher:
         if checkpoint["config"] != self.config.to_dict():
             changed = sorted(k for k, v in self.config.to_dict().items() if checkpoint["config"].get(k) != v)
             raise ValueError(f"cannot resume from {path}: the model config differs in {', '.join(changed)}")
-        runs.check_same_data(checkpoint.get("data"), self.data.identity(), path)
+        runs.check_same_data(checkpoint.get("data"), self.data_identity, path)
         if checkpoint["tokenizer"] != self.data.tokenizer.to_bytes():
             raise ValueError(
                 f"cannot resume from {path}: the data was prepared with another tokenizer than the checkpoint's"
@@ -612,6 +613,6 @@ class Searcher:
                 "config": self.config.to_dict(),
                 "vocab_size": self.data.tokenizer.vocab_size,
                 "tokenizer": self.data.tokenizer.to_bytes(),
-                "data": self.data.identity(),
+                "data": self.data_identity,
             },
         )
