@@ -40,12 +40,16 @@ A killed experiment run again continues where it stopped; finished runs are not 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import math
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import tomllib
 import torch
@@ -215,20 +219,47 @@ def sized_config(
 
 @dataclass
 class Member:
-    """One network of an arm: ``genotype`` (None for a baseline) and where it came from."""
+    """One network of an arm: ``genotype`` (None for a baseline, and for a searched member until
+    its search in ``search_dir`` has finished) and where it came from."""
 
     arm: Arm
     name: str
     genotype: Optional[Genotype] = None
+    search_dir: Optional[Path] = None
+    search_seed: int = 0
 
     @property
     def key(self) -> str:
         return f"{self.arm.name}/{self.name}"
 
+    def ready(self) -> bool:
+        """Whether the network is known (its search, if any, has finished)."""
+        return self.search_dir is None or (self.search_dir / SEARCH_DONE).is_file()
+
+
+SEARCH_DONE, TRAIN_DONE = "result.json", "record.json"  # a run directory holding it has finished
+POLL_SECONDS = 30.0  # how often a process with nothing left to start looks at what others hold
+
+
+@dataclass
+class Task:
+    """One search (``search``) or training of the experiment: ``member()`` (known once
+    ``ready()``) with ``seed``."""
+
+    member: Callable[[], Member]
+    seed: int
+    search: bool = False
+    ready: Callable[[], bool] = lambda: True
+
 
 class Experiment:
     """Runs ``spec`` in ``out_dir`` (see the module docstring); :meth:`run` returns the summary
-    (None when ``max_minutes`` ended it first: run it again to continue)."""
+    (None when ``max_minutes`` ended it first: run it again to continue).
+
+    Several processes may run one experiment directory together (the same command started
+    twice, e.g. one thread each on two cores): each search and training is locked by the process
+    that runs it (``locks/``), the others take the next one, and wait when everything left is held
+    or waits for held runs."""
 
     def __init__(
         self,
@@ -254,46 +285,30 @@ class Experiment:
     def run(self, max_minutes: Optional[float] = None) -> Optional[dict]:
         self.deadline = None if max_minutes is None else 60.0 * max_minutes
         data = prepare_data(self.spec.pair, ("train", "val"), self.data_dir, vocab_size=self.spec.vocab_size)
-        members = self._members(data)
-        if members is None:
+        members = self._members()
+        if not self._run_tasks(self._tasks(members), data):
             return None
-        first = self.spec.train_seeds[0]
-        trained = {m.key: self._train(m, first, data) for m in members}
-        if None in trained.values():
-            return None
-        finalists = self._finalists(members, trained)
-        for member in finalists:
-            for seed in self.spec.train_seeds[1:]:
-                if self._train(member, seed, data) is None:
-                    return None
-        return self._report(members, finalists, data)
+        while True:  # one process scores and reports at a time; the next finds the scores made
+            with self._hold("report") as mine:
+                if mine:
+                    return self._report(members, self._finalists(members), data)
+            time.sleep(POLL_SECONDS)
 
     def _time_left(self) -> bool:
         """Whether to start another search or training (one answer for every process)."""
         over = self.deadline is not None and self.clock.seconds() >= self.deadline
         return not self.ranks.any(over)
 
-    def _members(self, data: PreparedData) -> Optional[list[Member]]:
-        """Every network to train, searching first where an arm needs it (None: out of time)."""
-        from .search import Searcher, searched_space
+    def _members(self) -> list[Member]:
+        """Every network to train (a searched one's genotype is read once its search is done)."""
+        from .search import searched_space
 
         space = searched_space(preset(self.spec.search_preset), self.spec.search_settings().parameter_free)
         members = []
         for arm in self.spec.arms:
             if arm.kind in ("searched", "weight_sharing"):
-                for seed in arm.seeds:
-                    run_dir = self.out_dir / "searches" / arm.name / f"seed{seed}"
-                    if not (run_dir / "result.json").is_file():
-                        if not self._time_left():
-                            return None
-                        settings = self.spec.search_settings(seed).replace(single_path=arm.kind == "weight_sharing")
-                        resume = (run_dir / "search_checkpoint.pt").is_file()  # else what a kill left goes
-                        config = preset(self.spec.search_preset)
-                        result = Searcher(config, data, settings, run_dir, resume=resume, overwrite=not resume).run()
-                        if result.stopped_by in ("SIGINT", "SIGTERM"):
-                            return None
-                        self._write(run_dir / "result.json", json.dumps({"steps": result.steps}))
-                    members.append(Member(arm, f"seed{seed}", Genotype.load(run_dir / "genotype.json")))
+                searches = self.out_dir / "searches" / arm.name
+                members += [Member(arm, f"seed{s}", None, searches / f"seed{s}", s) for s in arm.seeds]
             elif arm.kind == "random":
                 members += [Member(arm, f"g{i}", random_genotype(space, i)) for i in range(arm.count)]
             elif arm.kind == "control":
@@ -305,41 +320,124 @@ class Experiment:
                 member.genotype.save(self.out_dir / "genotypes" / f"{member.arm.name}-{member.name}.json")
         return members
 
+    def _tasks(self, members: list[Member]) -> list[Task]:
+        """Every search and training, in the order to start them: the searches, each network with
+        the first training seed, the other seeds of the finalists outside the random arms, and
+        those of the random finalists (known once every random network has its first training)."""
+
+        def of(member: Member, seed: int, **fields) -> Task:
+            return Task(lambda: member, seed, **fields)
+
+        def randoms_trained() -> bool:
+            return all((self._train_dir(m, first) / TRAIN_DONE).is_file() for m in randoms)
+
+        first, *others = self.spec.train_seeds
+        randoms = [m for m in members if m.arm.kind == "random"]
+        tasks = [of(m, m.search_seed, search=True) for m in members if m.search_dir is not None]
+        tasks += [of(m, first, ready=m.ready) for m in members]
+        tasks += [of(m, seed, ready=m.ready) for m in members if m.arm.kind != "random" for seed in others]
+        for rank in range(min(self.spec.random_finalists, len(randoms))):
+            finalist = functools.partial(self._random_finalist, randoms, rank)
+            tasks += [Task(finalist, seed, ready=randoms_trained) for seed in others]
+        return tasks
+
+    def _train_dir(self, member: Member, seed: int) -> Path:
+        return self.out_dir / "train" / member.arm.name / f"{member.name}-seed{seed}"
+
+    def _run_dir(self, task: Task) -> Path:
+        member = task.member()
+        return member.search_dir if task.search else self._train_dir(member, task.seed)
+
+    def _done(self, task: Task) -> bool:
+        return task.ready() and (self._run_dir(task) / (SEARCH_DONE if task.search else TRAIN_DONE)).is_file()
+
+    def _run_tasks(self, tasks: list[Task], data: PreparedData) -> bool:
+        """Run every task not done yet, the first ready one not held by another process first;
+        False when out of time or stopped by a signal."""
+        waiting = False
+        while True:
+            pending = [task for task in tasks if not self._done(task)]
+            if not pending:
+                return True
+            if not self._time_left():
+                return False
+            for task in (task for task in pending if task.ready()):
+                run_dir = self._run_dir(task)
+                with self._hold("--".join(run_dir.relative_to(self.out_dir).parts)) as mine:
+                    if mine and not self._done(task):
+                        if self.ranks.main:
+                            what = "search" if task.search else "train"
+                            print(
+                                f"experiment: {what} {task.member().key} seed {task.seed} in {run_dir}", file=sys.stderr
+                            )
+                        if not (self._search(task, data) if task.search else self._train(task, data)):
+                            return False
+                        waiting = False
+                        break
+            else:
+                if not waiting and self.ranks.main:
+                    print(f"waiting for {len(pending)} runs that other processes hold or wait for", file=sys.stderr)
+                waiting = True
+                time.sleep(POLL_SECONDS)
+
+    @contextlib.contextmanager
+    def _hold(self, name: str) -> Iterator[bool]:
+        """Take the lock ``name`` for this process (rank 0 takes it for all ranks): whether it got it."""
+        lock = self.out_dir / "locks" / f"{name}.lock"
+        with runs.exclusive(lock) if self.ranks.main else contextlib.nullcontext(False) as mine:
+            yield self.ranks.any(mine)
+
+    def _search(self, task: Task, data: PreparedData) -> bool:
+        """Run (or continue) a search; False when a signal stopped it."""
+        from .search import Searcher
+
+        member, run_dir = task.member(), self._run_dir(task)
+        settings = self.spec.search_settings(task.seed).replace(single_path=member.arm.kind == "weight_sharing")
+        resume = (run_dir / "search_checkpoint.pt").is_file()  # else what a kill left goes
+        config = preset(self.spec.search_preset)
+        result = Searcher(config, data, settings, run_dir, resume=resume, overwrite=not resume).run()
+        if result.stopped_by in ("SIGINT", "SIGTERM"):
+            return False
+        self._write(run_dir / SEARCH_DONE, json.dumps({"steps": result.steps}))
+        return True
+
+    def _genotype(self, member: Member) -> Optional[Genotype]:
+        """``member``'s genotype, read from its finished search (and copied to genotypes/) if need be."""
+        if member.genotype is None and member.search_dir is not None:
+            member.genotype = Genotype.load(member.search_dir / "genotype.json")
+            if self.ranks.main:
+                member.genotype.save(self.out_dir / "genotypes" / f"{member.arm.name}-{member.name}.json")
+        return member.genotype
+
     def _build(self, member: Member) -> tuple[Callable[[ModelConfig], nn.Module], int]:
         """How to build ``member`` at a size, and the step of its d_model."""
         vocab = self.spec.vocab_size
-        if member.genotype is None:
+        genotype = self._genotype(member)
+        if member.arm.kind in BASELINES:
             step = 2 * preset(self.spec.train_preset, training=True).heads
             return (lambda config: BASELINES[member.arm.kind](config, vocab)), step
         config = self.spec.model_config()
         step = math.lcm(config.encoder_splits, config.decoder_splits) * config.heads
-        return (lambda c: DerivedNet(member.genotype, c, vocab)), step
+        return (lambda c: DerivedNet(genotype, c, vocab)), step
 
-    def _train(self, member: Member, seed: int, data: PreparedData) -> Optional[dict]:
-        """Train ``member`` with ``seed`` (or continue it); its record, or None when out of time."""
-        run_dir = self.out_dir / "train" / member.arm.name / f"{member.name}-seed{seed}"
-        record_path = run_dir / "record.json"
-        if record_path.is_file():
-            return json.loads(record_path.read_text())
-        if not self._time_left():
-            return None
+    def _train(self, task: Task, data: PreparedData) -> bool:
+        """Train a network (or continue it) and write its record; False when a signal stopped it."""
+        member, run_dir = task.member(), self._run_dir(task)
         build, step = self._build(member)
-        base = (
-            self.spec.model_config() if member.genotype is not None else preset(self.spec.train_preset, training=True)
-        )
+        base = preset(self.spec.train_preset, True) if member.arm.kind in BASELINES else self.spec.model_config()
         config = sized_config(build, base, self.spec.params, step)
-        runs.seed_everything(seed)
+        runs.seed_everything(task.seed)
         model = build(config)
-        settings = self.spec.train_config(seed).replace(device=self.device)
+        settings = self.spec.train_config(task.seed).replace(device=self.device)
         resume = (run_dir / "checkpoint_last.pt").is_file()  # else what a kill left goes
         from .train import Trainer
 
         summary = Trainer(model, data, settings, run_dir, resume=resume, overwrite=not resume).run()
         if summary["stopped_by"] in ("SIGINT", "SIGTERM"):
-            return None
+            return False
         total, non_embedding = count_parameters(build, config)
         record = {
-            "seed": seed,
+            "seed": task.seed,
             "params": total,
             "non_embedding_params": non_embedding,
             "d_model": config.d_model,
@@ -347,13 +445,21 @@ class Experiment:
             "valid_loss": summary["best_valid_loss"],
             "minutes": load_checkpoint(run_dir / "checkpoint_last.pt")["train_seconds"] / 60.0,
         }
-        self._write(record_path, json.dumps(record, indent=1))
-        return record
+        self._write(run_dir / TRAIN_DONE, json.dumps(record, indent=1))
+        return True
 
-    def _finalists(self, members: list[Member], trained: dict[str, dict]) -> list[Member]:
+    def _record(self, member: Member, seed: int) -> dict:
+        return json.loads((self._train_dir(member, seed) / TRAIN_DONE).read_text())
+
+    def _random_finalist(self, randoms: list[Member], rank: int) -> Member:
+        """The random network ranked ``rank`` on validation loss after its first training."""
+        return sorted(randoms, key=lambda m: self._record(m, self.spec.train_seeds[0])["valid_loss"])[rank]
+
+    def _finalists(self, members: list[Member]) -> list[Member]:
         """Every member outside the random arms, and the best random ones on validation loss."""
-        randoms = sorted((m for m in members if m.arm.kind == "random"), key=lambda m: trained[m.key]["valid_loss"])
-        return [m for m in members if m.arm.kind != "random"] + randoms[: self.spec.random_finalists]
+        randoms = [m for m in members if m.arm.kind == "random"]
+        best = [self._random_finalist(randoms, r) for r in range(min(self.spec.random_finalists, len(randoms)))]
+        return [m for m in members if m.arm.kind != "random"] + best
 
     def _score(self, member: Member, seed: int, data: PreparedData) -> dict:
         """Test scores of a finished run (translated once; kept in scores/)."""
@@ -365,7 +471,7 @@ class Experiment:
         if path.is_file():
             return json.loads(path.read_text())
         device = runs.resolve_device(self.device)
-        checkpoint = self.out_dir / "train" / member.arm.name / f"{member.name}-seed{seed}" / "checkpoint_best.pt"
+        checkpoint = self._train_dir(member, seed) / "checkpoint_best.pt"
         loaded = load_model(checkpoint, device)
         corpus = load_pair(self.spec.pair, self.spec.split, self.data_dir)
         if self.spec.limit:
@@ -394,8 +500,7 @@ class Experiment:
             for member in (m for m in members if m.arm is arm):
                 seeds = self.spec.train_seeds if member.key in finals else self.spec.train_seeds[:1]
                 for seed in seeds:
-                    run_dir = self.out_dir / "train" / arm.name / f"{member.name}-seed{seed}"
-                    record = json.loads((run_dir / "record.json").read_text())
+                    record = self._record(member, seed)
                     scores = self._score(member, seed, data)
                     runs_of_arm.append(
                         {
@@ -405,7 +510,7 @@ class Experiment:
                             "lc_bleu": scores["bleu_lc_tok"],
                             "chrf": scores["chrf"],
                             "finalist": member.key in finals,
-                            "genotype": None if member.genotype is None else member.genotype.summary(),
+                            "genotype": None if self._genotype(member) is None else member.genotype.summary(),
                         }
                     )
             arms.append({"name": arm.name, "kind": arm.kind, "runs": runs_of_arm})

@@ -9,6 +9,7 @@
   :meth:`mdarts.config.Settings.changed_on_resume`);
 * a clock that sums a run's time over resumes (:class:`RunClock`);
 * SIGINT and SIGTERM turned into a stop after the current step (:class:`StopSignals`);
+* work shared out between processes that run the same command (:func:`exclusive`);
 * the check that a resume or an evaluation uses the data its run was made from
   (:func:`check_same_data`);
 * the validation loss of a model on a set of batches (:func:`evaluate_loss`);
@@ -18,6 +19,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
@@ -29,7 +32,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Iterable, Optional, Union
+from typing import IO, Any, Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -388,6 +391,29 @@ class StopSignals:
             "(send it again to stop at once)",
             file=sys.stderr,
         )
+
+
+@contextlib.contextmanager
+def exclusive(path: PathLike) -> Iterator[bool]:
+    """Hold the lock file ``path`` while the body runs: yields True when this process holds it,
+    False when another process does. The operating system releases the lock when its holder
+    exits, killed or not, so a lock never outlives its process. The file itself stays (removing
+    it would let two processes lock two different files of one name)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+    finally:
+        os.close(descriptor)
 
 
 def check_same_data(saved: Optional[dict], current: dict, path: PathLike, action: str = "resume from") -> None:

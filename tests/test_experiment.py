@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from mdarts.cli import main
 from mdarts.experiment import ExperimentSpec
@@ -50,11 +54,11 @@ SPEC = {
 }
 
 
-@pytest.fixture
-def small_multi30k(multi30k_dir, tmp_path):
+@pytest.fixture(scope="module")
+def small_multi30k(multi30k_dir, tmp_path_factory):
     """The first 600 training, 40 validation and 20 test pairs of Multi30k En-De (and the test
     split's tokenised references), as a Multi30k data folder."""
-    folder = tmp_path / "multi30k"
+    folder = tmp_path_factory.mktemp("experiment") / "multi30k"
     (folder / "tok").mkdir(parents=True)
     files = [f"{split}.{lang}.gz" for split in ("train", "val", "test_2016_flickr") for lang in ("en", "de")]
     for name in [*files, "tok/test_2016_flickr.lc.norm.tok.de.gz"]:
@@ -66,11 +70,27 @@ def small_multi30k(multi30k_dir, tmp_path):
     return folder
 
 
-def test_an_experiment_runs_every_arm_at_equal_size_and_resumes(small_multi30k, tmp_path, capsys):
-    spec_path, out = tmp_path / "spec.json", tmp_path / "experiment"
+def experiment_argv(spec_path, out, data_dir) -> list[str]:
     spec_path.write_text(json.dumps(SPEC))
-    argv = ["experiment", str(spec_path), "--out", str(out), "--data-dir", str(small_multi30k), "--device", "cpu"]
-    assert main(argv) == 0
+    return ["experiment", str(spec_path), "--out", str(out), "--data-dir", str(data_dir), "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(small_multi30k):
+    """The experiment SPEC run by one process: (its directory, its command line)."""
+    folder = small_multi30k.parent
+    argv = experiment_argv(folder / "spec.json", folder / "one-process", small_multi30k)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return folder / "one-process", argv
+
+
+def test_an_experiment_runs_every_arm_at_equal_size_and_resumes(one_process_run, capsys):
+    out, argv = one_process_run
     summary = json.loads((out / "summary.json").read_text())
     kinds = {arm["name"]: arm["kind"] for arm in summary["arms"]}
     assert kinds == {
@@ -97,6 +117,35 @@ def test_an_experiment_runs_every_arm_at_equal_size_and_resumes(small_multi30k, 
     records = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("record.json")}
     assert main(argv) == 0
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("record.json")} == records
+
+
+def test_two_processes_share_an_experiment_and_get_what_one_process_gets(one_process_run, small_multi30k):
+    reference, _ = one_process_run
+    out = small_multi30k.parent / "two-processes"
+    command = [
+        sys.executable,
+        "-m",
+        "mdarts",
+        *experiment_argv(small_multi30k.parent / "spec2.json", out, small_multi30k),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    processes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+    processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [process.communicate(timeout=900) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs
+    started = [[line for line in err.splitlines() if line.startswith("experiment: ")] for _, err in outputs]
+    assert all(started) and not set(started[0]) & set(started[1]), started  # both worked, never on one run
+    # every network trained once, by one process: the same records and scores as one process
+    assert timeless(out) == timeless(reference)
+
+
+def timeless(out) -> dict:
+    """The training records and the summary of the experiment in ``out``, without wall-clock minutes."""
+    records = {str(path.parent.relative_to(out)): json.loads(path.read_text()) for path in out.rglob("record.json")}
+    summary = json.loads((out / "summary.json").read_text())
+    for record in [*records.values(), *(run for arm in summary["arms"] for run in arm["runs"])]:
+        del record["minutes"]
+    return {"records": records, "summary": summary}
 
 
 @pytest.mark.parametrize(

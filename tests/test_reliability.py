@@ -692,3 +692,29 @@ def test_temporary_files_of_a_killed_write_are_removed_when_the_run_is_claimed(d
     (search_dir / ".search_checkpoint.pt.zz9.tmp").write_bytes(b"half a checkpoint")
     Searcher(SEARCH_CONFIG, data, search_settings(max_steps=2), search_dir, resume=True, progress=False).run()
     assert not (search_dir / ".search_checkpoint.pt.zz9.tmp").exists()
+
+
+def test_a_lock_is_held_by_one_process_and_freed_when_its_holder_is_killed(tmp_path):
+    lock = tmp_path / "locks" / "run.lock"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from mdarts import runs\nwith runs.exclusive({str(lock)!r}) as mine:\n"
+            "    print(mine, flush=True)\n    input()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "True"
+        with runs_module.exclusive(lock) as mine:
+            assert not mine
+    finally:
+        holder.kill()
+        holder.wait()
+    with runs_module.exclusive(lock) as mine:  # the killed holder's lock went with it
+        assert mine
+        with runs_module.exclusive(lock) as again:  # one holder at a time, even within a process
+            assert not again
