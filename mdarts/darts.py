@@ -27,6 +27,7 @@ from .batching import Batch
 from .config import SearchSettings
 from .loss import label_smoothed_loss
 from .model import Supernet
+from .reduction import BucketedReduce
 from .runs import ONE_PROCESS, Ranks, inverse_sqrt_lr
 
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -195,11 +196,11 @@ class DartsSearcher:
     theta update on a theta batch, then (from ``schedule.alpha_start`` on) one alpha update on an
     alpha batch.
 
-    Each update computes the gradient of its own parameter group only (``torch.autograd.grad``)
-    and steps only its own optimiser, so a theta update leaves every alpha bit-identical and
-    an alpha update every weight. The first-order alpha update runs with the weights frozen
-    (no weight gradient is computed, not even inside the reversible layers' backward) and,
-    unless ``alpha_dropout``, in eval mode (no dropout)."""
+    Each update computes the gradient of its own parameter group only (``inputs=`` of the
+    backward, ``torch.autograd.grad``) and steps only its own optimiser, so a theta update
+    leaves every alpha bit-identical and an alpha update every weight. The first-order alpha
+    update runs with the weights frozen (no weight gradient is computed, not even inside the
+    reversible layers' backward) and, unless ``alpha_dropout``, in eval mode (no dropout)."""
 
     def __init__(
         self, model: Supernet, settings: SearchSettings, schedule: Schedule, ranks: Ranks = ONE_PROCESS
@@ -216,6 +217,7 @@ class DartsSearcher:
         self.weights = [p for p in model.weight_parameters() if p.requires_grad]
         self.arch = model.arch_parameters()
         self.theta_optimizer = torch.optim.Adam(self.weights, lr=settings.lr, betas=settings.betas)
+        self.weight_reduce = BucketedReduce(self.weights, ranks)
         self.alpha_optimizer = torch.optim.Adam(
             self.arch, lr=schedule.alpha_lr, betas=settings.alpha_betas, weight_decay=settings.alpha_weight_decay
         )
@@ -250,15 +252,23 @@ class DartsSearcher:
         """Whether search step ``step`` (default: the next one) updates alpha."""
         return (self.steps + 1 if step is None else step) >= self.schedule.alpha_start
 
+    def weight_gradients(self, batch: Batch) -> Tensor:
+        """The weights' gradients of the loss of ``batch`` in their ``.grad`` (zeros for weights
+        the step did not use), summed over the processes while the backward runs; the loss."""
+        loss = self._loss(self.model, batch)
+        self.weight_reduce.start()
+        torch.autograd.backward(loss, inputs=self.weights)  # accumulates: the reduction's hooks see it
+        self.weight_reduce.finish()
+        _set_grads(self.weights, [p.grad for p in self.weights])
+        return loss
+
     def theta_step(self, batch: Batch) -> float:
         """One Adam update of the weights on ``batch`` (device tensors), clipped; returns the loss."""
         self.model.train()
         lr = self.theta_lr()
         for group in self.theta_optimizer.param_groups:
             group["lr"] = lr
-        loss = self._loss(self.model, batch)
-        _set_grads(self.weights, torch.autograd.grad(loss, self.weights, allow_unused=True))
-        self.ranks.reduce([p.grad for p in self.weights])
+        loss = self.weight_gradients(batch)
         torch.nn.utils.clip_grad_norm_(self.weights, self.settings.clip_norm)
         self.theta_optimizer.step()
         self.theta_optimizer.zero_grad(set_to_none=True)

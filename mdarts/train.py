@@ -49,6 +49,7 @@ from .loss import label_smoothed_loss
 from .memory import peak_memory
 from .prepare import PreparedData
 from .progress import Progress
+from .reduction import BucketedReduce
 from .runs import (
     SIGNAL_NAMES,
     JsonLog,
@@ -178,6 +179,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
         )
+        self.reduce = BucketedReduce(list(self.model.parameters()), self.ranks)
         self.log = JsonLog(self.run_dir / LOG_FILE, writes=self.ranks.main)
         # training state: updates done, epoch, batches of that epoch done, early stopping
         self.step = self.epoch = self.position = 0
@@ -315,9 +317,10 @@ class Trainer:
         loss, nll, tokens = label_smoothed_loss(logits, batch.tgt_out, self.pad_id, config.label_smoothing)
         loss_sum, nll_sum, all_tokens = self.ranks.sum([float(loss.detach()), float(nll.detach()), float(tokens)])
         self.optimizer.zero_grad(set_to_none=True)
-        (loss / all_tokens).backward()  # summed over the processes: the gradient of the whole step
+        self.reduce.start()
+        (loss / all_tokens).backward()  # summed over the processes (while it runs): the whole step's gradient
+        self.reduce.finish()
         parameters = [p for p in self.model.parameters() if p.grad is not None]
-        self.ranks.reduce([p.grad for p in parameters])
         if config.clip_norm > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, config.clip_norm))
         else:

@@ -49,12 +49,14 @@ def leave() -> None:
 
 
 def gradient_worker(rank: int, port: int, out: str) -> None:
-    """Each process: its half of a batch through the step's loss and the reduced gradient, and
-    the whole batch in a one-process searcher; both saved for the test to compare."""
+    """Each process, in each memory mode: its half of a batch through the weights' gradients
+    (summed over the processes in buckets while the backward runs), the architecture gradient
+    and the next alpha; and the whole batch in a one-process searcher. Saved for the test."""
     from mdarts.batching import collate
     from mdarts.config import SearchSettings
     from mdarts.darts import DartsSearcher, Schedule
     from mdarts.model import Supernet
+    from mdarts.reduction import BucketedReduce
     from mdarts.runs import ONE_PROCESS, Ranks
 
     join(rank, port)
@@ -65,33 +67,46 @@ def gradient_worker(rank: int, port: int, out: str) -> None:
         pairs = [(sentence(), sentence()) for _ in range(8)]
         settings = SearchSettings(max_steps=10, device="cpu")
         results = {}
-        for name, group, batch in (
-            ("shared", ranks, collate(pairs[rank * 4 : rank * 4 + 4])),
-            ("whole", ONE_PROCESS, collate(pairs)),
-        ):
-            torch.manual_seed(0)
-            model = Supernet(search_config().replace(dropout=0.0), 50)
-            darts = DartsSearcher(model, settings, Schedule.plan(settings, 10), group)
-            loss = darts._loss(model, batch)
-            grads = list(torch.autograd.grad(loss, darts.weights + darts.arch, allow_unused=True))
-            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, darts.weights + darts.arch)]
-            group.reduce(grads)
-            darts.alpha_step(batch)  # the next alpha
-            results[name] = {"grads": grads, "alpha": [a.detach().clone() for a in darts.arch]}
+        for mode in MEMORY_MODES:
+            for name, group, batch in (
+                ("shared", ranks, collate(pairs[rank * 4 : rank * 4 + 4])),
+                ("whole", ONE_PROCESS, collate(pairs)),
+            ):
+                torch.manual_seed(0)
+                model = Supernet(search_config().replace(dropout=0.0, memory_mode=mode), 50)
+                darts = DartsSearcher(model, settings, Schedule.plan(settings, 10), group)
+                darts.weight_reduce = BucketedReduce(darts.weights, group, bucket_bytes=4_000)  # several buckets
+                darts.weight_gradients(batch)
+                grads = [p.grad.clone() for p in darts.weights]
+                arch_grads = list(torch.autograd.grad(darts._loss(model, batch), darts.arch))
+                group.reduce(arch_grads)
+                darts.alpha_step(batch)  # the next alpha
+                results[mode, name] = {
+                    "grads": grads + arch_grads,
+                    "alpha": [a.detach().clone() for a in darts.arch],
+                    "buckets": (len(darts.weight_reduce.buckets), darts.weight_reduce.launched_before_end),
+                }
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
         leave()
+
+
+MEMORY_MODES = ("store", "checkpoint", "reconstruct")
 
 
 def test_two_processes_give_the_gradient_and_next_alpha_of_one_process(tmp_path):
     start(gradient_worker, str(tmp_path))
     for rank in range(WORLD):
         results = torch.load(tmp_path / f"rank{rank}.pt")
-        shared, whole = results["shared"], results["whole"]
-        for got, want in zip(shared["grads"], whole["grads"]):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
-        for got, want in zip(shared["alpha"], whole["alpha"]):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for mode in MEMORY_MODES:
+            shared, whole = results[mode, "shared"], results[mode, "whole"]
+            for got, want in zip(shared["grads"], whole["grads"], strict=True):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+            for got, want in zip(shared["alpha"], whole["alpha"], strict=True):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            # the reduction overlapped the backward: a bucket went out before the next was ready
+            buckets, sent_during_backward = shared["buckets"]
+            assert buckets >= 3 and sent_during_backward >= 2, (mode, shared["buckets"])
 
 
 # ----------------------------------------------------------------------------- whole runs
