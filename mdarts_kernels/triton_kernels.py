@@ -13,12 +13,14 @@ float32, float16 and bfloat16), all arithmetic happens there, and results are ca
 the dtype of the tensor they stand for. ``weights``, ``ln_weight`` and ``ln_bias`` may have any
 float dtype; they are converted to the accumulation dtype before the launch.
 
-Variable-length tensor lists: each list is passed as a table of data pointers (an int64 tensor
-of ``t.data_ptr()`` on the data's device); a kernel loads entry ``k`` and casts it with
-``.to(tl.pointer_type(...))`` inside a runtime ``for k in range(K)`` loop, as in Triton's
-grouped-GEMM tutorial. One launch serves any K and the list is never stacked into a copy.
-The launcher keeps every listed tensor alive until the launch has been queued. Building the
-table is a small host-to-device copy per launch, so the launchers are not CUDA-graph capturable.
+Variable-length tensor lists: each list is passed as a tuple of tensors, a kernel argument like
+any other; the kernel walks it with ``tl.static_range`` (K is a compile-time constant: one
+compiled variant per list length, 2 to 14 here). The list is never stacked into a copy and
+nothing is copied from the host per launch, so the launchers can be captured in a CUDA graph;
+and Triton specialises each listed pointer on its 16-byte alignment, as it does every pointer
+argument, so the kernels load the lists with vector instructions
+(``.ci/check_triton_kernels.py`` compiles them for sm_90 and checks). Every launch runs under a
+device guard for the device of its tensors, whatever the current device.
 
 Indexing is 64-bit: program ids are cast to int64 before they are multiplied by a size.
 Inputs are made contiguous; every output is contiguous. Row kernels hold a whole row in
@@ -31,6 +33,7 @@ that are summed with ``torch.sum`` afterwards: deterministic, no atomics.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -109,9 +112,9 @@ def _check_vector(
     return t.to(device=device, dtype=acc).contiguous()
 
 
-def _pointer_table(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """(K,) int64 tensor of the tensors' data pointers, on their device."""
-    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=tensors[0].device)
+def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """A guard making ``t``'s GPU the current device (Triton launches on the current one)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _row_config(d: int) -> tuple[int, int, int]:
@@ -136,12 +139,14 @@ def _max_programs(device: torch.device) -> int:
     return 8
 
 
-def _launch_elementwise(kernel, dtype: torch.dtype, numel: int, *args, **constexprs) -> None:
-    """Launch an elementwise kernel over ``numel`` > 0 elements of data of ``dtype``: one program
-    per ``_ELEMENTWISE_BLOCK`` elements; ``args`` and ``constexprs``, then DTYPE, ACC and BLOCK."""
-    data_tl, acc_tl = _tl_dtypes(dtype)
+def _launch_elementwise(kernel, like: torch.Tensor, numel: int, *args, **constexprs) -> None:
+    """Launch an elementwise kernel over ``numel`` > 0 elements of data like ``like`` (its dtype,
+    on its device): one program per ``_ELEMENTWISE_BLOCK`` elements; ``args`` and
+    ``constexprs``, then DTYPE, ACC and BLOCK."""
+    data_tl, acc_tl = _tl_dtypes(like.dtype)
     grid = (triton.cdiv(numel, _ELEMENTWISE_BLOCK),)
-    kernel[grid](*args, **constexprs, DTYPE=data_tl, ACC=acc_tl, BLOCK=_ELEMENTWISE_BLOCK)
+    with _on_device(like):
+        kernel[grid](*args, **constexprs, DTYPE=data_tl, ACC=acc_tl, BLOCK=_ELEMENTWISE_BLOCK)
 
 
 def _check_ln_data(h: torch.Tensor, outs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -175,47 +180,55 @@ def _check_ln_params(
 
 
 # --------------------------------------------------------------------------------------------
-# Kernels. DTYPE is the element type of the tensors behind a pointer table, ACC the
-# accumulation type. Pointer tables hold one int64 address per list entry.
+# Kernels. DTYPE is the element type of the listed tensors (tuples of K tensors), ACC the
+# accumulation type.
 # --------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _mixed_sum_fwd_kernel(x_table, w_ptr, y_ptr, numel, K, DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _mixed_sum_fwd_kernel(
+    xs, w_ptr, y_ptr, numel, K: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr
+):
     """y[i] = sum_k w[k] * x_k[i] over one block of BLOCK flat elements."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     acc = tl.zeros([BLOCK], dtype=ACC)
-    for k in range(K):
-        x_ptr = tl.load(x_table + k).to(tl.pointer_type(DTYPE))
+    for k in tl.static_range(K):
         w = tl.load(w_ptr + k)
-        acc += w * tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        acc += w * tl.load(xs[k] + offs, mask=mask, other=0.0).to(ACC)
     tl.store(y_ptr + offs, acc.to(DTYPE), mask=mask)
 
 
 @triton.jit
 def _mixed_sum_bwd_kernel(
-    g_ptr, x_table, gx_table, w_ptr, partial_ptr, numel, K, DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr
+    g_ptr,
+    xs,
+    gxs,
+    w_ptr,
+    partial_ptr,
+    numel,
+    K: tl.constexpr,
+    DTYPE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """gx_k = w[k] * g over one block; partial[pid, k] = sum over the block of g * x_k."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
-    for k in range(K):
-        x_ptr = tl.load(x_table + k).to(tl.pointer_type(DTYPE))
-        gx_ptr = tl.load(gx_table + k).to(tl.pointer_type(DTYPE))
+    for k in tl.static_range(K):
         w = tl.load(w_ptr + k)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        tl.store(gx_ptr + offs, (w * g).to(DTYPE), mask=mask)
+        x = tl.load(xs[k] + offs, mask=mask, other=0.0).to(ACC)
+        tl.store(gxs[k] + offs, (w * g).to(DTYPE), mask=mask)
         tl.store(partial_ptr + pid * K + k, tl.sum(g * x, axis=0))
 
 
 @triton.jit
 def _mixed_ln_sum_fwd_kernel(
     h_ptr,
-    x_table,
+    xs,
     w_ptr,
     lnw_ptr,
     lnb_ptr,
@@ -225,7 +238,7 @@ def _mixed_ln_sum_fwd_kernel(
     rstd_ptr,
     N,
     D,
-    K,
+    K: tl.constexpr,
     eps,
     sign,
     HAS_RESIDUAL: tl.constexpr,
@@ -248,9 +261,8 @@ def _mixed_ln_sum_fwd_kernel(
     rstd_ptrs = rstd_ptr + rows
     lnw_ptrs = lnw_ptr + cols
     lnb_ptrs = lnb_ptr + cols
-    for k in range(K):
-        x_ptr = tl.load(x_table + k).to(tl.pointer_type(DTYPE))
-        z = h + tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    for k in tl.static_range(K):
+        z = h + tl.load(xs[k] + offs, mask=mask, other=0.0).to(ACC)
         mean = tl.sum(z, axis=1) / D
         diff = tl.where(mask, z - mean[:, None], 0.0)
         var = tl.sum(diff * diff, axis=1) / D
@@ -275,8 +287,8 @@ def _mixed_ln_sum_fwd_kernel(
 def _mixed_ln_sum_bwd_kernel(
     g_ptr,
     h_ptr,
-    x_table,
-    gx_table,
+    xs,
+    gxs,
     gh_ptr,
     w_ptr,
     lnw_ptr,
@@ -286,7 +298,7 @@ def _mixed_ln_sum_bwd_kernel(
     partial_c_ptr,
     N,
     D,
-    K,
+    K: tl.constexpr,
     rows_per_program,
     sign,
     DTYPE: tl.constexpr,
@@ -318,10 +330,8 @@ def _mixed_ln_sum_bwd_kernel(
         rstd_ptrs = rstd_ptr + rows
         lnw_ptrs = lnw_ptr + cols
         s_ptrs = partial_s_ptr + pid * K * D + cols
-        for k in range(K):
-            x_ptr = tl.load(x_table + k).to(tl.pointer_type(DTYPE))
-            gx_ptr = tl.load(gx_table + k).to(tl.pointer_type(DTYPE))
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        for k in tl.static_range(K):
+            x = tl.load(xs[k] + offs, mask=mask, other=0.0).to(ACC)
             mean = tl.load(mean_ptrs, mask=row_mask, other=0.0)
             rstd = tl.load(rstd_ptrs, mask=row_mask, other=0.0)
             xhat = tl.where(mask, (h + x - mean[:, None]) * rstd[:, None], 0.0)
@@ -331,7 +341,7 @@ def _mixed_ln_sum_bwd_kernel(
             c1 = tl.sum(dxhat * xhat, axis=1) / D
             c2 = tl.sum(dxhat, axis=1) / D
             dz = rstd[:, None] * (dxhat - c2[:, None] - xhat * c1[:, None])
-            tl.store(gx_ptr + offs, dz.to(DTYPE), mask=mask)
+            tl.store(gxs[k] + offs, dz.to(DTYPE), mask=mask)
             gh += dz
             s = tl.load(s_ptrs, mask=col_mask, other=0.0) + tl.sum(g * xhat, axis=0)
             tl.store(s_ptrs, s, mask=col_mask)
@@ -346,15 +356,13 @@ def _mixed_ln_sum_bwd_kernel(
 
 
 @triton.jit
-def _first_max(x_table, n, offs, mask, DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _first_max(xs, n: tl.constexpr, offs, mask, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """Elementwise maximum of the n tensors over one block and the index of the first tensor that
     holds it; a NaN counts as a maximum, so the first NaN wins and propagates."""
-    first_ptr = tl.load(x_table).to(tl.pointer_type(DTYPE))
-    best = tl.load(first_ptr + offs, mask=mask, other=0.0).to(ACC)
+    best = tl.load(xs[0] + offs, mask=mask, other=0.0).to(ACC)
     best_idx = tl.zeros([BLOCK], dtype=tl.int32)
-    for k in range(1, n):
-        x_ptr = tl.load(x_table + k).to(tl.pointer_type(DTYPE))
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    for k in tl.static_range(1, n):
+        x = tl.load(xs[k] + offs, mask=mask, other=0.0).to(ACC)
         take = (x > best) | ((x != x) & (best == best))
         best = tl.where(take, x, best)
         best_idx = tl.where(take, k, best_idx)
@@ -363,20 +371,18 @@ def _first_max(x_table, n, offs, mask, DTYPE: tl.constexpr, ACC: tl.constexpr, B
 
 @triton.jit
 def _split_pool_fwd_kernel(
-    x_table, y_ptr, numel, n, IS_MAX: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr
+    xs, y_ptr, numel, n: tl.constexpr, IS_MAX: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr
 ):
     """y = elementwise max (NaN propagates, first one wins) or mean of the n tensors."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     if IS_MAX:
-        acc, _ = _first_max(x_table, n, offs, mask, DTYPE, ACC, BLOCK)
+        acc, _ = _first_max(xs, n, offs, mask, ACC, BLOCK)
     else:
-        first_ptr = tl.load(x_table).to(tl.pointer_type(DTYPE))
-        acc = tl.load(first_ptr + offs, mask=mask, other=0.0).to(ACC)
-        for k in range(1, n):
-            x_ptr = tl.load(x_table + k).to(tl.pointer_type(DTYPE))
-            acc += tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        acc = tl.load(xs[0] + offs, mask=mask, other=0.0).to(ACC)
+        for k in tl.static_range(1, n):
+            acc += tl.load(xs[k] + offs, mask=mask, other=0.0).to(ACC)
         acc = acc / n
     tl.store(y_ptr + offs, acc.to(DTYPE), mask=mask)
 
@@ -384,10 +390,10 @@ def _split_pool_fwd_kernel(
 @triton.jit
 def _split_pool_bwd_kernel(
     g_ptr,
-    x_table,
-    gx_table,
+    xs,
+    gxs,
     numel,
-    n,
+    n: tl.constexpr,
     IS_MAX: tl.constexpr,
     DTYPE: tl.constexpr,
     ACC: tl.constexpr,
@@ -399,15 +405,13 @@ def _split_pool_bwd_kernel(
     mask = offs < numel
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
     if IS_MAX:
-        _, best_idx = _first_max(x_table, n, offs, mask, DTYPE, ACC, BLOCK)
-        for k in range(n):
-            gx_ptr = tl.load(gx_table + k).to(tl.pointer_type(DTYPE))
-            tl.store(gx_ptr + offs, tl.where(best_idx == k, g, 0.0).to(DTYPE), mask=mask)
+        _, best_idx = _first_max(xs, n, offs, mask, ACC, BLOCK)
+        for k in tl.static_range(n):
+            tl.store(gxs[k] + offs, tl.where(best_idx == k, g, 0.0).to(DTYPE), mask=mask)
     else:
         gx = (g / n).to(DTYPE)
-        for k in range(n):
-            gx_ptr = tl.load(gx_table + k).to(tl.pointer_type(DTYPE))
-            tl.store(gx_ptr + offs, gx, mask=mask)
+        for k in tl.static_range(n):
+            tl.store(gxs[k] + offs, gx, mask=mask)
 
 
 @triton.jit
@@ -459,7 +463,7 @@ def mixed_sum(outs: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tens
     numel = y.numel()
     if numel == 0:
         return y
-    _launch_elementwise(_mixed_sum_fwd_kernel, y.dtype, numel, _pointer_table(xs), w, y, numel, len(xs))
+    _launch_elementwise(_mixed_sum_fwd_kernel, y, numel, tuple(xs), w, y, numel, len(xs))
     return y
 
 
@@ -488,18 +492,7 @@ def mixed_sum_backward(
         return grad_outs, torch.zeros_like(weights)
     num_programs = triton.cdiv(numel, _ELEMENTWISE_BLOCK)  # those of _launch_elementwise
     partial = torch.empty((num_programs, k_count), dtype=acc, device=g.device)
-    _launch_elementwise(
-        _mixed_sum_bwd_kernel,
-        xs[0].dtype,
-        numel,
-        g,
-        _pointer_table(xs),
-        _pointer_table(grad_outs),
-        w,
-        partial,
-        numel,
-        k_count,
-    )
+    _launch_elementwise(_mixed_sum_bwd_kernel, xs[0], numel, g, tuple(xs), tuple(grad_outs), w, partial, numel, k_count)
     return grad_outs, partial.sum(0).to(weights.dtype)
 
 
@@ -540,28 +533,29 @@ def mixed_ln_sum(
         return y, mean, rstd
     dtype, acc_tl = _tl_dtypes(h.dtype)
     grid = (triton.cdiv(n_rows, block_rows),)
-    _mixed_ln_sum_fwd_kernel[grid](
-        h,
-        _pointer_table(xs),
-        w,
-        lnw,
-        lnb,
-        h if res is None else res,
-        y,
-        mean,
-        rstd,
-        n_rows,
-        d,
-        k_count,
-        float(eps),
-        float(sign),
-        HAS_RESIDUAL=res is not None,
-        DTYPE=dtype,
-        ACC=acc_tl,
-        BLOCK_ROWS=block_rows,
-        BLOCK_D=block_d,
-        num_warps=num_warps,
-    )
+    with _on_device(h):
+        _mixed_ln_sum_fwd_kernel[grid](
+            h,
+            tuple(xs),
+            w,
+            lnw,
+            lnb,
+            h if res is None else res,
+            y,
+            mean,
+            rstd,
+            n_rows,
+            d,
+            k_count,
+            float(eps),
+            float(sign),
+            HAS_RESIDUAL=res is not None,
+            DTYPE=dtype,
+            ACC=acc_tl,
+            BLOCK_ROWS=block_rows,
+            BLOCK_D=block_d,
+            num_warps=num_warps,
+        )
     return y, mean, rstd
 
 
@@ -608,29 +602,30 @@ def mixed_ln_sum_backward(
     partial_s = torch.zeros((num_programs, k_count, d), dtype=acc, device=h.device)
     partial_c = torch.empty((num_programs, d), dtype=acc, device=h.device)
     dtype, acc_tl = _tl_dtypes(h.dtype)
-    _mixed_ln_sum_bwd_kernel[(num_programs,)](
-        g,
-        h,
-        _pointer_table(xs),
-        _pointer_table(grad_outs),
-        grad_h,
-        w,
-        lnw,
-        mean,
-        rstd,
-        partial_s,
-        partial_c,
-        n_rows,
-        d,
-        k_count,
-        rows_per_program,
-        float(sign),
-        DTYPE=dtype,
-        ACC=acc_tl,
-        BLOCK_ROWS=block_rows,
-        BLOCK_D=block_d,
-        num_warps=num_warps,
-    )
+    with _on_device(h):
+        _mixed_ln_sum_bwd_kernel[(num_programs,)](
+            g,
+            h,
+            tuple(xs),
+            tuple(grad_outs),
+            grad_h,
+            w,
+            lnw,
+            mean,
+            rstd,
+            partial_s,
+            partial_c,
+            n_rows,
+            d,
+            k_count,
+            rows_per_program,
+            float(sign),
+            DTYPE=dtype,
+            ACC=acc_tl,
+            BLOCK_ROWS=block_rows,
+            BLOCK_D=block_d,
+            num_warps=num_warps,
+        )
     s = partial_s.sum(0)
     c = partial_c.sum(0)
     scale = sign * w
@@ -666,7 +661,7 @@ def split_pool(xs: Sequence[torch.Tensor], mode: str) -> torch.Tensor:
     numel = y.numel()
     if numel == 0:
         return y
-    _launch_elementwise(_split_pool_fwd_kernel, y.dtype, numel, _pointer_table(ts), y, numel, len(ts), IS_MAX=is_max)
+    _launch_elementwise(_split_pool_fwd_kernel, y, numel, tuple(ts), y, numel, len(ts), IS_MAX=is_max)
     return y
 
 
@@ -688,17 +683,7 @@ def split_pool_backward(grad: torch.Tensor, xs: Sequence[torch.Tensor], mode: st
     numel = g.numel()
     if numel == 0:
         return grads
-    _launch_elementwise(
-        _split_pool_bwd_kernel,
-        ts[0].dtype,
-        numel,
-        g,
-        _pointer_table(ts),
-        _pointer_table(grads),
-        numel,
-        len(ts),
-        IS_MAX=is_max,
-    )
+    _launch_elementwise(_split_pool_bwd_kernel, ts[0], numel, g, tuple(ts), tuple(grads), numel, len(ts), IS_MAX=is_max)
     return grads
 
 
@@ -725,7 +710,7 @@ def seeded_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     scale = 1.0 / (1.0 - p)
     _launch_elementwise(
         _seeded_dropout_kernel,
-        x.dtype,
+        x,
         numel,
         x,
         y,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import subprocess
 import sys
 from types import ModuleType
 from typing import Optional
@@ -304,3 +305,108 @@ def test_split_pool_noncontiguous_and_empty() -> None:
     assert [g.shape for g in tk.split_pool_backward(_randn(3, 0), empty, "max")] == [(3, 0)] * 2
     with pytest.raises(ValueError, match="mode"):
         tk.split_pool(xs, "min")
+
+
+# ----------------------------------------------------------------------------- several GPUs, CUDA graphs
+
+LIST_OPS = (
+    "mixed_sum",
+    "mixed_sum_backward",
+    "mixed_ln_sum",
+    "mixed_ln_sum_backward",
+    "split_pool",
+    "split_pool_backward",
+)
+
+
+def _list_inputs(device: torch.device, k: int = 3) -> dict[str, torch.Tensor]:
+    """Inputs of the list ops on ``device``: K outs (B, T, D), h and grad, weights, LN parameters."""
+    shape = (4, 33, 64)
+    inputs = {f"x{i}": torch.randn(*shape, device=device) for i in range(k)}
+    inputs |= {"h": torch.randn(*shape, device=device), "grad": torch.randn(*shape, device=device)}
+    inputs |= {"w": torch.randn(k, device=device), "lnw": torch.randn(k, 64, device=device)}
+    return inputs | {"lnb": torch.randn(k, 64, device=device)}
+
+
+def _list_results(ops, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each list op of ``ops`` (the launchers, or :func:`_reference_launchers`) on inputs ``t``."""
+    xs = [t[name] for name in sorted(t) if name.startswith("x")]
+    y, mean, rstd = ops.mixed_ln_sum(t["h"], xs, t["w"], t["lnw"], t["lnb"], 1e-5, None, 1.0)
+    ln_grads = ops.mixed_ln_sum_backward(t["grad"], t["h"], xs, t["w"], t["lnw"], t["lnb"], mean, rstd, 1.0)
+    return {
+        "mixed_sum": ops.mixed_sum(xs, t["w"]),
+        "mixed_sum_backward": ops.mixed_sum_backward(t["grad"], xs, t["w"])[1],
+        "mixed_ln_sum": y,
+        "mixed_ln_sum_backward": ln_grads[0],
+        "split_pool": ops.split_pool(xs, "max"),
+        "split_pool_backward": ops.split_pool_backward(t["grad"], xs, "max")[1],
+    }
+
+
+def _expected_list_results(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What :func:`_list_results` gives, from the reference ops and autograd on the CPU."""
+    t = {name: value.detach().cpu().requires_grad_() for name, value in t.items()}
+    xs = [t[name] for name in sorted(t) if name.startswith("x")]
+    mixed = reference.mixed_sum(xs, t["w"])
+    mixed_ln = reference.mixed_ln_sum(t["h"], xs, t["w"], t["lnw"], t["lnb"], 1e-5)
+    pooled = reference.split_pool(xs, "max")
+    return {
+        "mixed_sum": mixed,
+        "mixed_sum_backward": torch.autograd.grad(mixed, t["w"], t["grad"])[0],
+        "mixed_ln_sum": mixed_ln,
+        "mixed_ln_sum_backward": torch.autograd.grad(mixed_ln, t["h"], t["grad"])[0],
+        "split_pool": pooled,
+        "split_pool_backward": torch.autograd.grad(pooled, xs[1], t["grad"])[0],
+    }
+
+
+def _assert_list_results(results: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> None:
+    for name, expected in _expected_list_results(inputs).items():
+        torch.testing.assert_close(results[name].cpu(), expected.detach(), rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.skipif(INTERPRETED or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_launches_run_on_the_tensors_device_not_the_current_one() -> None:
+    torch.manual_seed(0)
+    inputs = _list_inputs(torch.device("cuda", 1))
+    with torch.cuda.device(0):
+        results = _list_results(tk, inputs)
+    torch.cuda.synchronize(1)
+    _assert_list_results(results, inputs)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="needs a CUDA device")
+def test_launches_are_captured_in_a_cuda_graph_and_replayed() -> None:
+    torch.manual_seed(0)
+    inputs = _list_inputs(DEVICE)
+    _list_results(tk, inputs)  # compiles every kernel before the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # nothing is copied from the host: the launches are captured
+        results = _list_results(tk, inputs)
+    for _ in range(2):  # new values in the same tensors, the same graph
+        for value in inputs.values():
+            value.copy_(torch.randn_like(value))
+        graph.replay()
+        torch.cuda.synchronize()
+        _assert_list_results(results, inputs)
+
+
+def test_the_list_ops_match_the_reference_on_the_test_device() -> None:
+    torch.manual_seed(0)
+    inputs = _list_inputs(DEVICE)
+    _assert_list_results(_list_results(tk, inputs), inputs)
+
+
+def test_the_kernels_compile_for_an_h100_and_load_the_lists_with_vector_loads() -> None:
+    """Ahead-of-time compilation for sm_90 needs no GPU (see .ci/check_triton_kernels.py)."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    check = subprocess.run(
+        [sys.executable, str(REPO_ROOT / ".ci" / "check_triton_kernels.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "list loads vectorised" in check.stdout
