@@ -47,6 +47,8 @@ def add_settings(
         kind = hints[spec.name]
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is tuple and typing.get_args(kind)[-1] is Ellipsis:
+            kwargs.update(nargs="*", type=typing.get_args(kind)[0], metavar="N")  # none given: the empty tuple
         elif typing.get_origin(kind) is tuple:
             kwargs.update(nargs=2, type=float, metavar=("B1", "B2"))
         else:
@@ -66,7 +68,7 @@ def _default(spec: dataclasses.Field, defaults: Optional[Mapping[str, Any]]) -> 
 
 
 def _show(value: Any) -> str:
-    if value is None:
+    if value is None or value == ():
         return "none"
     if isinstance(value, tuple):
         return " ".join(map(str, value))

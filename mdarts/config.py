@@ -323,6 +323,11 @@ class SearchSettings(RunSettings):
         "keep the parameter-free ops (zero, identity) in the search space; off: in a short search they win before "
         "the other ops have learned anything (DARTS collapse), and derive never picks zero",
     )
+    shrink_to: tuple[int, ...] = setting(
+        (),
+        "progressive shrinking (P-DARTS): the alpha phase is cut into len + 1 equal stages and after stage i every "
+        "node keeps only its shrink_to[i] best candidates, the only ones computed from then on (none: off)",
+    )
     stable_evals: int = setting(
         0, "stop once the genotype has not changed for this many evaluations of the alpha phase (0: never)"
     )
@@ -348,6 +353,18 @@ class SearchSettings(RunSettings):
     unrolled_lr: Optional[float] = setting(None, "xi of the unrolled step (none: the current weight learning rate)")
     seed: int = setting(0, "model initialisation, theta/alpha data split, dropout and batch order")
 
+    def _check_shrink(self) -> None:
+        object.__setattr__(self, "shrink_to", tuple(self.shrink_to))
+        keep = self.shrink_to
+        if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in keep) or any(
+            a <= b for a, b in zip(keep, keep[1:])
+        ):
+            self._fail("shrink_to", "candidate counts >= 1 in decreasing order")
+        if keep and self.single_path:
+            raise SettingError(
+                "SearchSettings", "shrink_to", "shrinking needs DARTS's weights; weight-sharing search has none"
+            )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.max_steps is None and self.max_minutes is None:
@@ -361,6 +378,7 @@ class SearchSettings(RunSettings):
         self._check_positive(("unrolled_lr",), optional=True, zero=True)
         self._check_positive(("alpha_weight_decay",), zero=True)
         self._check_betas(("alpha_betas",))
+        self._check_shrink()
         self._check_fraction(("split_ratio",), low_open=True)
         self._check_ints(("eval_interval", "valid_interval", "checkpoint_interval"), 1)
         if self.second_order and self.bf16:

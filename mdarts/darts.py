@@ -179,6 +179,12 @@ class Schedule:
         alpha_lr = settings.alpha_lr or settings.alpha_travel / max(1, steps - alpha_start + 1)
         return cls(steps, warmup, alpha_start, alpha_lr)
 
+    def shrinks_due(self, step: int, stages: int) -> int:
+        """How many of the ``stages`` boundaries of progressive shrinking step ``step`` has passed:
+        they cut the alpha phase into stages + 1 equal parts."""
+        alpha_steps = max(1, self.steps - self.alpha_start + 1)
+        return min(stages, max(0, (step - self.alpha_start + 1) * (stages + 1) // alpha_steps))
+
     def check(self, settings: SearchSettings) -> None:
         """ValueError when the budget is too short for the phases: no architecture step left
         after the weights-only phase."""
@@ -225,6 +231,7 @@ class DartsSearcher:
         self.weight_names = [names[id(p)] for p in self.weights]
         self.arch_names = [names[id(p)] for p in self.arch]
         self.steps = 0
+        self.shrinks = 0  # shrinking stages done (settings.shrink_to)
 
     def reschedule(self, schedule: Schedule) -> None:
         """Continue under ``schedule`` (the plan of a minutes budget, once the step time is known)."""
@@ -309,6 +316,10 @@ class DartsSearcher:
         theta_loss = self.theta_step(theta_batch)
         alpha_loss = None if alpha_batch is None else self.alpha_step(alpha_batch, theta_batch)
         self.steps += 1
+        keep = self.settings.shrink_to
+        while self.shrinks < self.schedule.shrinks_due(self.steps, len(keep)):
+            self.model.shrink(keep[self.shrinks])
+            self.shrinks += 1
         return theta_loss, alpha_loss
 
     def state_dict(self) -> dict[str, Any]:
@@ -317,6 +328,8 @@ class DartsSearcher:
             "theta_optimizer": self.theta_optimizer.state_dict(),
             "alpha_optimizer": self.alpha_optimizer.state_dict(),
             "steps": self.steps,
+            "shrinks": self.shrinks,
+            "dropped": [list(dropped) for dropped in self.model.dropped],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -324,6 +337,8 @@ class DartsSearcher:
         self.theta_optimizer.load_state_dict(state["theta_optimizer"])
         self.alpha_optimizer.load_state_dict(state["alpha_optimizer"])
         self.steps = state["steps"]
+        self.shrinks = state.get("shrinks", 0)  # checkpoints from before progressive shrinking lack both
+        self.model.set_dropped(state.get("dropped", [[] for _ in self.model.dropped]))
 
 
 @contextlib.contextmanager

@@ -53,7 +53,9 @@ class Node(nn.Module):
     Args:
         candidates: op names; dim: width of H (batch, time, dim); causal: decoder side;
         alpha: (len(candidates),) architecture logits (may be shared with other nodes), or
-        None for a single fixed op; d_memory: width of the encoder memory.
+        None for a single fixed op; d_memory: width of the encoder memory; dropped: indices of
+        candidates removed by progressive shrinking (a list shared with the nodes of the same
+        alpha and changed in place): weight 0, never computed.
     """
 
     def __init__(
@@ -64,9 +66,11 @@ class Node(nn.Module):
         config: ModelConfig,
         alpha: Optional[nn.Parameter] = None,
         d_memory: Optional[int] = None,
+        dropped: Optional[list[int]] = None,
     ) -> None:
         super().__init__()
         self.candidates = tuple(candidates)
+        self.dropped = [] if dropped is None else dropped
         if alpha is None and len(self.candidates) != 1:
             raise ValueError(f"Node: a node of {len(self.candidates)} candidates needs architecture logits (alpha)")
         if alpha is not None and alpha.shape != (len(self.candidates),):
@@ -86,7 +90,7 @@ class Node(nn.Module):
         """softmax(alpha) over the candidates, (len(candidates),); [1.] for a fixed op."""
         if self.alpha is None:
             return torch.ones(1)
-        return torch.softmax(self.alpha, dim=0)
+        return masked_softmax(self.alpha, self.dropped)
 
     def forward(self, h: Tensor, op_ctx: Optional[OpContext] = None) -> Tensor:
         """G(h) for h (batch, time, dim)."""
@@ -98,17 +102,23 @@ class Node(nn.Module):
             return self._single_path(x, h, sign, op_ctx)
         weights = self.weights().to(h.device)
         residual = None if x is None else x
-        if self.identity is not None:
+        if self.identity is not None and self.identity not in self.dropped:
             acc = mk.accumulation_dtype(h.dtype)
             term = sign * weights[self.identity].to(acc) * h.to(acc)
             residual = term if residual is None else residual.to(acc) + term
         if residual is not None:
             residual = residual.to(h.dtype)
-        if not self.parametric:
+        kept = [j for j, i in enumerate(self.parametric) if i not in self.dropped]
+        if not kept:
             return residual if residual is not None else torch.zeros_like(h)
-        outs = [op(h, op_ctx).to(h.dtype) for op in self.ops]
-        chosen = weights[self.parametric] if self.alpha is not None else weights
-        return mk.mixed_ln_sum(h, outs, chosen, self.ln_weight, self.ln_bias, residual=residual, sign=sign)
+        outs = [self.ops[j](h, op_ctx).to(h.dtype) for j in kept]
+        if self.alpha is None:
+            return mk.mixed_ln_sum(h, outs, weights, self.ln_weight, self.ln_bias, residual=residual, sign=sign)
+        chosen = weights[[self.parametric[j] for j in kept]]
+        ln_weight, ln_bias = (
+            (self.ln_weight, self.ln_bias) if len(kept) == len(self.ops) else (self.ln_weight[kept], self.ln_bias[kept])
+        )
+        return mk.mixed_ln_sum(h, outs, chosen, ln_weight, ln_bias, residual=residual, sign=sign)
 
     def _single_path(self, x: Optional[Tensor], h: Tensor, sign: float, op_ctx: Optional[OpContext]) -> Tensor:
         """x + sign * op~(h) for the one candidate ``self.path``, computing that op alone."""
@@ -121,6 +131,13 @@ class Node(nn.Module):
             return mk.mixed_ln_sum(h, [out], one, weight, bias, residual=x, sign=sign)
         update = sign * h if name == "identity" else torch.zeros_like(h)
         return update if x is None else x + update
+
+
+def masked_softmax(alpha: Tensor, dropped: Sequence[int]) -> Tensor:
+    """softmax(alpha) with the ``dropped`` entries at 0 (and no gradient to them); alpha (K,)."""
+    if dropped:
+        alpha = alpha.index_fill(0, torch.tensor(dropped, device=alpha.device), float("-inf"))
+    return torch.softmax(alpha, dim=0)
 
 
 def sinusoidal_positions(length: int, dim: int) -> Tensor:
@@ -305,6 +322,8 @@ class Supernet(_ReversibleNet):
             nn.Parameter(1e-3 * torch.randn(len(config.decoder_candidates)))
             for _ in range(s * (config.decoder_splits - 1))
         )
+        # candidates removed by progressive shrinking, per architecture logit (see shrink)
+        self.dropped: list[list[int]] = [[] for _ in self.arch_parameters()]
         enc_dim = config.d_model // config.encoder_splits
         dec_dim = config.d_model // config.decoder_splits
 
@@ -317,6 +336,7 @@ class Supernet(_ReversibleNet):
                     False,
                     config,
                     self.alpha_encoder[unit * config.encoder_splits + k],
+                    dropped=self.dropped[unit * config.encoder_splits + k],
                 )
                 for k in range(config.encoder_splits)
             ]
@@ -332,6 +352,7 @@ class Supernet(_ReversibleNet):
                     config,
                     self.alpha_decoder[unit * searched + k],
                     config.d_model,
+                    self.dropped[len(self.alpha_encoder) + unit * searched + k],
                 )
                 for k in range(searched)
             ]
@@ -347,6 +368,21 @@ class Supernet(_ReversibleNet):
         arch = {id(p) for p in self.arch_parameters()}
         return [p for p in self.parameters() if id(p) not in arch]
 
+    def shrink(self, keep: int) -> None:
+        """Progressive shrinking (P-DARTS): every node keeps its ``keep`` candidates of highest
+        weight (the first of equal ones); the others get weight 0 and are no longer computed."""
+        for alpha, dropped in zip(self.arch_parameters(), self.dropped):
+            weights = masked_softmax(alpha.detach().float(), dropped).tolist()
+            order = sorted(range(len(weights)), key=lambda i: (-weights[i], i))
+            dropped[:] = sorted(order[keep:]) if keep < len(order) else dropped
+
+    def set_dropped(self, dropped: list[list[int]]) -> None:
+        """Restore the shrinking state (:attr:`dropped`, e.g. from a checkpoint), in place."""
+        if len(dropped) != len(self.dropped):
+            raise ValueError(f"dropped: expected {len(self.dropped)} lists (one per logit), got {len(dropped)}")
+        for mine, saved in zip(self.dropped, dropped):
+            mine[:] = saved
+
     def arch_weights(self) -> dict[str, list[list[list[float]]]]:
         """softmax(alpha) per side, unit layer and split."""
         config = self.config
@@ -355,7 +391,10 @@ class Supernet(_ReversibleNet):
             ("encoder", self.alpha_encoder, config.encoder_splits),
             ("decoder", self.alpha_decoder, config.decoder_splits - 1),
         ):
-            probs = [torch.softmax(a.detach().float(), 0).tolist() for a in alphas]
+            offset = 0 if side == "encoder" else len(self.alpha_encoder)
+            probs = [
+                masked_softmax(a.detach().float(), self.dropped[offset + i]).tolist() for i, a in enumerate(alphas)
+            ]
             result[side] = [probs[i * splits : (i + 1) * splits] for i in range(config.unit_layers)]
         return result
 

@@ -392,9 +392,9 @@ class Searcher:
         return self.ranks.sum([self.clock.seconds()])[0] / self.ranks.world_size
 
     def _replan_alpha_phase(self, started: float) -> None:
-        """A minutes budget, CALIBRATION_STEPS into the alpha phase (which began at ``started``
-        seconds): fit the phase to the time left at the alternating steps' measured cost, and
-        spread alpha_travel over it."""
+        """A minutes budget, CALIBRATION_STEPS into the alpha phase or after a shrinking (the
+        clock said ``started`` seconds CALIBRATION_STEPS ago): fit the phase to the time left at
+        the steps' measured cost, and spread alpha_travel over it."""
         settings, schedule = self.settings, self.darts.schedule
         now = self._mean_seconds()
         per_step = (now - started) / CALIBRATION_STEPS
@@ -485,8 +485,9 @@ class Searcher:
     def _loop(self, bar: Progress, signals: runs.StopSignals) -> str:
         """Search steps until the budget is spent or a signal asks to stop; why it stopped."""
         settings = self.settings
-        alpha_started = None  # with a minutes budget: when the alpha phase began (seconds of the clock)
+        refit = None  # with a minutes budget: (step, clock seconds CALIBRATION_STEPS before it) of the next re-plan
         while (stopped_by := self._stop_reason(signals)) is None:
+            shrinks = self.darts.shrinks
             theta_batch = self.streams["theta"].next().to(self.device)
             alpha_batch = self.streams["alpha"].next().to(self.device) if self.darts.alpha_active() else None
             lr = self.darts.theta_lr()
@@ -497,11 +498,15 @@ class Searcher:
             self.log.append("step", self.steps, theta_loss=theta_loss, alpha_loss=alpha_loss, lr=lr, tokens=tokens)
             if self.steps == CALIBRATION_STEPS and self.darts.schedule.steps == 0:
                 self._plan_minutes()
-            if settings.max_steps is None and self.steps == self.darts.schedule.alpha_start - 1:
-                alpha_started = self._mean_seconds()
-            if alpha_started is not None and self.steps == self.darts.schedule.alpha_start + CALIBRATION_STEPS - 1:
-                self._replan_alpha_phase(alpha_started)
-                alpha_started = None
+            if self.darts.shrinks != shrinks:
+                self.log.append("shrink", self.steps, keep=settings.shrink_to[shrinks], dropped=self.model.dropped)
+            if settings.max_steps is None and (
+                self.steps == self.darts.schedule.alpha_start - 1 or self.darts.shrinks != shrinks
+            ):  # the step time changes: measure it anew and fit the rest of the phase to the time left
+                refit = (self.steps + CALIBRATION_STEPS, self._mean_seconds())
+            if refit is not None and self.steps == refit[0]:
+                self._replan_alpha_phase(refit[1])
+                refit = None
             if self.steps % settings.eval_interval == 0:
                 self._evaluate(final=self._stop_reason() is not None)
             if self.steps % settings.checkpoint_interval == 0:

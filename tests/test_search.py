@@ -16,7 +16,7 @@ from mdarts.checkpoint import load_checkpoint
 from mdarts.config import SearchSettings
 from mdarts.darts import DartsSearcher, Schedule, finite_difference_hvp, loss_and_grads, unrolled_arch_gradients
 from mdarts.genotype import Genotype
-from mdarts.model import Supernet
+from mdarts.model import Node, Supernet
 from mdarts.prepare import PreparedData
 from mdarts.search import BatchStream, Searcher, argmax_stability, collapse_message, split_corpus
 
@@ -80,11 +80,14 @@ def test_tiny_search_writes_genotype_history_and_heatmap(data, tmp_path):
     assert len(step_losses(out)) == 10
 
 
-@pytest.mark.parametrize("second_order", [False, True])
-def test_resume_gives_the_same_losses_and_alphas_as_an_uninterrupted_run(data, tmp_path, second_order, monkeypatch):
+@pytest.mark.parametrize("second_order, shrink_to", [(False, ()), (True, ()), (False, (4, 2))])
+def test_resume_gives_the_same_losses_and_alphas_as_an_uninterrupted_run(
+    data, tmp_path, second_order, shrink_to, monkeypatch
+):
     assert CONFIG.dropout > 0
     straight, parted = tmp_path / "straight", tmp_path / "parted"
-    settings = tiny_settings(max_steps=8, second_order=second_order)
+    # with shrinking: 7 alpha steps from step 2, cut into 3 stages; the first shrink (step 4) precedes the crash
+    settings = tiny_settings(max_steps=8, second_order=second_order, shrink_to=shrink_to, weights_only_fraction=0.1)
     search(data, settings, straight)
     with monkeypatch.context() as patch:  # a crash right after the checkpoint of step 4
         save = Searcher._save
@@ -243,6 +246,9 @@ def test_unrolled_gradient_matches_the_exact_one(mixed):
         ({"eval_interval": 0}, "eval_interval"),
         ({"device": "tpu"}, "device"),
         ({"second_order": True, "bf16": True}, "bf16"),
+        ({"shrink_to": (3, 4)}, "shrink_to"),
+        ({"shrink_to": (0,)}, "shrink_to"),
+        ({"shrink_to": (3,), "single_path": True}, "shrink_to"),
     ],
 )
 def test_bad_settings_raise_naming_the_field(changes, field):
@@ -380,3 +386,57 @@ def test_a_resume_with_another_minutes_budget_plans_it_again(data, tmp_path, mon
     resumed_at = next(i for i, r in enumerate(records) if r["event"] == "resume")
     assert records[resumed_at - 1]["event"] == "schedule" and records[resumed_at - 1]["step"] == first.steps
     assert longer.steps > first.steps
+
+
+# ----------------------------------------------------------------------------- progressive shrinking
+
+
+def test_shrinking_keeps_the_best_candidates_and_computes_no_other(data):
+    torch.manual_seed(0)
+    model = Supernet(CONFIG.replace(dropout=0.0), 50)
+    with torch.no_grad():
+        for alpha in model.arch_parameters():
+            alpha.copy_(torch.randn_like(alpha))
+    best = [set(torch.topk(alpha.detach(), 2).indices.tolist()) for alpha in model.arch_parameters()]
+    src, tgt = torch.randint(4, 50, (2, 7)), torch.randint(4, 50, (2, 6))
+    model.shrink(2)
+    assert [set(range(len(a))) - set(d) for a, d in zip(model.arch_parameters(), model.dropped)] == best
+    for side in ("encoder", "decoder"):
+        for layer in model.arch_weights()[side]:
+            for node in layer:
+                assert sum(w > 0 for w in node) == 2 and sum(node) == pytest.approx(1.0)
+    nodes = [m for m in model.modules() if isinstance(m, Node) and m.alpha is not None]
+    calls = []
+
+    def record(node: int, candidate: int):
+        return lambda module, args, out: calls.append((node, candidate))
+
+    for n, node in enumerate(nodes):
+        for j, op in enumerate(node.ops):
+            op.register_forward_hook(record(n, node.parametric[j]))
+    model(src, tgt).sum().backward()
+    assert calls and all(candidate not in nodes[n].dropped for n, candidate in calls)
+    for alpha, dropped in zip(model.arch_parameters(), model.dropped):
+        assert alpha.grad[dropped].eq(0).all() and alpha.grad.ne(0).sum() >= 1
+    # the same network as a supernet whose dropped logits are -inf
+    reference = Supernet(CONFIG.replace(dropout=0.0), 50)
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for alpha, dropped in zip(reference.arch_parameters(), model.dropped):
+            alpha[dropped] = float("-inf")
+    torch.testing.assert_close(model(src, tgt), reference(src, tgt))
+
+
+def test_shrinking_happens_at_the_stage_boundaries_of_the_alpha_phase(data, tmp_path):
+    schedule = Schedule(steps=100, warmup_steps=10, alpha_start=31, alpha_lr=0.01)
+    # 70 alpha steps (31..100) in 3 stages: boundaries after 23.3 and 46.7 of them
+    assert [schedule.shrinks_due(step, 2) for step in (30, 53, 54, 76, 77, 100)] == [0, 0, 1, 1, 2, 2]
+    settings = tiny_settings(max_steps=8, shrink_to=(4, 2), weights_only_fraction=0.1, eval_interval=1)
+    result = search(data, settings, tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "search_log.jsonl").read_text().splitlines()]
+    shrinks = [(r["step"], r["keep"]) for r in records if r["event"] == "shrink"]
+    assert shrinks == [(4, 4), (6, 2)]
+    history = [json.loads(line) for line in (tmp_path / "alpha_history.jsonl").read_text().splitlines()]
+    for node in (n for side in ("encoder", "decoder") for layer in history[-1][side] for n in layer):
+        assert sum(w > 0 for w in node) == 2
+    assert result.steps == 8
