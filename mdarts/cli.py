@@ -169,33 +169,58 @@ def _run_search(args: argparse.Namespace) -> int:
 
 def _derive_parser(sub) -> None:
     parser = _command(sub, _run_derive)
-    parser.add_argument("run", type=Path, help="search run directory (holding genotype.json) or a genotype.json file")
-    parser.add_argument("--json", action="store_true", help="print the genotype JSON instead")
+    parser.add_argument(
+        "run", type=Path, nargs="+", help="search run directories (holding genotype.json) or genotype.json files"
+    )
+    parser.add_argument("--json", action="store_true", help="print the genotype JSON instead (of the first run)")
 
 
 def _run_derive(args: argparse.Namespace) -> int:
     """Print the genotype of a search run.
 
     Print the genotype (argmax op per node) of a search run directory or a genotype.json, with the
-    softmax weight of each chosen op.
+    softmax weight of each chosen op, also against uniform (1/K for K candidates). Given several
+    runs (seeds, say), print each and how many nodes they all agree on.
     """
     import json
 
     from .genotype import Genotype
 
-    path = args.run / "genotype.json" if args.run.is_dir() else args.run
-    genotype = Genotype.load(path)
+    genotypes = [Genotype.load(run / "genotype.json" if run.is_dir() else run) for run in args.run]
     if args.json:
-        print(json.dumps(genotype.to_dict(), indent=1))
+        print(json.dumps(genotypes[0].to_dict(), indent=1))
         return 0
-    print(genotype.summary())
-    if genotype.weights:
-        for side in ("encoder", "decoder"):
-            candidates = getattr(genotype, f"{side}_candidates")
-            for i, (layer, chosen) in enumerate(zip(genotype.weights[side], getattr(genotype, side))):
-                for k, (probs, op) in enumerate(zip(layer, chosen)):
-                    print(f"  {side}[{i}][{k}] {op:<16} weight {probs[candidates.index(op)]:.3f}")
+    for run, genotype in zip(args.run, genotypes):
+        if len(genotypes) > 1:
+            print(f"{run}:")
+        print(genotype.summary())
+        ratios = []
+        for name, op, probs in _searched_nodes(genotype):
+            if probs is not None:
+                ratios.append(probs[op] * len(probs))
+                print(f"  {name} {op:<16} weight {probs[op]:.3f} ({ratios[-1]:.2f}x uniform 1/{len(probs)})")
+        if ratios:
+            print(f"  top weight against uniform: {min(ratios):.2f}x to {max(ratios):.2f}x")
+    if len(genotypes) > 1:
+        chosen = [[op for _, op, _ in _searched_nodes(genotype)] for genotype in genotypes]
+        if len({len(ops) for ops in chosen}) > 1:
+            raise ValueError("run: the genotypes have different numbers of nodes; compare runs of one search space")
+        agree = sum(len(set(ops)) == 1 for ops in zip(*chosen))
+        print(f"the {len(genotypes)} genotypes agree on {agree} of {len(chosen[0])} nodes")
     return 0
+
+
+def _searched_nodes(genotype) -> list[tuple[str, str, Optional[dict[str, float]]]]:
+    """(node name, chosen op, {candidate: weight} or None without weights) of every searched node."""
+    nodes = []
+    for side in ("encoder", "decoder"):
+        candidates = getattr(genotype, f"{side}_candidates")
+        weights = genotype.weights[side] if genotype.weights else None
+        for i, layer in enumerate(getattr(genotype, side)):
+            for k, op in enumerate(layer):
+                probs = None if weights is None else dict(zip(candidates, weights[i][k]))
+                nodes.append((f"{side}[{i}][{k}]", op, probs))
+    return nodes
 
 
 # --------------------------------------------------------------------------- train

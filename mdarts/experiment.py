@@ -393,7 +393,9 @@ class Experiment:
         from .search import Searcher
 
         member, run_dir = task.member(), self._run_dir(task)
-        settings = self.spec.search_settings(task.seed).replace(single_path=member.arm.kind == "weight_sharing")
+        settings = self.spec.search_settings(task.seed)
+        if member.arm.kind == "weight_sharing":  # one path a step: no alpha, nothing to shrink
+            settings = settings.replace(single_path=True, shrink_to=())
         resume = (run_dir / "search_checkpoint.pt").is_file()  # else what a kill left goes
         config = preset(self.spec.search_preset)
         result = Searcher(config, data, settings, run_dir, resume=resume, overwrite=not resume).run()

@@ -162,7 +162,8 @@ def plot_alpha_history(history: Sequence[dict], config: ModelConfig, path: Path)
     """Heatmaps of each node's weights over the search, one panel per node (rows: side and unit
     layer, columns: split), candidates on the y axis, evaluation steps on the x axis. A cell is
     the weight against uniform, log2(K * softmax(alpha)_o) for a node of K candidates, on one
-    diverging scale centred on 0 (uniform), so nodes of 13 and 14 candidates compare; PNG at ``path``."""
+    diverging scale centred on 0 (uniform), so nodes of 13 and 14 candidates compare; candidates
+    removed by progressive shrinking (weight 0) are grey. PNG at ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -173,12 +174,16 @@ def plot_alpha_history(history: Sequence[dict], config: ModelConfig, path: Path)
     columns = max(config.encoder_splits, config.decoder_splits - 1)
     height = max(len(config.encoder_candidates), len(config.decoder_candidates)) * 0.22 + 1.0
     fig, axes = plt.subplots(len(rows), columns, figsize=(3.2 * columns + 1.5, height * len(rows)), squeeze=False)
-    ratios = {
-        (side, i, k): np.log2(len(node) * np.maximum(np.array([r[side][i][k] for r in history]).T, 1e-12))
-        for side, i in rows
-        for k, node in enumerate(history[0][side][i])
-    }  # (candidates, evaluations) each
+    with np.errstate(divide="ignore"):  # a removed candidate: log2(0), masked
+        ratios = {
+            (side, i, k): np.ma.masked_invalid(
+                np.log2(len(node) * np.array([r[side][i][k] for r in history]).T), copy=False
+            )
+            for side, i in rows
+            for k, node in enumerate(history[0][side][i])
+        }  # (candidates, evaluations) each
     limit = max(1.0, max(float(np.abs(values).max()) for values in ratios.values()))
+    colours = matplotlib.colormaps["RdBu_r"].with_extremes(bad="0.8")
     mappable = None
     for r, (side, i) in enumerate(rows):
         candidates = getattr(config, f"{side}_candidates")
@@ -188,7 +193,7 @@ def plot_alpha_history(history: Sequence[dict], config: ModelConfig, path: Path)
                 ax.axis("off")
                 continue
             values = ratios[side, i, k]
-            mappable = ax.imshow(values, aspect="auto", interpolation="nearest", cmap="RdBu_r", vmin=-limit, vmax=limit)
+            mappable = ax.imshow(values, aspect="auto", interpolation="nearest", cmap=colours, vmin=-limit, vmax=limit)
             ax.set_yticks(range(len(candidates)), candidates, fontsize=7)
             ticks = sorted({0, len(steps) - 1, *range(0, len(steps), max(1, len(steps) // 5))})
             ax.set_xticks(ticks, [str(steps[t]) for t in ticks], fontsize=7)
@@ -196,7 +201,7 @@ def plot_alpha_history(history: Sequence[dict], config: ModelConfig, path: Path)
             ax.set_title(f"{side}[{i}][{k}] -> {candidates[best]} ({2 ** values[best, -1]:.1f}x uniform)", fontsize=8)
             if r == len(rows) - 1:
                 ax.set_xlabel("step", fontsize=7)
-    fig.suptitle("each node's weights against uniform over the search (red: above 1/K, blue: below)")
+    fig.suptitle("each node's weights against uniform (red: above 1/K, blue: below, grey: removed)")
     fig.tight_layout(rect=(0, 0, 0.86, 0.96))
     if mappable is not None:
         bar = fig.colorbar(mappable, cax=fig.add_axes((0.88, 0.1, 0.015, 0.8)))

@@ -127,7 +127,10 @@ def test_search_derive_train_translate_end_to_end(small_corpus, tmp_path, capsys
 
     assert main(["derive", str(run)]) == 0
     derived = capsys.readouterr().out
-    assert derived.startswith("encoder: [") and "weight" in derived
+    assert derived.startswith("encoder: [") and "weight" in derived and "x uniform" in derived
+    assert main(["derive", str(run), str(run / "genotype.json")]) == 0  # two runs: the nodes they agree on
+    nodes = derived.count("x uniform 1/")
+    assert capsys.readouterr().out.endswith(f"the 2 genotypes agree on {nodes} of {nodes} nodes\n")
     assert main(["derive", str(run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["format"] == "mdarts-genotype-1"
 
