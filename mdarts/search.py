@@ -283,24 +283,7 @@ class Searcher:
             self._check_resumable(checkpoint)
         if settings.single_path and "val" not in data.splits:
             raise ValueError("--single-path ranks genotypes by validation loss: give validation data")
-        train = data["train"]
-        warn_dropped(data, config.max_positions, "search")  # pairs too long for the supernet: left out
-        theta_idx, alpha_idx = split_corpus(len(train), settings.split_ratio, settings.seed)
-        self.streams = {
-            "theta": BatchStream(train, theta_idx, settings.max_tokens, settings.seed, config, "theta", self.ranks),
-            "alpha": BatchStream(train, alpha_idx, settings.max_tokens, settings.seed + 1, config, "alpha", self.ranks),
-        }
-        self.valid_batches = None
-        if "val" in data.splits:
-            val = data["val"]
-            self.valid_batches = TokenBatches(
-                val.src_ids,
-                val.tgt_ids,
-                settings.max_tokens,
-                shuffle=False,
-                max_positions=config.max_positions,
-                pad_id=config.pad_id,
-            )
+        self._make_batches(data)
         self.ranks.check_same(
             {**settings.to_dict(), "device": None, "config": config.to_dict(), "data": self.data_identity}
         )
@@ -408,6 +391,28 @@ class Searcher:
         alpha_lr = settings.alpha_lr or settings.alpha_travel / (steps - schedule.alpha_start + 1)
         self.darts.reschedule(dataclasses.replace(schedule, steps=steps, alpha_lr=alpha_lr))
         self.log.append("schedule", self.steps, seconds_per_step=per_step, **dataclasses.asdict(self.darts.schedule))
+
+    def _make_batches(self, data: PreparedData) -> None:
+        """The theta and alpha batch streams (disjoint parts of the training data, sharded by
+        rank) and the validation batches (None without validation data)."""
+        settings, config, train = self.settings, self.config, data["train"]
+        warn_dropped(data, config.max_positions, "search")  # pairs too long for the supernet: left out
+        theta_idx, alpha_idx = split_corpus(len(train), settings.split_ratio, settings.seed)
+        self.streams = {
+            "theta": BatchStream(train, theta_idx, settings.max_tokens, settings.seed, config, "theta", self.ranks),
+            "alpha": BatchStream(train, alpha_idx, settings.max_tokens, settings.seed + 1, config, "alpha", self.ranks),
+        }
+        self.valid_batches = None
+        if "val" in data.splits:
+            val = data["val"]
+            self.valid_batches = TokenBatches(
+                val.src_ids,
+                val.tgt_ids,
+                settings.max_tokens,
+                shuffle=False,
+                max_positions=config.max_positions,
+                pad_id=config.pad_id,
+            )
 
     def _check_resumable(self, checkpoint: dict) -> None:
         """A resume must use the checkpoint's config, tokenizer and settings (budgets may change)."""
