@@ -271,6 +271,12 @@ class TrainConfig(RunSettings):
 
     max_epochs: Optional[int] = setting(None, "budget: passes over the training data", resumable=True)
     weight_decay: float = setting(0.0, "Adam's L2 term")
+    update_freq: int = setting(
+        1,
+        "batches each process sums into one update (gradient accumulation: an update of update_freq x processes "
+        "batches; the gradients are summed over the processes once, after the last)",
+        resumable=True,
+    )
     valid_interval: int = setting(1000, "updates between validations (each also writes checkpoints)", resumable=True)
     log_interval: int = setting(100, "updates between training log lines", resumable=True)
     patience: int = setting(0, "stop after this many validations without a lower loss (0: never)", resumable=True)
@@ -286,7 +292,7 @@ class TrainConfig(RunSettings):
                 "give a budget: at least one of max_steps, max_epochs, max_minutes (or training never ends)",
             )
         self._check_positive(("weight_decay",), zero=True)
-        self._check_ints(("valid_interval", "log_interval"), 1)
+        self._check_ints(("update_freq", "valid_interval", "log_interval"), 1)
         self._check_ints(("patience", "keep_last"), 0)
 
 

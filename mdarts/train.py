@@ -169,10 +169,12 @@ class Trainer:
                 f"--max-tokens: no training pair fits max_tokens={config.max_tokens} "
                 f"and max_positions={limits['max_positions']}"
             )
-        if len(self.train_batches) < self.ranks.world_size:
+        self.batches_per_step = self.ranks.world_size * config.update_freq
+        if len(self.train_batches) < self.batches_per_step:
             raise ValueError(
                 f"--max-tokens: the training data makes {len(self.train_batches)} batch(es), fewer than the "
-                f"{self.ranks.world_size} processes"
+                f"{self.batches_per_step} of a step ({self.ranks.world_size} processes x --update-freq "
+                f"{config.update_freq})"
             )
         self.ranks.check_same({**config.to_dict(), "device": None, "model": self.spec, "data": self.data_identity})
         self.valid_batches = TokenBatches(*_ids(data, "val"), config.max_tokens, shuffle=False, **limits)
@@ -274,9 +276,10 @@ class Trainer:
         early stopping; returns why training stops (None: go on with the next epoch)."""
         config, world = self.config, self.ranks.world_size
         self.train_batches.set_epoch(self.epoch)
-        while self.position + world <= len(self.train_batches):  # each process its batch of the step
-            loss, nll, tokens, grad_norm = self._train_step(self.train_batches[self.position + self.ranks.rank])
-            self.position += world
+        while self.position + self.batches_per_step <= len(self.train_batches):  # each process its batches
+            mine = range(self.position + self.ranks.rank, self.position + self.batches_per_step, world)
+            loss, nll, tokens, grad_norm = self._train_step([self.train_batches[i] for i in mine])
+            self.position += self.batches_per_step
             self.window.add(loss, nll, tokens, grad_norm)
             progress.update(tokens, loss / tokens, config.learning_rate(self.step), epoch=str(self.epoch))
             if self.step % config.log_interval == 0:
@@ -304,22 +307,28 @@ class Trainer:
             return self.signals.requested or "SIGTERM"  # another process was signalled
         return reason or ("another process" if stopping else None)
 
-    def _train_step(self, batch) -> tuple[float, float, int, float]:
-        """One update on ``batch`` (this process's share of the step): (summed loss, summed NLL,
-        target tokens, all over the processes, and the gradient norm before clipping)."""
+    def _train_step(self, batches: list) -> tuple[float, float, int, float]:
+        """One update on ``batches`` (this process's share of the step, update_freq batches):
+        (summed loss, summed NLL, target tokens, all over the processes, and the gradient norm
+        before clipping)."""
         config = self.config
         self.step += 1
         for group in self.optimizer.param_groups:
             group["lr"] = config.learning_rate(self.step)
-        batch = batch.to(self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            logits = self.model(batch.src, batch.tgt_in)
-        loss, nll, tokens = label_smoothed_loss(logits, batch.tgt_out, self.pad_id, config.label_smoothing)
-        loss_sum, nll_sum, all_tokens = self.ranks.sum([float(loss.detach()), float(nll.detach()), float(tokens)])
+        (all_tokens,) = self.ranks.sum([float(sum(int(b.tgt_out.ne(self.pad_id).sum()) for b in batches))])
         self.optimizer.zero_grad(set_to_none=True)
-        self.reduce.start()
-        (loss / all_tokens).backward()  # summed over the processes (while it runs): the whole step's gradient
+        loss_sum = nll_sum = 0.0
+        for i, batch in enumerate(batches):
+            batch = batch.to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                logits = self.model(batch.src, batch.tgt_in)
+            loss, nll, _ = label_smoothed_loss(logits, batch.tgt_out, self.pad_id, config.label_smoothing)
+            loss_sum, nll_sum = loss_sum + float(loss.detach()), nll_sum + float(nll.detach())
+            if i == len(batches) - 1:  # the gradients are summed over the processes once, in the last backward
+                self.reduce.start()
+            (loss / all_tokens).backward()  # over the step's tokens in all processes: the whole step's gradient
         self.reduce.finish()
+        loss_sum, nll_sum = self.ranks.sum([loss_sum, nll_sum])
         parameters = [p for p in self.model.parameters() if p.grad is not None]
         if config.clip_norm > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, config.clip_norm))
