@@ -449,6 +449,7 @@ def _experiment_parser(sub) -> None:
     parser.add_argument("--out", type=Path, required=True, help="experiment directory (run again to continue)")
     parser.add_argument("--data-dir", type=Path, help="folder of the raw Multi30k files (default $MDARTS_DATA)")
     parser.add_argument("--max-minutes", type=_positive_float, help="start no new search or training after this")
+    parser.add_argument("--status", action="store_true", help="print what is done, running and left, and exit")
     _add_device(parser)
 
 
@@ -463,6 +464,11 @@ def _run_experiment(args: argparse.Namespace) -> int:
     from .experiment import Experiment, ExperimentSpec
 
     spec = ExperimentSpec.load(args.spec)
+    if args.status:
+        if not (args.out / "spec.json").is_file():
+            raise FileNotFoundError(f"--out: {args.out} holds no experiment (no spec.json)")
+        print("\n".join(Experiment(spec, args.out, device="cpu").status()))
+        return 0
     summary = Experiment(spec, args.out, args.data_dir or os.environ.get("MDARTS_DATA"), args.device).run(
         args.max_minutes
     )

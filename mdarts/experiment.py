@@ -245,12 +245,13 @@ POLL_SECONDS = 30.0  # how often a process with nothing left to start looks at w
 @dataclass
 class Task:
     """One search (``search``) or training of the experiment: ``member()`` (known once
-    ``ready()``) with ``seed``."""
+    ``ready()``) with ``seed``; ``label`` names it before it is known."""
 
     member: Callable[[], Member]
     seed: int
     search: bool = False
     ready: Callable[[], bool] = lambda: True
+    label: str = ""
 
 
 class Experiment:
@@ -295,6 +296,35 @@ class Experiment:
                     return self._report(members, self._finalists(members), data)
             time.sleep(POLL_SECONDS)
 
+    def status(self) -> list[str]:
+        """One line per search and training, in the order they run: done (steps of a search; the
+        validation loss of a training), running in another process (its last logged step),
+        started (a checkpoint to continue from), waiting for other runs, or to do."""
+        lines = []
+        for task in self._tasks(self._members()):
+            what = "search" if task.search else "train"
+            if not task.ready():
+                lines.append(f"{what:6} {task.label} seed {task.seed}: waits for other runs")
+                continue
+            run_dir = self._run_dir(task)
+            lines.append(f"{what:6} {task.member().key} seed {task.seed}: {self._state(task, run_dir)}")
+        return lines
+
+    def _state(self, task: Task, run_dir: Path) -> str:
+        if self._done(task):
+            if task.search:
+                return f"done, {json.loads((run_dir / SEARCH_DONE).read_text())['steps']} steps"
+            record = json.loads((run_dir / TRAIN_DONE).read_text())
+            return f"done, validation loss {record['valid_loss']:.3f} ({record['minutes']:.0f} minutes)"
+        log = runs.JsonLog(run_dir / ("search_log.jsonl" if task.search else "log.jsonl"), writes=False)
+        steps = [record["step"] for record in log.read()]
+        where = f" (step {steps[-1]})" if steps else ""
+        with runs.exclusive(self.out_dir / "locks" / f"{self._lock(run_dir)}.lock") as mine:
+            if not mine:
+                return "running in another process" + where
+        checkpoint = run_dir / ("search_checkpoint.pt" if task.search else "checkpoint_last.pt")
+        return "started, to continue" + where if checkpoint.is_file() else "to do"
+
     def _time_left(self) -> bool:
         """Whether to start another search or training (one answer for every process)."""
         over = self.deadline is not None and self.clock.seconds() >= self.deadline
@@ -327,7 +357,7 @@ class Experiment:
         those of the random finalists (known once every random network has its first training)."""
 
         def of(member: Member, seed: int, **fields) -> Task:
-            return Task(lambda: member, seed, **fields)
+            return Task(lambda: member, seed, label=member.key, **fields)
 
         def randoms_trained() -> bool:
             return all((self._train_dir(m, first) / TRAIN_DONE).is_file() for m in randoms)
@@ -339,7 +369,8 @@ class Experiment:
         tasks += [of(m, seed, ready=m.ready) for m in members if m.arm.kind != "random" for seed in others]
         for rank in range(min(self.spec.random_finalists, len(randoms))):
             finalist = functools.partial(self._random_finalist, randoms, rank)
-            tasks += [Task(finalist, seed, ready=randoms_trained) for seed in others]
+            label = f"random finalist {rank + 1} (best on validation after its first training)"
+            tasks += [Task(finalist, seed, ready=randoms_trained, label=label) for seed in others]
         return tasks
 
     def _train_dir(self, member: Member, seed: int) -> Path:
@@ -364,7 +395,7 @@ class Experiment:
                 return False
             for task in (task for task in pending if task.ready()):
                 run_dir = self._run_dir(task)
-                with self._hold("--".join(run_dir.relative_to(self.out_dir).parts)) as mine:
+                with self._hold(self._lock(run_dir)) as mine:
                     if mine and not self._done(task):
                         if self.ranks.main:
                             what = "search" if task.search else "train"
@@ -380,6 +411,10 @@ class Experiment:
                     print(f"waiting for {len(pending)} runs that other processes hold or wait for", file=sys.stderr)
                 waiting = True
                 time.sleep(POLL_SECONDS)
+
+    def _lock(self, run_dir: Path) -> str:
+        """The name of the lock of ``run_dir`` (see :meth:`_hold`)."""
+        return "--".join(run_dir.relative_to(self.out_dir).parts)
 
     @contextlib.contextmanager
     def _hold(self, name: str) -> Iterator[bool]:

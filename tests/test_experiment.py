@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -166,3 +167,28 @@ def test_a_bad_specification_names_the_entry_before_anything_runs(change, messag
     values = {key: value for key, value in values.items() if value is not None}
     with pytest.raises(ValueError, match=message):
         ExperimentSpec.from_dict(values)
+
+
+def test_status_says_what_is_done_running_and_left(one_process_run, tmp_path, capsys):
+    from mdarts import runs
+
+    out, argv = one_process_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    status = [*argv[:3], str(copy), *argv[4:], "--status"]
+    assert main(status) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 + 11 and all(": done, " in line for line in lines)  # 2 searches, 11 trainings
+    (copy / "train" / "control" / "control-seed2" / "record.json").unlink()  # as if still training
+    (copy / "train" / "random" / "g0-seed1" / "record.json").unlink()  # as if killed after a checkpoint
+    with runs.exclusive(copy / "locks" / "train--control--control-seed2.lock") as mine:
+        assert mine
+        assert main(status) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "train  control/control seed 2: running in another process (step 3)" in lines
+    assert "train  random/g0 seed 1: started, to continue (step 3)" in lines
+    assert lines[-1].startswith("train  random finalist 1 (best on validation") and lines[-1].endswith(
+        "waits for other runs"
+    )
+    assert main([*argv[:3], str(tmp_path / "none"), "--status"]) == 2
+    assert "holds no experiment" in capsys.readouterr().err
