@@ -207,8 +207,10 @@ def test_two_processes_make_the_updates_of_one_process_accumulating_two_batches(
     assert main([*argv(tmp_path / "one"), "--update-freq", "2", *corpus]) == 0
     two, one = (load_checkpoint(tmp_path / run / "checkpoint_last.pt")["model"] for run in ("two", "one"))
     assert two.keys() == one.keys()
+    # atol: the key biases have no true gradient (softmax ignores them), and Adam turns the rounding
+    # noise of another summation order into small steps of its own (about 3e-6 here)
     for name in two:
-        torch.testing.assert_close(one[name], two[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(one[name], two[name], rtol=1e-5, atol=1e-5, msg=name)
     losses = [
         [r["loss"] for r in records(tmp_path / run / "log.jsonl") if r["event"] == "train"] for run in ("two", "one")
     ]
