@@ -319,7 +319,7 @@ class Experiment:
         log = runs.JsonLog(run_dir / ("search_log.jsonl" if task.search else "log.jsonl"), writes=False)
         steps = [record["step"] for record in log.read()]
         where = f" (step {steps[-1]})" if steps else ""
-        with runs.exclusive(self.out_dir / "locks" / f"{self._lock(run_dir)}.lock") as mine:
+        with self._hold(self._lock(run_dir)) as mine:
             if not mine:
                 return "running in another process" + where
         checkpoint = run_dir / ("search_checkpoint.pt" if task.search else "checkpoint_last.pt")

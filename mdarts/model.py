@@ -374,7 +374,8 @@ class Supernet(_ReversibleNet):
         for alpha, dropped in zip(self.arch_parameters(), self.dropped):
             weights = masked_softmax(alpha.detach().float(), dropped).tolist()
             order = sorted(range(len(weights)), key=lambda i: (-weights[i], i))
-            dropped[:] = sorted(order[keep:]) if keep < len(order) else dropped
+            if keep < len(order):
+                dropped[:] = sorted(order[keep:])
 
     def set_dropped(self, dropped: list[list[int]]) -> None:
         """Restore the shrinking state (:attr:`dropped`, e.g. from a checkpoint), in place."""
