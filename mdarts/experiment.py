@@ -299,7 +299,7 @@ class Experiment:
     def status(self) -> list[str]:
         """One line per search and training, in the order they run: done (steps of a search; the
         validation loss of a training), running in another process (its last logged step),
-        started (a checkpoint to continue from), waiting for other runs, or to do."""
+        started (a checkpoint to continue from), waiting for other runs, or to do; then a count."""
         lines = []
         for task in self._tasks(self._members()):
             what = "search" if task.search else "train"
@@ -308,7 +308,8 @@ class Experiment:
                 continue
             run_dir = self._run_dir(task)
             lines.append(f"{what:6} {task.member().key} seed {task.seed}: {self._state(task, run_dir)}")
-        return lines
+        done, running = (sum(f": {state}" in line for line in lines) for state in ("done", "running"))
+        return [*lines, f"{done} of {len(lines)} runs done, {running} running"]
 
     def _state(self, task: Task, run_dir: Path) -> str:
         if self._done(task):
