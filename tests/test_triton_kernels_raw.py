@@ -309,15 +309,6 @@ def test_split_pool_noncontiguous_and_empty() -> None:
 
 # ----------------------------------------------------------------------------- several GPUs, CUDA graphs
 
-LIST_OPS = (
-    "mixed_sum",
-    "mixed_sum_backward",
-    "mixed_ln_sum",
-    "mixed_ln_sum_backward",
-    "split_pool",
-    "split_pool_backward",
-)
-
 
 def _list_inputs(device: torch.device, k: int = 3) -> dict[str, torch.Tensor]:
     """Inputs of the list ops on ``device``: K outs (B, T, D), h and grad, weights, LN parameters."""
