@@ -51,7 +51,8 @@ class Ranks:
     LOCAL_RANK; one process: rank 0 of 1). Rank 0 writes every file of the run; every process
     reads the run directory, so on several machines it lies on a shared file system.
 
-    The gradients of a step are summed over the processes (:meth:`reduce`) after each process
+    The gradients of a step are summed over the processes (:meth:`reduce`, or bucket by bucket
+    during the backward by :class:`mdarts.reduction.BucketedReduce`) after each process
     has divided its summed loss by the step's token count over all of them (:meth:`sum`), so
     the processes get exactly the gradient of one process holding every batch, and their
     weights and architecture logits stay identical, by construction."""
