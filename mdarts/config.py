@@ -244,9 +244,16 @@ class RunSettings(Settings):
     bf16: bool = setting(False, "bfloat16 autocast for forward and backward")
     seed: int = setting(1, "model initialisation, dropout and batch order")
     device: str = setting("auto", "auto (CUDA when available, else CPU), cpu, cuda or cuda:N", resumable=True)
+    loss_chunk_rows: int = setting(
+        0,
+        "target tokens per block of the output layer and loss, in float32 with the gradients made in the forward, "
+        "so no (tokens x vocab) logits are kept (faster on a CPU); 0: full logits",
+        resumable=True,
+    )
 
     def __post_init__(self) -> None:
         self._check_ints(("max_steps",), 1, optional=True)
+        self._check_ints(("loss_chunk_rows",), 0)
         self._check_positive(("max_minutes",), optional=True)
         self._check_positive(("lr",))
         self._check_ints(("warmup_steps",), 1, optional=isinstance(self, SearchSettings))
@@ -346,6 +353,9 @@ class SearchSettings(RunSettings):
     ranked_paths: int = setting(100, "with single_path: random genotypes ranked at the end")
     memory_budget_gb: Optional[float] = setting(
         None, "memory a step may use, for --memory-mode auto (none: 90%% of the GPU, or 80%% of the free RAM)"
+    )
+    loss_chunk_rows: int = setting(
+        256, "target tokens per block of the output layer and loss (see RunSettings; 0: full logits)", resumable=True
     )
     split_ratio: float = setting(0.55, "fraction of the training pairs for the weights (the rest, disjoint, for alpha)")
     eval_interval: int = setting(

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .batching import Batch
 from .config import SearchSettings
-from .loss import label_smoothed_loss
+from .loss import sequence_loss
 from .model import Supernet
 from .reduction import BucketedReduce
 from .runs import ONE_PROCESS, Ranks, inverse_sqrt_lr
@@ -244,10 +244,18 @@ class DartsSearcher:
 
     def _loss(self, model: nn.Module, batch: Batch) -> Tensor:
         """The label-smoothed loss of ``batch`` summed, over the target tokens of the step in all
-        processes: the processes' gradients sum to the gradient of the whole step."""
-        with self._autocast(batch.src.device):
-            logits = model(batch.src, batch.tgt_in)
-        loss, _, ntokens = label_smoothed_loss(logits, batch.tgt_out, self.config.pad_id, self.settings.label_smoothing)
+        processes: the processes' gradients sum to the gradient of the whole step. The output
+        layer and loss run in blocks of ``settings.loss_chunk_rows`` tokens, in float32."""
+        settings = self.settings
+        loss, _, ntokens = sequence_loss(
+            model,
+            batch.src,
+            batch.tgt_in,
+            batch.tgt_out,
+            settings.label_smoothing,
+            settings.loss_chunk_rows,
+            settings.bf16,
+        )
         (all_tokens,) = self.ranks.sum([float(ntokens)])
         return loss / max(all_tokens, 1)
 

@@ -37,7 +37,8 @@ class _ChunkedOutputLoss(torch.autograd.Function):
     chunks: each chunk's logits (chunk, vocab) are made, reduced to the loss and turned into
     that chunk's gradients at once, then freed. What is kept for backward is the gradient of
     the summed loss with respect to ``features`` and ``weight`` (shaped like them), scaled by
-    the incoming gradient in backward.
+    the incoming gradient in backward; a gradient nobody asks for (``weight`` frozen, say) is
+    not computed.
     """
 
     @staticmethod
@@ -45,8 +46,9 @@ class _ChunkedOutputLoss(torch.autograd.Function):
         rows, vocab = features.shape[0], weight.shape[0]
         acc = accumulation_dtype(features.dtype)
         w32 = weight.to(acc)
-        grad_features = torch.zeros(features.shape, dtype=acc, device=features.device)
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        need_features, need_weight = ctx.needs_input_grad[:2]
+        grad_features = torch.zeros(features.shape if need_features else (), dtype=acc, device=features.device)
+        grad_weight = torch.zeros(weight.shape if need_weight else (), dtype=acc, device=weight.device)
         loss = torch.zeros((), dtype=acc, device=features.device)
         nll_total = torch.zeros((), dtype=acc, device=features.device)
         for start in range(0, rows, chunk_rows):
@@ -63,8 +65,10 @@ class _ChunkedOutputLoss(torch.autograd.Function):
             grad_logits = log_probs.exp_()
             grad_logits.scatter_add_(-1, t.unsqueeze(-1), torch.full_like(nll, -(1.0 - smoothing)).unsqueeze(-1))
             grad_logits.sub_(smoothing / vocab).mul_(keep.unsqueeze(-1))
-            grad_features[start : start + chunk_rows] = grad_logits @ w32
-            grad_weight.addmm_(grad_logits.t(), x)
+            if need_features:
+                grad_features[start : start + chunk_rows] = grad_logits @ w32
+            if need_weight:
+                grad_weight.addmm_(grad_logits.t(), x)
         ctx.save_for_backward(grad_features, grad_weight)
         ctx.dtypes = (features.dtype, weight.dtype)
         ctx.mark_non_differentiable(nll_total)
@@ -73,9 +77,10 @@ class _ChunkedOutputLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: Tensor, _grad_nll: Tensor):
         grad_features, grad_weight = ctx.saved_tensors
+        need_features, need_weight = ctx.needs_input_grad[:2]
         return (
-            (grad_features * grad_loss).to(ctx.dtypes[0]),
-            (grad_weight * grad_loss).to(ctx.dtypes[1]),
+            (grad_features * grad_loss).to(ctx.dtypes[0]) if need_features else None,
+            (grad_weight * grad_loss).to(ctx.dtypes[1]) if need_weight else None,
             None,
             None,
             None,
@@ -109,12 +114,20 @@ def chunked_output_loss(
     return loss, nll, int(flat_target.ne(pad_id).sum())
 
 
-def sequence_loss(model, src: Tensor, tgt_in: Tensor, tgt_out: Tensor, smoothing: float = 0.1, chunk_rows: int = 0):
-    """(loss_sum, nll_sum, ntokens) of a seq2seq model on one batch; with ``chunk_rows`` > 0
-    the output projection and loss run in chunks (:func:`chunked_output_loss`)."""
+def sequence_loss(
+    model, src: Tensor, tgt_in: Tensor, tgt_out: Tensor, smoothing: float = 0.1, chunk_rows: int = 0, bf16: bool = False
+) -> tuple[Tensor, Tensor, int]:
+    """(loss_sum, nll_sum, ntokens) of a seq2seq model on one batch: the model under bf16
+    autocast when ``bf16``, the loss in float32. With ``chunk_rows`` > 0 the output layer and
+    loss run in blocks of that many tokens (:func:`chunked_output_loss`, float32), else on the
+    full logits (batch, tgt_len, vocab). src: (batch, src_len); tgt_in, tgt_out: (batch, tgt_len)."""
     pad_id = model.config.pad_id
+    with torch.autocast(src.device.type, dtype=torch.bfloat16, enabled=bf16):
+        if chunk_rows > 0:
+            memory, src_pad = model.encode(src)
+            features = model.decode_features(tgt_in, memory, src_pad)
+        else:
+            logits = model(src, tgt_in)
     if chunk_rows > 0:
-        memory, src_pad = model.encode(src)
-        features = model.decode_features(tgt_in, memory, src_pad)
         return chunked_output_loss(features, model.output_weight(), tgt_out, pad_id, smoothing, chunk_rows)
-    return label_smoothed_loss(model(src, tgt_in), tgt_out, pad_id, smoothing)
+    return label_smoothed_loss(logits, tgt_out, pad_id, smoothing)

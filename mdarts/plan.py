@@ -437,13 +437,21 @@ def default_memory_budget(device: torch.device) -> int:
 
 
 def choose_memory_mode(
-    config: ModelConfig, vocab_size: int, tokens: int, device: torch.device, budget_bytes: int, dtype_bytes: int = 4
+    config: ModelConfig,
+    vocab_size: int,
+    tokens: int,
+    device: torch.device,
+    budget_bytes: int,
+    dtype_bytes: int = 4,
+    chunk_rows: int = 0,
 ) -> tuple[str, str]:
     """The fastest memory mode whose predicted step fits ``budget_bytes`` (store, else
-    checkpoint, else reconstruct, which is returned when none fits) and the reason, for the log."""
+    checkpoint, else reconstruct, which is returned when none fits) and the reason, for the log.
+    ``chunk_rows``: 0 for the full logits, else the chunked loss's block rows."""
     kind = "cuda" if device.type == "cuda" else "cpu"
     for mode in ("store", "checkpoint", "reconstruct"):
-        total = predict_memory(config, vocab_size, tokens, mode, dtype_bytes=dtype_bytes, device=kind)["total"]
+        prediction = predict_memory(config, vocab_size, tokens, mode, chunk_rows, dtype_bytes, device=kind)
+        total = prediction["total"]
         if total <= budget_bytes:
             return mode, f"{mode}: predicted {_gib(total)} GiB fits the budget of {_gib(budget_bytes)} GiB"
     return "reconstruct", f"reconstruct: no mode is predicted to fit {_gib(budget_bytes)} GiB (reconstruct needs least)"

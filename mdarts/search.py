@@ -342,7 +342,13 @@ class Searcher:
             int(settings.memory_budget_gb * 2**30) if settings.memory_budget_gb else default_memory_budget(self.device)
         )
         mode, reason = choose_memory_mode(
-            config, self.data.tokenizer.vocab_size, settings.max_tokens, self.device, budget, 2 if settings.bf16 else 4
+            config,
+            self.data.tokenizer.vocab_size,
+            settings.max_tokens,
+            self.device,
+            budget,
+            2 if settings.bf16 else 4,
+            settings.loss_chunk_rows,
         )
         return config.replace(memory_mode=mode), reason
 

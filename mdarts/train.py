@@ -45,7 +45,7 @@ from .checkpoint import (
     write_average_checkpoint,
 )
 from .config import TrainConfig
-from .loss import label_smoothed_loss
+from .loss import sequence_loss
 from .memory import peak_memory
 from .prepare import PreparedData
 from .progress import Progress
@@ -320,9 +320,15 @@ class Trainer:
         loss_sum = nll_sum = 0.0
         for i, batch in enumerate(batches):
             batch = batch.to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                logits = self.model(batch.src, batch.tgt_in)
-            loss, nll, _ = label_smoothed_loss(logits, batch.tgt_out, self.pad_id, config.label_smoothing)
+            loss, nll, _ = sequence_loss(
+                self.model,
+                batch.src,
+                batch.tgt_in,
+                batch.tgt_out,
+                config.label_smoothing,
+                config.loss_chunk_rows,
+                config.bf16,
+            )
             loss_sum, nll_sum = loss_sum + float(loss.detach()), nll_sum + float(nll.detach())
             if i == len(batches) - 1:  # the gradients are summed over the processes once, in the last backward
                 self.reduce.start()

@@ -37,6 +37,20 @@ def test_chunked_loss_equals_the_plain_one(chunk_rows, smoothing):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_chunked_loss_computes_only_the_gradients_asked_for():
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(9, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, generator=gen, dtype=torch.float64)  # frozen, as in an architecture step
+    target = torch.randint(1, 50, (9,), generator=gen)
+    (want,) = torch.autograd.grad(label_smoothed_loss(features @ weight.t(), target, 0)[0], features)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        loss = chunked_output_loss(features, weight, target, 0, chunk_rows=4)[0]
+    (got,) = torch.autograd.grad(loss, features)
+    torch.testing.assert_close(got, want)
+    assert weight.shape not in saved and weight.grad is None  # no gradient of the frozen weight made
+
+
 def test_chunked_loss_never_saves_logits():
     features = torch.randn(64, 8, requires_grad=True)
     weight = torch.randn(1000, 8, requires_grad=True)

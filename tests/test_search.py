@@ -295,6 +295,26 @@ def test_alpha_is_frozen_in_the_weights_only_phase(data, tmp_path):
     assert history[4]["encoder"] != history[3]["encoder"]
 
 
+def test_the_chunked_loss_gives_the_full_logits_gradients(data):
+    _, theta, alpha = make_searcher(data)
+    theta_batch, alpha_batch = theta.next(), alpha.next()
+    results = []
+    for chunk_rows in (0, 7):
+        searcher, _, _ = make_searcher(data, loss_chunk_rows=chunk_rows)
+        searcher.model.eval()  # no dropout: the two losses see the same network
+        loss = searcher._loss(searcher.model, theta_batch)
+        grads = torch.autograd.grad(loss, [*searcher.weights, *searcher.arch], allow_unused=True)
+        unrolled = unrolled_arch_gradients(
+            searcher.model, searcher._loss, searcher.weight_names, searcher.arch_names, theta_batch, alpha_batch, 0.1
+        )
+        results.append([loss, *grads, unrolled[0], *unrolled[1]])
+    for full, chunked in zip(*results, strict=True):
+        if full is None:
+            assert chunked is None
+        else:
+            torch.testing.assert_close(chunked, full, rtol=1e-4, atol=1e-6)
+
+
 def test_alpha_step_computes_no_weight_gradient_and_drops_nothing(data):
     searcher, theta, alpha = make_searcher(data)
     batch = alpha.next()

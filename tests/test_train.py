@@ -217,6 +217,20 @@ def test_bf16_autocast_trains(data, tmp_path):
     assert summary["steps"] == 2 and torch.isfinite(torch.tensor(summary["last_valid"]["loss"]))
 
 
+def test_the_chunked_loss_trains_as_the_full_logits_do(data, tmp_path):
+    """Same loss, same updates (to float32 rounding): the chunked output layer only changes
+    how the loss is computed."""
+    trainers, summaries = [], []
+    for rows in (0, 7):  # each trainer seeds the RNG (dropout) when it is made: make each just before its run
+        trainers.append(
+            _trainer(data, tmp_path / str(rows), _short(max_steps=3, valid_interval=3, loss_chunk_rows=rows))
+        )
+        summaries.append(trainers[-1].run())
+    assert summaries[0]["last_valid"]["loss"] == pytest.approx(summaries[1]["last_valid"]["loss"], rel=1e-5)
+    for full, chunked in zip(trainers[0].model.parameters(), trainers[1].model.parameters(), strict=True):
+        torch.testing.assert_close(chunked, full, rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------- checkpoints
 
 
