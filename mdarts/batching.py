@@ -215,10 +215,6 @@ class TokenBatches:
         self.epoch = epoch
         self._batches = self._indices()
 
-    def batch_indices(self) -> list[list[int]]:
-        """Corpus indices of each batch of the current epoch, in order."""
-        return [list(b) for b in self._batches]
-
     def __len__(self) -> int:
         """Number of batches in the current epoch."""
         return len(self._batches)
