@@ -290,10 +290,13 @@ class Experiment:
         members = self._members()
         if not self._run_tasks(self._tasks(members), data):
             return None
-        while True:  # one process scores and reports at a time; the next finds the scores made
+        scored = self._scored_runs(members, self._finalists(members))
+        if not self._score_runs(scored):
+            return None
+        while True:  # one process reports at a time; the next finds the report made
             with self._hold("report") as mine:
                 if mine:
-                    return self._report(members, self._finalists(members), data)
+                    return self._report(scored)
             time.sleep(POLL_SECONDS)
 
     def status(self) -> list[str]:
@@ -327,7 +330,7 @@ class Experiment:
         return "started, to continue" + where if checkpoint.is_file() else "to do"
 
     def _time_left(self) -> bool:
-        """Whether to start another search or training (one answer for every process)."""
+        """Whether to start another search, training or scoring (one answer for every process)."""
         over = self.deadline is not None and self.clock.seconds() >= self.deadline
         return not self.ranks.any(over)
 
@@ -500,15 +503,46 @@ class Experiment:
         best = [self._random_finalist(randoms, r) for r in range(min(self.spec.random_finalists, len(randoms)))]
         return [m for m in members if m.arm.kind != "random"] + best
 
-    def _score(self, member: Member, seed: int, data: PreparedData) -> dict:
-        """Test scores of a finished run (translated once; kept in scores/)."""
+    def _scored_runs(self, members: list[Member], finalists: list[Member]) -> list[tuple[Member, int, bool]]:
+        """(member, training seed, whether a finalist) of every run the report scores, arm by arm."""
+        finals = {m.key for m in finalists}
+        return [
+            (member, seed, member.key in finals)
+            for arm in self.spec.arms
+            for member in members
+            if member.arm is arm
+            for seed in (self.spec.train_seeds if member.key in finals else self.spec.train_seeds[:1])
+        ]
+
+    def _score_path(self, member: Member, seed: int) -> Path:
+        return self.out_dir / "scores" / member.arm.name / f"{member.name}-seed{seed}.json"
+
+    def _score_runs(self, scored: list[tuple[Member, int, bool]]) -> bool:
+        """Score every run of ``scored`` on the test split that has no scores yet, each under its
+        own lock so that several processes share the translating; wait for those another
+        process is scoring. False when the time budget ran out first. (Rank 0 reads the files
+        and decides: the processes of one torchrun make the same calls.)"""
+        while True:
+            for member, seed, _ in scored:
+                if not self._time_left():
+                    return False
+                with self._hold(self._lock(self._train_dir(member, seed)) + "--score") as mine:
+                    if mine and self.ranks.main and not self._score_path(member, seed).is_file():
+                        print(f"experiment: score {member.key} seed {seed} on {self.spec.split}", file=sys.stderr)
+                        self._score(member, seed)
+            missing = any(not self._score_path(member, seed).is_file() for member, seed, _ in scored)
+            if not self.ranks.any(self.ranks.main and missing):
+                return True
+            time.sleep(POLL_SECONDS)
+
+    def _score(self, member: Member, seed: int) -> None:
+        """Translate the test split with a finished run's best checkpoint and write its scores
+        (scores/<arm>/<member>-seed<seed>.json)."""
         from .data import load_pair
         from .evaluate import load_tok_references, score
         from .translate import translate
 
-        path = self.out_dir / "scores" / member.arm.name / f"{member.name}-seed{seed}.json"
-        if path.is_file():
-            return json.loads(path.read_text())
+        path = self._score_path(member, seed)
         device = runs.resolve_device(self.device)
         checkpoint = self._train_dir(member, seed) / "checkpoint_best.pt"
         loaded = load_model(checkpoint, device)
@@ -523,35 +557,30 @@ class Experiment:
         result = {name: entry["score"] for name, entry in scores.items()}
         result["signatures"] = {name: entry["signature"] for name, entry in scores.items()}
         runs.write_atomic(path, json.dumps(result, indent=1))
-        return result
 
-    def _report(self, members: list[Member], finalists: list[Member], data: PreparedData) -> dict:
-        """Score every run on the test split, then write summary.json, table.md and bleu.png
-        (rank 0; the other processes return an empty summary)."""
+    def _report(self, scored: list[tuple[Member, int, bool]]) -> dict:
+        """Write summary.json, table.md and bleu.png from the scores of ``scored`` (rank 0; the
+        other processes return an empty summary)."""
         if not self.ranks.main:
             return {}
         from .report import write_report
 
-        finals = {m.key for m in finalists}
         arms = []
         for arm in self.spec.arms:
             runs_of_arm = []
-            for member in (m for m in members if m.arm is arm):
-                seeds = self.spec.train_seeds if member.key in finals else self.spec.train_seeds[:1]
-                for seed in seeds:
-                    record = self._record(member, seed)
-                    scores = self._score(member, seed, data)
-                    runs_of_arm.append(
-                        {
-                            "member": member.name,
-                            **record,
-                            "bleu": scores["bleu"],
-                            "lc_bleu": scores["bleu_lc_tok"],
-                            "chrf": scores["chrf"],
-                            "finalist": member.key in finals,
-                            "genotype": None if self._genotype(member) is None else member.genotype.summary(),
-                        }
-                    )
+            for member, seed, finalist in (entry for entry in scored if entry[0].arm is arm):
+                scores = json.loads(self._score_path(member, seed).read_text())
+                runs_of_arm.append(
+                    {
+                        "member": member.name,
+                        **self._record(member, seed),
+                        "bleu": scores["bleu"],
+                        "lc_bleu": scores["bleu_lc_tok"],
+                        "chrf": scores["chrf"],
+                        "finalist": finalist,
+                        "genotype": None if self._genotype(member) is None else member.genotype.summary(),
+                    }
+                )
             arms.append({"name": arm.name, "kind": arm.kind, "runs": runs_of_arm})
         summary = {"name": self.spec.name, "pair": self.spec.pair, "split": self.spec.split, "arms": arms}
         runs.write_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=1))

@@ -115,9 +115,14 @@ def test_an_experiment_runs_every_arm_at_equal_size_and_resumes(one_process_run,
     capsys.readouterr()
 
     # run again: nothing is redone (records and scores keep their contents and times)
-    records = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("record.json")}
+    def kept():
+        return {
+            p: (p.read_bytes(), p.stat().st_mtime_ns) for p in [*out.rglob("record.json"), *out.rglob("scores/*/*")]
+        }
+
+    records = kept()
     assert main(argv) == 0
-    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("record.json")} == records
+    assert kept() == records
 
 
 def test_two_processes_share_an_experiment_and_get_what_one_process_gets(one_process_run, small_multi30k):
