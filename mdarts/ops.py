@@ -237,7 +237,9 @@ class DynamicConv(CandidateOp):
     predicts one kernel per head, softmax-normalised over the w taps, shared by the
     d / heads channels of that head and dropped with DropConnect; the kernels are applied
     to the w-window of x ending at (causal) or centred on the position; then
-    ``Linear(d, d)`` and dropout. Memory O(batch * time * d * w) (the windows are unfolded).
+    ``Linear(d, d)`` and dropout. The window sum runs as w shifted products of the padded x
+    with one tap of the kernels each: no (batch, time, d, w) window tensor is made, and
+    autograd keeps only views of the padded x and of the kernels (memory O(batch * time * d)).
     """
 
     mixes_time = True
@@ -258,11 +260,16 @@ class DynamicConv(CandidateOp):
         """h (batch, time, d_model) -> (batch, time, d_model)."""
         ctx = _context(ctx)
         x = _zero_padded(F.glu(self.input_proj(h), dim=-1), ctx.pad_mask)
-        windows = _extended_input(x, self.width, self.causal, self._op_state(ctx)).unfold(1, self.width, 1)
-        batch, time, d_model, width = windows.shape
-        windows = windows.reshape(batch, time, self.heads, d_model // self.heads, width)
-        y = torch.einsum("bthcw,bthw->bthc", windows, self._kernels(x))
-        y = self.output_proj(y.reshape(batch, time, d_model))
+        time, d_model = x.shape[1], x.shape[2]
+        extended = _extended_input(x, self.width, self.causal, self._op_state(ctx))
+        extended = extended.unflatten(
+            -1, (self.heads, d_model // self.heads)
+        )  # (batch, time + w - 1, heads, d / heads)
+        kernels = self._kernels(x)
+        y = extended[:, :time] * kernels[..., 0, None]
+        for tap in range(1, self.width):  # output position i reads extended[:, i + tap]
+            y = y + extended[:, tap : tap + time] * kernels[..., tap, None]
+        y = self.output_proj(y.flatten(-2))
         return _zero_padded(self.dropout(y), ctx.pad_mask)
 
     def _kernels(self, x: Tensor) -> Tensor:

@@ -59,9 +59,10 @@ def _op_saved_bytes(name: str, rows: int, seq_len: int, width: int, config: Mode
     if name in ("zero", "identity"):
         return 0
     if name.startswith("dynconv"):
-        # GLU input projection, kernels (heads x w), unfolded windows (c x w), output projection
+        # GLU input (2c) and output (c), the output padded along time (w - 1 more rows a
+        # sequence), kernels before and after DropConnect (heads x w each), output projection
         w = int(name.removeprefix("dynconv"))
-        return f * rows * (4 * c + w * (c + 2 * heads))
+        return f * (rows * (5 * c + 2 * heads * w) + (rows // seq_len) * (w - 1) * c)
     if name.startswith("conv"):
         # padded input (seq_len + w - 1 per sequence), depthwise output
         w = int(name.removeprefix("conv"))

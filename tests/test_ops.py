@@ -225,6 +225,30 @@ def test_search_space_counts() -> None:
     assert PARAMETRIC == set(DECODER_CANDIDATES) - {"zero", "identity"}
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("width", [3, 7])
+def test_dynamic_conv_applies_each_position_its_kernel_over_its_window(causal: bool, width: int) -> None:
+    """The shifted-product sum against the window formula written out: unfold the padded
+    GLU output, weight each window by the position's kernel; forward and backward, float64."""
+    op = make_op(f"dynconv{width}", causal).double()
+    h = inputs()[0].double().requires_grad_()
+
+    def windowed(h: Tensor) -> Tensor:
+        x = torch.nn.functional.glu(op.input_proj(h), dim=-1)
+        left = width - 1 if causal else (width - 1) // 2
+        windows = torch.nn.functional.pad(x, (0, 0, left, width - 1 - left)).unfold(1, width, 1)
+        windows = windows.reshape(BATCH, TIME, HEADS, D // HEADS, width)
+        kernels = op.kernel_proj(x).unflatten(-1, (HEADS, width)).softmax(-1)
+        return op.output_proj(torch.einsum("bthcw,bthw->bthc", windows, kernels).flatten(-2))
+
+    grad = torch.randn(BATCH, TIME, D, dtype=torch.float64)
+    got, want = op(h), windowed(h)
+    torch.testing.assert_close(got, want)
+    params = [h, *op.parameters()]
+    for g, w in zip(torch.autograd.grad(got, params, grad), torch.autograd.grad(want, params, grad), strict=True):
+        torch.testing.assert_close(g, w)
+
+
 def test_conv_is_depthwise_separable() -> None:
     op = build_candidate("conv11", D, False, SIZES)
     assert sum(p.numel() for p in op.parameters()) == D * 11 + D + D * D + D
