@@ -436,7 +436,6 @@ SEARCH_PRESETS: dict[str, SearchSettings] = {
         valid_interval=100,
         checkpoint_interval=50,
         max_tokens=2048,
-        shrink_to=(6, 3),
     ),
     "small": SearchSettings(max_steps=20_000, eval_interval=500, checkpoint_interval=1000),
     "paper": SearchSettings(max_steps=60_000, eval_interval=1000, checkpoint_interval=2000),
