@@ -197,19 +197,27 @@ def sized_config(
     build: Callable[[ModelConfig], nn.Module], config: ModelConfig, target: int, d_step: int
 ) -> ModelConfig:
     """``config`` with the d_model (a multiple of ``d_step``) and then the embedding width whose
-    ``build`` has the parameter count nearest ``target``. ValueError when it misses by over 2%."""
+    ``build`` has the parameter count nearest ``target``. ValueError when it misses by over 2%.
+
+    The count grows with the embedding width e except at e = d_model, where the embedding and
+    output projections (d x e each) are left out: each side of it is searched on its own."""
 
     def total(d: int, e: int) -> int:
         return count_parameters(build, config.replace(d_model=d, embed_dim=e))[0]
 
+    def nearest(d: int, low: int, high: int) -> list[int]:
+        """The largest e in [low, high] whose count stays under the target, and the next one."""
+        below, above = low, high
+        while below < above:
+            mid = (below + above + 1) // 2
+            below, above = (mid, above) if total(d, mid) <= target else (below, mid - 1)
+        return [e for e in (below, below + 1) if low <= e <= high]
+
     d = d_step
     while total(d + d_step, d + d_step) <= target:
         d += d_step
-    low, high = 8, 8 * d
-    while low < high:  # the largest e whose count stays under the target, then the nearer of e, e + 1
-        mid = (low + high + 1) // 2
-        low, high = (mid, high) if total(d, mid) <= target else (low, mid - 1)
-    e = min((low, low + 1), key=lambda e: abs(total(d, e) - target))
+    widths = [*nearest(d, 8, d - 1), d, *nearest(d, d + 1, 8 * d)]
+    e = min(widths, key=lambda e: abs(total(d, e) - target))
     if abs(total(d, e) - target) > SIZE_TOLERANCE * target:
         raise ValueError(f"params: no size of this network comes within 2% of {target:,} parameters")
     return config.replace(d_model=d, embed_dim=e)
@@ -462,12 +470,22 @@ class Experiment:
         step = math.lcm(config.encoder_splits, config.decoder_splits) * config.heads
         return (lambda c: DerivedNet(genotype, c, vocab)), step
 
+    def _size(self, member: Member) -> tuple[Callable[[ModelConfig], nn.Module], ModelConfig]:
+        """How to build ``member`` and its config at the experiment's size: the size its first
+        training recorded, if done (every seed trains the same network), else
+        :func:`sized_config`'s."""
+        build, step = self._build(member)
+        base = preset(self.spec.train_preset, True) if member.arm.kind in BASELINES else self.spec.model_config()
+        first = self._train_dir(member, self.spec.train_seeds[0]) / TRAIN_DONE
+        if first.is_file():
+            record = json.loads(first.read_text())
+            return build, base.replace(d_model=record["d_model"], embed_dim=record["embed_dim"])
+        return build, sized_config(build, base, self.spec.params, step)
+
     def _train(self, task: Task, data: PreparedData) -> bool:
         """Train a network (or continue it) and write its record; False when a signal stopped it."""
         member, run_dir = task.member(), self._run_dir(task)
-        build, step = self._build(member)
-        base = preset(self.spec.train_preset, True) if member.arm.kind in BASELINES else self.spec.model_config()
-        config = sized_config(build, base, self.spec.params, step)
+        build, config = self._size(member)
         runs.seed_everything(task.seed)
         model = build(config)
         settings = self.spec.train_config(task.seed).replace(device=self.device)

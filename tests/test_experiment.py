@@ -9,12 +9,17 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from mdarts.cli import main
-from mdarts.experiment import ExperimentSpec
+from mdarts.config import preset
+from mdarts.experiment import ExperimentSpec, count_parameters, sized_config
+from mdarts.genotype import random_genotype
+from mdarts.model import DerivedNet
+from mdarts.search import searched_space
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -197,3 +202,17 @@ def test_status_says_what_is_done_running_and_left(one_process_run, tmp_path, ca
     assert lines[-1] == "10 of 13 runs done, 1 running"  # one running, one started, one waiting
     assert main([*argv[:3], str(tmp_path / "none"), "--status"]) == 2
     assert "holds no experiment" in capsys.readouterr().err
+
+
+def test_sizing_looks_on_both_sides_of_the_width_that_drops_the_embedding_projections():
+    """Random genotype 5 of the En-De experiment: its count jumps over 2,349,568 at e = d
+    (no d x e projections there), where the width search used to miss by more than 2%."""
+    spec = ExperimentSpec.load(Path(__file__).parents[1] / "experiments" / "en-de.toml")
+    genotype = random_genotype(searched_space(preset(spec.search_preset), False), 5)
+    config = spec.model_config()
+
+    def build(c):
+        return DerivedNet(genotype, c, spec.vocab_size)
+
+    sized = sized_config(build, config, spec.params, 24)
+    assert abs(count_parameters(build, sized)[0] - spec.params) <= 0.02 * spec.params
