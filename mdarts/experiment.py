@@ -36,7 +36,9 @@ The specification is TOML (or JSON)::
 Outputs in the experiment directory: ``searches/`` and ``train/`` (the run directories),
 ``scores/`` (test scores per run), ``genotypes/``, ``summary.json``, ``table.md``, ``bleu.png``.
 A killed experiment run again continues where it stopped; finished runs are not redone. The same
-command started several times shares the work out (each run is locked by the process running it).
+command started several times shares the work out, the test translations included (each run and
+each scoring is locked by the process doing it). Every training seed of a network trains the size
+its first training recorded.
 """
 
 from __future__ import annotations
