@@ -430,12 +430,7 @@ TRAIN_PRESETS: dict[str, ModelConfig] = {
 # how each search preset searches: "tiny" finishes in about 10 minutes on 2 CPU cores
 SEARCH_PRESETS: dict[str, SearchSettings] = {
     "tiny": SearchSettings(
-        max_minutes=10.0,
-        lr=1e-3,
-        eval_interval=10,
-        valid_interval=100,
-        checkpoint_interval=50,
-        max_tokens=2048,
+        max_minutes=10.0, lr=1e-3, eval_interval=10, valid_interval=100, checkpoint_interval=50, max_tokens=2048
     ),
     "small": SearchSettings(max_steps=20_000, eval_interval=500, checkpoint_interval=1000),
     "paper": SearchSettings(max_steps=60_000, eval_interval=1000, checkpoint_interval=2000),
