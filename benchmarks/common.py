@@ -109,3 +109,11 @@ def append_json_lines(path: Path, rows: Iterable[dict]) -> None:
     with path.open("a") as handle:
         for row in rows:
             handle.write(json.dumps(row) + "\n")
+
+
+def write_markdown(path: Path, lines: list[str]) -> None:
+    """Write ``lines`` as the markdown file ``path`` (its folder made, overwritten) and print them."""
+    text = "\n".join(lines) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(text)

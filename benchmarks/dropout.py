@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import mdarts_kernels as mk
-from benchmarks.common import backends_for, device_name, interleaved_medians
+from benchmarks.common import backends_for, device_name, interleaved_medians, write_markdown
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -102,10 +102,7 @@ def main(argv=None) -> None:
             for r in rows
         ),
     ]
-    text = "\n".join(lines) + "\n"
-    args.table.parent.mkdir(parents=True, exist_ok=True)
-    args.table.write_text(text)
-    print(text)
+    write_markdown(args.table, lines)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import device_name, interleaved_medians
+from benchmarks.common import device_name, interleaved_medians, write_markdown
 from mdarts.loss import chunked_output_loss, label_smoothed_loss
 
 
@@ -94,10 +94,7 @@ def main(argv=None) -> None:
         "|---|---|---:|---:|",
         *(f"| {r['layer']} | {r['variant']} | {r['ms']:.1f} | {r['speedup']:.2f}x |" for r in rows),
     ]
-    text = "\n".join(lines) + "\n"
-    args.table.parent.mkdir(parents=True, exist_ok=True)
-    args.table.write_text(text)
-    print(text)
+    write_markdown(args.table, lines)
 
 
 if __name__ == "__main__":
