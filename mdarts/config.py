@@ -355,7 +355,10 @@ class SearchSettings(RunSettings):
         None, "memory a step may use, for --memory-mode auto (none: 90%% of the GPU, or 80%% of the free RAM)"
     )
     loss_chunk_rows: int = setting(
-        256, "target tokens per block of the output layer and loss (see RunSettings; 0: full logits)", resumable=True
+        256,
+        "target tokens per block of the output layer and loss, in float32, no (tokens x vocab) logits kept "
+        "(faster on a CPU); 0: full logits",
+        resumable=True,
     )
     split_ratio: float = setting(0.55, "fraction of the training pairs for the weights (the rest, disjoint, for alpha)")
     eval_interval: int = setting(
