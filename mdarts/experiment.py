@@ -301,8 +301,6 @@ class Experiment:
         if not self._run_tasks(self._tasks(members), data):
             return None
         scored = self._scored_runs(members, self._finalists(members))
-        if not self._score_runs(scored):
-            return None
         while True:  # one process reports at a time; the next finds the report made
             with self._hold("report") as mine:
                 if mine:
@@ -497,6 +495,8 @@ class Experiment:
         summary = Trainer(model, data, settings, run_dir, resume=resume, overwrite=not resume).run()
         if summary["stopped_by"] in ("SIGINT", "SIGTERM"):
             return False
+        if not self._translation_path(member, task.seed).is_file():
+            self._translate_test(member, task.seed)
         total, non_embedding = count_parameters(build, config)
         record = {
             "seed": task.seed,
@@ -506,6 +506,7 @@ class Experiment:
             "embed_dim": config.embed_dim,
             "valid_loss": summary["best_valid_loss"],
             "minutes": load_checkpoint(run_dir / "checkpoint_last.pt")["train_seconds"] / 60.0,
+            "code": runs.code_version(),
         }
         self._write(run_dir / TRAIN_DONE, json.dumps(record, indent=1))
         return True
@@ -534,62 +535,52 @@ class Experiment:
             for seed in (self.spec.train_seeds if member.key in finals else self.spec.train_seeds[:1])
         ]
 
-    def _score_path(self, member: Member, seed: int) -> Path:
-        return self.out_dir / "scores" / member.arm.name / f"{member.name}-seed{seed}.json"
-
-    def _score_runs(self, scored: list[tuple[Member, int, bool]]) -> bool:
-        """Score every run of ``scored`` on the test split that has no scores yet, each under its
-        own lock so that several processes share the translating; wait for those another
-        process is scoring. False when the time budget ran out first. (Rank 0 reads the files
-        and decides: the processes of one torchrun make the same calls.)"""
-        while True:
-            for member, seed, _ in scored:
-                if not self._time_left():
-                    return False
-                with self._hold(self._lock(self._train_dir(member, seed)) + "--score") as mine:
-                    if mine and self.ranks.main and not self._score_path(member, seed).is_file():
-                        print(f"experiment: score {member.key} seed {seed} on {self.spec.split}", file=sys.stderr)
-                        self._score(member, seed)
-            missing = any(not self._score_path(member, seed).is_file() for member, seed, _ in scored)
-            if not self.ranks.any(self.ranks.main and missing):
-                return True
-            time.sleep(POLL_SECONDS)
-
-    def _score(self, member: Member, seed: int) -> None:
-        """Translate the test split with a finished run's best checkpoint and write its scores
-        (scores/<arm>/<member>-seed<seed>.json)."""
+    def _test_corpus(self):
+        """The test split (its first ``limit`` pairs when set) and its tokenised references (or None)."""
         from .data import load_pair
-        from .evaluate import load_tok_references, score
-        from .translate import translate
+        from .evaluate import load_tok_references
 
-        path = self._score_path(member, seed)
-        device = runs.resolve_device(self.device)
-        checkpoint = self._train_dir(member, seed) / "checkpoint_best.pt"
-        loaded = load_model(checkpoint, device)
         corpus = load_pair(self.spec.pair, self.spec.split, self.data_dir)
+        tok_refs = load_tok_references(self.data_dir, self.spec.split, corpus.tgt_lang) if self.data_dir else None
         if self.spec.limit:
             corpus.src, corpus.tgt = corpus.src[: self.spec.limit], corpus.tgt[: self.spec.limit]
+            tok_refs = None if tok_refs is None else tok_refs[: self.spec.limit]
+        return corpus, tok_refs
+
+    def _translation_path(self, member: Member, seed: int) -> Path:
+        return self.out_dir / "translations" / member.arm.name / f"{member.name}-seed{seed}.txt"
+
+    def _translate_test(self, member: Member, seed: int) -> None:
+        """Translate the test split with a finished run's best checkpoint into
+        translations/<arm>/<member>-seed<seed>.txt (one detokenised line a sentence). The lines
+        are scored only by the report, once every run has its translation."""
+        from .translate import translate
+
+        device = runs.resolve_device(self.device)
+        loaded = load_model(self._train_dir(member, seed) / "checkpoint_best.pt", device)
+        corpus, _ = self._test_corpus()
         ids = translate(loaded.model, loaded.tokenizer.encode(corpus.src), beam_size=self.spec.beam, device=device)
-        tok_refs = load_tok_references(self.data_dir, self.spec.split, corpus.tgt_lang) if self.data_dir else None
-        if tok_refs is not None and self.spec.limit:
-            tok_refs = tok_refs[: self.spec.limit]
-        scores = score(loaded.tokenizer.decode(ids), corpus.tgt, corpus.tgt_lang, tok_refs)
-        result = {name: entry["score"] for name, entry in scores.items()}
-        result["signatures"] = {name: entry["signature"] for name, entry in scores.items()}
-        runs.write_atomic(path, json.dumps(result, indent=1))
+        lines = [line.replace("\n", " ") for line in loaded.tokenizer.decode(ids)]
+        runs.write_atomic(self._translation_path(member, seed), "".join(f"{line}\n" for line in lines))
 
     def _report(self, scored: list[tuple[Member, int, bool]]) -> dict:
         """Write summary.json, table.md and bleu.png from the scores of ``scored`` (rank 0; the
         other processes return an empty summary)."""
         if not self.ranks.main:
             return {}
+        from .data import read_lines
+        from .evaluate import score
         from .report import write_report
 
-        arms = []
+        corpus, tok_refs = self._test_corpus()
+        arms, signatures = [], {}
         for arm in self.spec.arms:
             runs_of_arm = []
             for member, seed, finalist in (entry for entry in scored if entry[0].arm is arm):
-                scores = json.loads(self._score_path(member, seed).read_text())
+                hypotheses = read_lines(self._translation_path(member, seed))
+                scored_run = score(hypotheses, corpus.tgt, corpus.tgt_lang, tok_refs)
+                scores = {name: entry["score"] for name, entry in scored_run.items()}
+                signatures = {entry["label"]: entry["signature"] for entry in scored_run.values()}
                 runs_of_arm.append(
                     {
                         "member": member.name,
@@ -602,7 +593,13 @@ class Experiment:
                     }
                 )
             arms.append({"name": arm.name, "kind": arm.kind, "runs": runs_of_arm})
-        summary = {"name": self.spec.name, "pair": self.spec.pair, "split": self.spec.split, "arms": arms}
+        summary = {
+            "name": self.spec.name,
+            "pair": self.spec.pair,
+            "split": self.spec.split,
+            "signatures": signatures,
+            "arms": arms,
+        }
         runs.write_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=1))
         write_report(summary, self.out_dir)
         return summary

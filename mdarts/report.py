@@ -44,6 +44,8 @@ def table(summary: dict) -> str:
                 f"| {arm['name']} | {run['member']} | {run['seed']} | {run['bleu']:.2f} | {run['lc_bleu']:.2f} | "
                 f"{run['chrf']:.2f} | {run['valid_loss']:.3f} | {run['params']:,} | {run['minutes']:.1f} | {genotype} |"
             )
+    lines += ["", "Scores (sacreBLEU signatures):", ""]
+    lines += [f"- {label}: `{signature}`" for label, signature in summary.get("signatures", {}).items()]
     return "\n".join(lines) + "\n"
 
 

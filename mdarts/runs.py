@@ -1,6 +1,7 @@
 """The run layer shared by training (:mod:`mdarts.train`) and search (:mod:`mdarts.search`).
 
-* seeding (:func:`seed_everything`) and device choice (:func:`resolve_device`);
+* seeding (:func:`seed_everything`), device choice (:func:`resolve_device`) and the code's
+  version (:func:`code_version`);
 * the learning-rate schedule (:func:`inverse_sqrt_lr`);
 * one atomic write (:func:`write_atomic`), used for every file mdarts writes;
 * JSON-lines logs with one schema (:class:`JsonLog`: every record has ``"event"`` and ``"step"``);
@@ -26,6 +27,7 @@ import math
 import os
 import random
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -156,6 +158,30 @@ def resolve_device(name: str, argument: str = "--device") -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"{argument}: {name!r} requested but there are {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+CODE_DIRS = ("mdarts", "mdarts_kernels", "csrc")  # what decides a run's numbers
+
+
+def code_version() -> Optional[str]:
+    """The git commit of the package's checkout (``+modified`` when its code differs from that
+    commit), or None when the package is not a git checkout: recorded with a result, it tells
+    which code produced it."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():  # an installed copy (which may sit inside another checkout)
+        return None
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
+
+    try:
+        head = git("rev-parse", "--short=12", "HEAD")
+        if head.returncode != 0:
+            return None
+        modified = git("diff", "--quiet", "HEAD", "--", *CODE_DIRS).returncode != 0
+    except OSError:  # no git
+        return None
+    return head.stdout.strip() + ("+modified" if modified else "")
 
 
 def inverse_sqrt_lr(step: int, peak: float, warmup_steps: int) -> float:

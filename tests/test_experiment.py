@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO_ROOT
 
 from mdarts.cli import main
 from mdarts.config import preset
@@ -115,14 +116,20 @@ def test_an_experiment_runs_every_arm_at_equal_size_and_resumes(one_process_run,
         assert set(run) >= {"seed", "bleu", "lc_bleu", "chrf", "params", "valid_loss", "minutes"}
         assert abs(run["params"] - SPEC["params"]) <= 0.02 * SPEC["params"]
         assert run["non_embedding_params"] < run["params"]
+    # each record names the code that made it: this checkout's commit (+modified if its code differs)
+    head = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True
+    )
+    assert {run["code"].removesuffix("+modified") for run in every} == {head.stdout.strip()}
     assert (out / "table.md").read_text().count("| DARTS |") == 3  # the arm's line and its two runs
     assert (out / "bleu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     capsys.readouterr()
 
-    # run again: nothing is redone (records and scores keep their contents and times)
+    # run again: nothing is redone (records and translations keep their contents and times)
     def kept():
         return {
-            p: (p.read_bytes(), p.stat().st_mtime_ns) for p in [*out.rglob("record.json"), *out.rglob("scores/*/*")]
+            p: (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in [*out.rglob("record.json"), *out.rglob("translations/*/*")]
         }
 
     records = kept()
@@ -157,6 +164,20 @@ def timeless(out) -> dict:
     for record in [*records.values(), *(run for arm in summary["arms"] for run in arm["runs"])]:
         del record["minutes"]
     return {"records": records, "summary": summary}
+
+
+def test_what_is_committed_of_an_experiment_is_enough_to_report_it_again(one_process_run, tmp_path):
+    """The directory without checkpoints, locks and report (what git keeps of it) gives the same
+    report: finished runs keep their records and test translations, and are not redone."""
+    out, argv = one_process_run
+    copy = tmp_path / "clone"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("*.pt", "locks", "summary.json", "table.md", "bleu.png"))
+    translations = sorted(copy.glob("translations/*/*.txt"))
+    assert len(translations) == 11 and all(len(path.read_text().splitlines()) == SPEC["limit"] for path in translations)
+    assert main([*argv[:3], str(copy), *argv[4:]]) == 0
+    assert not list(copy.rglob("*.pt"))  # nothing trained again
+    assert timeless(copy) == timeless(out)
+    assert "BLEU (sacreBLEU, detokenised, cased): `nrefs:1" in (copy / "table.md").read_text()
 
 
 @pytest.mark.parametrize(
