@@ -237,3 +237,11 @@ def test_sizing_looks_on_both_sides_of_the_width_that_drops_the_embedding_projec
 
     sized = sized_config(build, config, spec.params, 24)
     assert abs(count_parameters(build, sized)[0] - spec.params) <= 0.02 * spec.params
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[1] / "experiments").glob("*.toml")), ids=lambda p: p.name
+)
+def test_the_committed_experiment_files_load(path):
+    spec = ExperimentSpec.load(path)
+    assert path.name.startswith(spec.pair) and spec.search_settings().max_steps and spec.train_config(1).max_steps
