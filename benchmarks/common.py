@@ -16,6 +16,8 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
+from mdarts.runs import cpu_supports_bf16
+
 
 def device_name(device: torch.device) -> str:
     """A human-readable name of the device: the GPU model, or the CPU model and core count."""
@@ -29,7 +31,9 @@ def device_name(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    vector = torch.backends.cpu.get_cpu_capability()  # AVX2, AVX512, ...: decides bf16 and kernel speed
+    bf16 = "native bf16" if cpu_supports_bf16() else "no native bf16"
+    return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} threads, {vector}, {bf16})"
 
 
 def backends_for(device: torch.device) -> list[str]:

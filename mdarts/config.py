@@ -241,7 +241,10 @@ class RunSettings(Settings):
     clip_norm: float = setting(1.0, "largest global gradient L2 norm (0: no clipping)")
     max_tokens: int = setting(4096, "batch size: padded positions, batch * max(source, target length)")
     label_smoothing: float = setting(0.1, "of the cross-entropy")
-    bf16: bool = setting(False, "bfloat16 autocast for forward and backward")
+    bf16: bool = setting(
+        False,
+        "bfloat16 autocast for forward and backward (fast on GPUs and AVX-512 or AMX CPUs; emulated, slower, on AVX2)",
+    )
     seed: int = setting(1, "model initialisation, dropout and batch order")
     device: str = setting("auto", "auto (CUDA when available, else CPU), cpu, cuda or cuda:N", resumable=True)
     loss_chunk_rows: int = setting(

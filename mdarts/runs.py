@@ -1,7 +1,7 @@
 """The run layer shared by training (:mod:`mdarts.train`) and search (:mod:`mdarts.search`).
 
-* seeding (:func:`seed_everything`), device choice (:func:`resolve_device`) and the code's
-  version (:func:`code_version`);
+* seeding (:func:`seed_everything`), device choice (:func:`resolve_device`), whether the CPU
+  has fast bfloat16 (:func:`cpu_supports_bf16`) and the code's version (:func:`code_version`);
 * the learning-rate schedule (:func:`inverse_sqrt_lr`);
 * one atomic write (:func:`write_atomic`), used for every file mdarts writes;
 * JSON-lines logs with one schema (:class:`JsonLog`: every record has ``"event"`` and ``"step"``);
@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, Optional, Union
@@ -158,6 +159,26 @@ def resolve_device(name: str, argument: str = "--device") -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"{argument}: {name!r} requested but there are {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU computes bfloat16 at full speed, as oneDNN reports it (AVX-512 or AMX):
+    without it, bf16 autocast on the CPU is emulated and slower than float32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
+def warn_if_slow_bf16(bf16: bool, device: torch.device) -> None:
+    """Warn when bf16 autocast is asked for on a CPU that would emulate it (see :func:`cpu_supports_bf16`)."""
+    if bf16 and device.type == "cpu" and not cpu_supports_bf16():
+        warnings.warn(
+            f"--bf16: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no fast bfloat16, so autocast "
+            "emulates it and a training step runs several times slower than in float32 (`python -m "
+            "benchmarks.train_step`: 5x to 11x on an AVX2 CPU); leave --bf16 off on this machine",
+            stacklevel=3,
+        )
 
 
 CODE_DIRS = ("mdarts", "mdarts_kernels", "csrc")  # what decides a run's numbers

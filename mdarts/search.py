@@ -276,6 +276,7 @@ class Searcher:
         self.data_identity = data.identity()  # recorded in every checkpoint, checked on resume
         self.ranks = runs.Ranks.from_environment(settings.device)
         self.device = self.ranks.device(settings.device)
+        runs.warn_if_slow_bf16(settings.bf16, self.device)
         checkpoint = load_checkpoint(self.run_dir.checkpoint, kind="search") if resume else None
         self.config, self.memory_reason = self._searched_config(config, checkpoint)
         config = self.config

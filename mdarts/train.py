@@ -63,6 +63,7 @@ from .runs import (
     evaluate_loss,
     seed_everything,
     spent_budget,
+    warn_if_slow_bf16,
     write_atomic,
 )
 
@@ -152,6 +153,7 @@ class Trainer:
         self.config = config
         self.ranks = Ranks.from_environment(config.device)
         self.device = self.ranks.device(config.device)
+        warn_if_slow_bf16(config.bf16, self.device)
         self.spec = model_spec(model)
         self.pad_id = model.config.pad_id
         self.tokenizer_bytes = data.tokenizer.to_bytes()

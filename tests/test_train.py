@@ -212,9 +212,17 @@ def test_early_stopping_and_best_checkpoint(data, tmp_path, monkeypatch):
     assert load_checkpoint(tmp_path / "checkpoint_best.pt")["step"] == 4
 
 
-def test_bf16_autocast_trains(data, tmp_path):
-    summary = _trainer(data, tmp_path, _short(max_steps=2, valid_interval=2, bf16=True)).run()
+def test_bf16_autocast_trains_and_warns_where_the_cpu_would_emulate_it(data, tmp_path):
+    import warnings
+
+    from mdarts.runs import cpu_supports_bf16
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = _trainer(data, tmp_path, _short(max_steps=2, valid_interval=2, bf16=True)).run()
     assert summary["steps"] == 2 and torch.isfinite(torch.tensor(summary["last_valid"]["loss"]))
+    slow = [w for w in caught if "has no fast bfloat16" in str(w.message)]
+    assert len(slow) == (0 if cpu_supports_bf16() else 1)  # this machine's answer either way
 
 
 def test_the_chunked_loss_trains_as_the_full_logits_do(data, tmp_path):
