@@ -497,8 +497,7 @@ class Experiment:
         summary = Trainer(model, data, settings, run_dir, resume=resume, overwrite=not resume).run()
         if summary["stopped_by"] in ("SIGINT", "SIGTERM"):
             return False
-        if not self._translation_path(member, task.seed).is_file():
-            self._translate_test(member, task.seed)
+        self._translate_test(member, task.seed)  # again after a resume: the translation must be this training's
         total, non_embedding = count_parameters(build, config)
         record = {
             "seed": task.seed,
