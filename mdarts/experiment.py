@@ -312,8 +312,9 @@ class Experiment:
     def status(self) -> list[str]:
         """One line per search and training, in the order they run: done (steps of a search; the
         validation loss of a training), running in another process (its last logged step),
-        started (a checkpoint to continue from), waiting for other runs, or to do; then a count."""
-        lines = []
+        started (a checkpoint to continue from), waiting for other runs, or to do; then a count,
+        with the time the trainings left would take at the finished ones' mean."""
+        lines, minutes = [], []
         for task in self._tasks(self._members()):
             what = "search" if task.search else "train"
             if not task.ready():
@@ -321,8 +322,15 @@ class Experiment:
                 continue
             run_dir = self._run_dir(task)
             lines.append(f"{what:6} {task.member().key} seed {task.seed}: {self._state(task, run_dir)}")
+            if not task.search and self._done(task):
+                minutes.append(json.loads((run_dir / TRAIN_DONE).read_text())["minutes"])
         done, running = (sum(f": {state}" in line for line in lines) for state in ("done", "running"))
-        return [*lines, f"{done} of {len(lines)} runs done, {running} running"]
+        count = f"{done} of {len(lines)} runs done, {running} running"
+        trainings_left = sum(line.startswith("train") and ": done" not in line for line in lines)
+        if minutes and trainings_left:
+            hours = trainings_left * sum(minutes) / len(minutes) / 60
+            count += f"; {trainings_left} trainings left, about {hours:.1f} hours of one process at their mean so far"
+        return [*lines, count]
 
     def _state(self, task: Task, run_dir: Path) -> str:
         if self._done(task):

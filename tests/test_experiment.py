@@ -220,7 +220,9 @@ def test_status_says_what_is_done_running_and_left(one_process_run, tmp_path, ca
     assert "train  control/control seed 2: running in another process (step 3)" in lines
     assert "train  random/g0 seed 1: started, to continue (step 3)" in lines
     assert lines[-2].startswith("train  random finalist") and lines[-2].endswith("waits for other runs")
-    assert lines[-1] == "10 of 13 runs done, 1 running"  # one running, one started, one waiting
+    # one running, one started, one waiting: three trainings left, timed at the finished ones' mean
+    assert lines[-1].startswith("10 of 13 runs done, 1 running; 3 trainings left, about ")
+    assert lines[-1].endswith(" hours of one process at their mean so far")
     assert main([*argv[:3], str(tmp_path / "none"), "--status"]) == 2
     assert "holds no experiment" in capsys.readouterr().err
 
