@@ -562,15 +562,20 @@ class Experiment:
     def _translate_test(self, member: Member, seed: int) -> None:
         """Translate the test split with a finished run's best checkpoint into
         translations/<arm>/<member>-seed<seed>.txt (one detokenised line a sentence). The lines
-        are scored only by the report, once every run has its translation."""
+        are scored only by the report, once every run has its translation. Rank 0 translates;
+        the other processes of a torchrun wait for it."""
         from .translate import translate
 
+        if not self.ranks.main:
+            self.ranks.barrier()
+            return
         device = runs.resolve_device(self.device)
         loaded = load_model(self._train_dir(member, seed) / "checkpoint_best.pt", device)
         corpus, _ = self._test_corpus()
         ids = translate(loaded.model, loaded.tokenizer.encode(corpus.src), beam_size=self.spec.beam, device=device)
         lines = [line.replace("\n", " ") for line in loaded.tokenizer.decode(ids)]
         runs.write_atomic(self._translation_path(member, seed), "".join(f"{line}\n" for line in lines))
+        self.ranks.barrier()
 
     def _report(self, scored: list[tuple[Member, int, bool]]) -> dict:
         """Write summary.json, table.md and bleu.png from the scores of ``scored`` (rank 0; the
