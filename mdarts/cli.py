@@ -449,7 +449,11 @@ def _experiment_parser(sub) -> None:
     parser.add_argument("--out", type=Path, required=True, help="experiment directory (run again to continue)")
     parser.add_argument("--data-dir", type=Path, help="folder of the raw Multi30k files (default $MDARTS_DATA)")
     parser.add_argument("--max-minutes", type=_positive_float, help="start no new search or training after this")
-    parser.add_argument("--status", action="store_true", help="print what is done, running and left, and exit")
+    parser.add_argument(
+        "--status",
+        action="store_true",
+        help="print what is done, running and left, and the validation losses of the finished trainings, and exit",
+    )
     _add_device(parser)
 
 

@@ -50,6 +50,7 @@ import dataclasses
 import functools
 import json
 import math
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -313,8 +314,11 @@ class Experiment:
         """One line per search and training, in the order they run: done (steps of a search; the
         validation loss of a training), running in another process (its last logged step),
         started (a checkpoint to continue from), waiting for other runs, or to do; then a count,
-        with the time the trainings left would take at the finished ones' mean."""
-        lines, minutes = [], []
+        with the time the trainings left would take at the finished ones' mean; then the table of
+        the finished trainings (:func:`report.validation_table`: validation only, never the test)."""
+        from .report import validation_table
+
+        lines, finished = [], []
         for task in self._tasks(self._members()):
             what = "search" if task.search else "train"
             if not task.ready():
@@ -323,20 +327,21 @@ class Experiment:
             run_dir = self._run_dir(task)
             lines.append(f"{what:6} {task.member().key} seed {task.seed}: {self._state(task, run_dir)}")
             if not task.search and self._done(task):
-                minutes.append(json.loads((run_dir / TRAIN_DONE).read_text())["minutes"])
+                member = task.member()
+                finished.append({"arm": member.arm.name, "member": member.name, **self._record(member, task.seed)})
         done, running = (sum(f": {state}" in line for line in lines) for state in ("done", "running"))
         count = f"{done} of {len(lines)} runs done, {running} running"
         trainings_left = sum(line.startswith("train") and ": done" not in line for line in lines)
-        if minutes and trainings_left:
-            hours = trainings_left * sum(minutes) / len(minutes) / 60
+        if finished and trainings_left:
+            hours = trainings_left * statistics.mean(run["minutes"] for run in finished) / 60
             count += f"; {trainings_left} trainings left, about {hours:.1f} hours of one process at their mean so far"
-        return [*lines, count]
+        return [*lines, count, *([""] + validation_table(finished).splitlines() if finished else [])]
 
     def _state(self, task: Task, run_dir: Path) -> str:
         if self._done(task):
             if task.search:
                 return f"done, {json.loads((run_dir / SEARCH_DONE).read_text())['steps']} steps"
-            record = json.loads((run_dir / TRAIN_DONE).read_text())
+            record = self._record(task.member(), task.seed)
             return f"done, validation loss {record['valid_loss']:.3f} ({record['minutes']:.0f} minutes)"
         log = runs.JsonLog(run_dir / ("search_log.jsonl" if task.search else "log.jsonl"), writes=False)
         steps = [record["step"] for record in log.read()]

@@ -1,4 +1,5 @@
-"""The table and the plot of an experiment's ``summary.json`` (see :mod:`mdarts.experiment`).
+"""The table and the plot of an experiment's ``summary.json`` (see :mod:`mdarts.experiment`), and
+the validation table of its finished trainings while it runs (``mdarts experiment --status``).
 
 ``table.md``: per arm the mean +- standard deviation over its runs of test BLEU, lowercased
 BLEU and chrF, the parameters, then every run. ``bleu.png``: the test BLEU of each random
@@ -14,11 +15,11 @@ from pathlib import Path
 from .runs import write_atomic
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list[float], digits: int = 2) -> str:
     """``"mean +- std"`` (the sample standard deviation; just the value for one run)."""
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} +- {statistics.stdev(values):.{digits}f}"
 
 
 def table(summary: dict) -> str:
@@ -46,6 +47,33 @@ def table(summary: dict) -> str:
             )
     lines += ["", "Scores (sacreBLEU signatures):", ""]
     lines += [f"- {label}: `{signature}`" for label, signature in summary.get("signatures", {}).items()]
+    return "\n".join(lines) + "\n"
+
+
+def validation_table(finished: list[dict]) -> str:
+    """The markdown tables of an experiment's finished trainings, before its report: per arm the
+    validation loss (mean +- std over its trainings), then every training. ``finished``: a
+    training's record (``mdarts.experiment``) with its ``arm`` and ``member`` names."""
+    arms = list(dict.fromkeys(run["arm"] for run in finished))
+    lines = [
+        "Finished trainings, validation loss (label-smoothed, the best of the run; the test split is scored "
+        "once, when every run is done):",
+        "",
+        "| arm | trainings | validation loss |",
+        "|---|---:|---:|",
+    ]
+    for arm in arms:
+        losses = [run["valid_loss"] for run in finished if run["arm"] == arm]
+        lines.append(f"| {arm} | {len(losses)} | {mean_std(losses, 3)} |")
+    lines += ["", "| arm | network | training seed | validation loss | parameters (non-embedding) | size | minutes |"]
+    lines.append("|---|---|---:|---:|---:|---|---:|")
+    for arm in arms:
+        for run in (run for run in finished if run["arm"] == arm):
+            lines.append(
+                f"| {arm} | {run['member']} | {run['seed']} | {run['valid_loss']:.3f} | "
+                f"{run['params']:,} ({run['non_embedding_params']:,}) | d {run['d_model']}, e {run['embed_dim']} | "
+                f"{run['minutes']:.1f} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -208,21 +208,32 @@ def test_status_says_what_is_done_running_and_left(one_process_run, tmp_path, ca
     shutil.copytree(out, copy)
     status = [*argv[:3], str(copy), *argv[4:], "--status"]
     assert main(status) == 0
-    lines = capsys.readouterr().out.splitlines()
+    lines, table = capsys.readouterr().out.split("\n\n", 1)
+    lines = lines.splitlines()
     assert len(lines) == 2 + 11 + 1 and all(": done, " in line for line in lines[:-1])  # 2 searches, 11 trainings
     assert lines[-1] == "13 of 13 runs done, 0 running"
+    record = json.loads((copy / "train" / "control" / "control-seed2" / "record.json").read_text())
+    row = (
+        f"| control | control | 2 | {record['valid_loss']:.3f} | {record['params']:,} "
+        f"({record['non_embedding_params']:,}) | d {record['d_model']}, e {record['embed_dim']} |"
+    )
+    assert sum(line.startswith("| ") and line.count("|") == 8 for line in table.splitlines()) == 1 + 11  # head, rows
+    assert any(line.startswith(row) for line in table.splitlines())
+    assert "| control | 2 | " in table  # the arm's two trainings, averaged
     (copy / "train" / "control" / "control-seed2" / "record.json").unlink()  # as if still training
     (copy / "train" / "random" / "g0-seed1" / "record.json").unlink()  # as if killed after a checkpoint
     with runs.exclusive(copy / "locks" / "train--control--control-seed2.lock") as mine:
         assert mine
         assert main(status) == 0
-    lines = capsys.readouterr().out.splitlines()
+    lines, table = capsys.readouterr().out.split("\n\n", 1)
+    lines = lines.splitlines()
     assert "train  control/control seed 2: running in another process (step 3)" in lines
     assert "train  random/g0 seed 1: started, to continue (step 3)" in lines
     assert lines[-2].startswith("train  random finalist") and lines[-2].endswith("waits for other runs")
     # one running, one started, one waiting: three trainings left, timed at the finished ones' mean
     assert lines[-1].startswith("10 of 13 runs done, 1 running; 3 trainings left, about ")
     assert lines[-1].endswith(" hours of one process at their mean so far")
+    assert "| control | 1 | " in table and "| random | g0 | 1 |" not in table  # only finished trainings
     assert main([*argv[:3], str(tmp_path / "none"), "--status"]) == 2
     assert "holds no experiment" in capsys.readouterr().err
 
