@@ -616,6 +616,7 @@ class Experiment:
             "name": self.spec.name,
             "pair": self.spec.pair,
             "split": self.spec.split,
+            "train_seeds": list(self.spec.train_seeds),
             "signatures": signatures,
             "arms": arms,
         }

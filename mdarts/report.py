@@ -2,7 +2,7 @@
 the validation table of its finished trainings while it runs (``mdarts experiment --status``).
 
 ``table.md``: per arm the mean +- standard deviation over its runs of test BLEU, lowercased
-BLEU and chrF, the parameters, then every run. ``bleu.png``: the test BLEU of each random
+BLEU and chrF, the parameters, then every run, then the targets (:func:`targets`). ``bleu.png``: the test BLEU of each random
 genotype as a distribution, with every other arm's runs marked beside it.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import statistics
 from pathlib import Path
+from typing import Optional
 
 from .runs import write_atomic
 
@@ -45,9 +46,51 @@ def table(summary: dict) -> str:
                 f"| {arm['name']} | {run['member']} | {run['seed']} | {run['bleu']:.2f} | {run['lc_bleu']:.2f} | "
                 f"{run['chrf']:.2f} | {run['valid_loss']:.3f} | {run['params']:,} | {run['minutes']:.1f} | {genotype} |"
             )
+    if compared := targets(summary):
+        lines += ["", *compared]
     lines += ["", "Scores (sacreBLEU signatures):", ""]
     lines += [f"- {label}: `{signature}`" for label, signature in summary.get("signatures", {}).items()]
     return "\n".join(lines) + "\n"
+
+
+def targets(summary: dict, margin: float = 0.5) -> list[str]:
+    """The comparisons the experiment exists for, in test BLEU, as markdown lines, for every
+    ``searched`` arm: its mean at the first training seed against the median of the ``random``
+    arm's genotypes (each trained with that seed only) plus ``margin``, and its mean over every
+    training seed against the ``transformer`` arm's (both train every seed). An arm missing from
+    ``summary`` leaves its comparison out."""
+    first = summary["train_seeds"][0]
+
+    def bleu(arm: dict, seed: Optional[int] = None) -> list[float]:
+        return [run["bleu"] for run in arm["runs"] if seed is None or run["seed"] == seed]
+
+    def verdict(difference: float, target: float) -> str:
+        return "met" if difference >= target else f"missed by {target - difference:.2f}"
+
+    kinds: dict[str, list[dict]] = {}
+    for arm in summary["arms"]:
+        kinds.setdefault(arm["kind"], []).append(arm)
+    lines = ["Targets (test BLEU):", ""]
+    for searched in kinds.get("searched", []):
+        mine = bleu(searched, first)
+        for random_arm in kinds.get("random", []):
+            median = statistics.median(bleu(random_arm, first))
+            difference = statistics.mean(mine) - median
+            lines.append(
+                f"- {searched['name']} >= median of {random_arm['name']} + {margin:.2f} (training seed {first}): "
+                f"mean {statistics.mean(mine):.2f} of {len(mine)} against median {median:.2f} of "
+                f"{len(bleu(random_arm, first))}, {difference:+.2f}: {verdict(difference, margin)}"
+            )
+        for transformer in kinds.get("transformer", []):
+            mine, theirs = bleu(searched), bleu(transformer)
+            ours, baseline = statistics.mean(mine), statistics.mean(theirs)
+            difference = ours - baseline
+            lines.append(
+                f"- {searched['name']} >= {transformer['name']} (every training seed): mean {ours:.2f} "
+                f"of {len(mine)} runs against {baseline:.2f} of {len(theirs)}, {difference:+.2f}: "
+                f"{verdict(difference, 0.0)}"
+            )
+    return lines if len(lines) > 2 else []
 
 
 def validation_table(finished: list[dict]) -> str:

@@ -20,6 +20,7 @@ from mdarts.config import preset
 from mdarts.experiment import ExperimentSpec, count_parameters, sized_config
 from mdarts.genotype import random_genotype
 from mdarts.model import DerivedNet
+from mdarts.report import targets
 from mdarts.search import searched_space
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -121,7 +122,10 @@ def test_an_experiment_runs_every_arm_at_equal_size_and_resumes(one_process_run,
         ["git", "-C", str(REPO_ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True
     )
     assert {run["code"].removesuffix("+modified") for run in every} == {head.stdout.strip()}
-    assert (out / "table.md").read_text().count("| DARTS |") == 3  # the arm's line and its two runs
+    table = (out / "table.md").read_text()
+    assert table.count("| DARTS |") == 3  # the arm's line and its two runs
+    assert "- DARTS >= median of random + 0.50 (training seed 1): mean " in table
+    assert "- DARTS >= Transformer (every training seed): mean " in table
     assert (out / "bleu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     capsys.readouterr()
 
@@ -178,6 +182,33 @@ def test_what_is_committed_of_an_experiment_is_enough_to_report_it_again(one_pro
     assert not list(copy.rglob("*.pt"))  # nothing trained again
     assert timeless(copy) == timeless(out)
     assert "BLEU (sacreBLEU, detokenised, cased): `nrefs:1" in (copy / "table.md").read_text()
+
+
+def test_the_targets_compare_searched_with_random_at_the_first_seed_and_with_the_transformer_over_all():
+    def arm(name, kind, *runs):
+        return {"name": name, "kind": kind, "runs": [{"seed": seed, "bleu": bleu} for seed, bleu in runs]}
+
+    summary = {
+        "train_seeds": [1, 2],
+        "arms": [
+            arm("S", "searched", (1, 20.0), (1, 22.0), (2, 24.0)),
+            arm("R", "random", (1, 19.0), (1, 21.0), (1, 30.0), (2, 31.0)),  # the finalist's second seed
+            arm("T", "transformer", (1, 23.0), (2, 22.0)),
+        ],
+    }
+    assert targets(summary) == [
+        "Targets (test BLEU):",
+        "",
+        "- S >= median of R + 0.50 (training seed 1): mean 21.00 of 2 against median 21.00 of 3, +0.00: missed by 0.50",
+        "- S >= T (every training seed): mean 22.00 of 3 runs against 22.50 of 2, -0.50: missed by 0.50",
+    ]
+    summary["arms"][0]["runs"][2]["bleu"] = 27.0
+    summary["arms"][0]["runs"][0]["bleu"] = 21.0
+    assert targets(summary)[2:] == [
+        "- S >= median of R + 0.50 (training seed 1): mean 21.50 of 2 against median 21.00 of 3, +0.50: met",
+        "- S >= T (every training seed): mean 23.33 of 3 runs against 22.50 of 2, +0.83: met",
+    ]
+    assert targets({"train_seeds": [1], "arms": [arm("T", "transformer", (1, 23.0))]}) == []  # nothing to compare
 
 
 @pytest.mark.parametrize(
