@@ -179,8 +179,9 @@ def _run_derive(args: argparse.Namespace) -> int:
     """Print the genotype of a search run.
 
     Print the genotype (argmax op per node) of a search run directory or a genotype.json, with the
-    softmax weight of each chosen op, also against uniform (1/K for K candidates). Given several
-    runs (seeds, say), print each and how many nodes they all agree on.
+    softmax weight of each chosen op, also against uniform (1/K for K candidates), and the
+    runner-up (how decisive the choice is). Given several runs (seeds, say), print each and how
+    many nodes they all agree on.
     """
     import json
 
@@ -198,7 +199,11 @@ def _run_derive(args: argparse.Namespace) -> int:
         for name, op, probs in _searched_nodes(genotype):
             if probs is not None:
                 ratios.append(probs[op] * len(probs))
-                print(f"  {name} {op:<16} weight {probs[op]:.3f} ({ratios[-1]:.2f}x uniform 1/{len(probs)})")
+                runner_up = max((other for other in probs if other != op), key=probs.get)
+                print(
+                    f"  {name} {op:<16} weight {probs[op]:.3f} ({ratios[-1]:.2f}x uniform 1/{len(probs)}), "
+                    f"next {runner_up} {probs[runner_up]:.3f} ({probs[runner_up] * len(probs):.2f}x)"
+                )
         if ratios:
             print(f"  top weight against uniform: {min(ratios):.2f}x to {max(ratios):.2f}x")
     if len(genotypes) > 1:

@@ -2,8 +2,9 @@
 the validation table of its finished trainings while it runs (``mdarts experiment --status``).
 
 ``table.md``: per arm the mean +- standard deviation over its runs of test BLEU, lowercased
-BLEU and chrF, the parameters, then every run, then the targets (:func:`targets`). ``bleu.png``: the test BLEU of each random
-genotype as a distribution, with every other arm's runs marked beside it.
+BLEU and chrF, the parameters, then every run, then the targets (:func:`targets`).
+``bleu.png``: the test BLEU of each random genotype as a distribution, with every other arm's
+runs marked beside it.
 """
 
 from __future__ import annotations

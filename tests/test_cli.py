@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 
 import pytest
 
@@ -128,6 +129,9 @@ def test_search_derive_train_translate_end_to_end(small_corpus, tmp_path, capsys
     assert main(["derive", str(run)]) == 0
     derived = capsys.readouterr().out
     assert derived.startswith("encoder: [") and "weight" in derived and "x uniform" in derived
+    for line in (line for line in derived.splitlines() if "x uniform 1/" in line):  # a node: its op, then the next
+        top, runner_up = (float(word) for word in re.findall(r"(?:weight|next \S+) ([0-9.]+) ", line))
+        assert 0 < runner_up <= top
     assert main(["derive", str(run), str(run / "genotype.json")]) == 0  # two runs: the nodes they agree on
     nodes = derived.count("x uniform 1/")
     assert capsys.readouterr().out.endswith(f"the 2 genotypes agree on {nodes} of {nodes} nodes\n")
