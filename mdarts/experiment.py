@@ -324,11 +324,14 @@ class Experiment:
             if not task.ready():
                 lines.append(f"{what:6} {task.label} seed {task.seed}: waits for other runs")
                 continue
-            run_dir = self._run_dir(task)
-            lines.append(f"{what:6} {task.member().key} seed {task.seed}: {self._state(task, run_dir)}")
+            member = task.member()
             if not task.search and self._done(task):
-                member = task.member()
-                finished.append({"arm": member.arm.name, "member": member.name, **self._record(member, task.seed)})
+                record = self._record(member, task.seed)
+                finished.append({"arm": member.arm.name, "member": member.name, **record})
+                state = f"done, validation loss {record['valid_loss']:.3f} ({record['minutes']:.0f} minutes)"
+            else:
+                state = self._state(task, self._run_dir(task))
+            lines.append(f"{what:6} {member.key} seed {task.seed}: {state}")
         done, running = (sum(f": {state}" in line for line in lines) for state in ("done", "running"))
         count = f"{done} of {len(lines)} runs done, {running} running"
         trainings_left = sum(line.startswith("train") and ": done" not in line for line in lines)
@@ -338,11 +341,9 @@ class Experiment:
         return [*lines, count, *([""] + validation_table(finished).splitlines() if finished else [])]
 
     def _state(self, task: Task, run_dir: Path) -> str:
+        """The state of a search, or of a training not finished (see :meth:`status`)."""
         if self._done(task):
-            if task.search:
-                return f"done, {json.loads((run_dir / SEARCH_DONE).read_text())['steps']} steps"
-            record = self._record(task.member(), task.seed)
-            return f"done, validation loss {record['valid_loss']:.3f} ({record['minutes']:.0f} minutes)"
+            return f"done, {json.loads((run_dir / SEARCH_DONE).read_text())['steps']} steps"
         log = runs.JsonLog(run_dir / ("search_log.jsonl" if task.search else "log.jsonl"), writes=False)
         steps = [record["step"] for record in log.read()]
         where = f" (step {steps[-1]})" if steps else ""

@@ -75,21 +75,20 @@ def targets(summary: dict, margin: float = 0.5) -> list[str]:
     for searched in kinds.get("searched", []):
         mine = bleu(searched, first)
         for random_arm in kinds.get("random", []):
-            median = statistics.median(bleu(random_arm, first))
-            difference = statistics.mean(mine) - median
+            theirs = bleu(random_arm, first)
+            ours, median = statistics.mean(mine), statistics.median(theirs)
             lines.append(
                 f"- {searched['name']} >= median of {random_arm['name']} + {margin:.2f} (training seed {first}): "
-                f"mean {statistics.mean(mine):.2f} of {len(mine)} against median {median:.2f} of "
-                f"{len(bleu(random_arm, first))}, {difference:+.2f}: {verdict(difference, margin)}"
+                f"mean {ours:.2f} of {len(mine)} against median {median:.2f} of {len(theirs)}, "
+                f"{ours - median:+.2f}: {verdict(ours - median, margin)}"
             )
         for transformer in kinds.get("transformer", []):
             mine, theirs = bleu(searched), bleu(transformer)
             ours, baseline = statistics.mean(mine), statistics.mean(theirs)
-            difference = ours - baseline
             lines.append(
                 f"- {searched['name']} >= {transformer['name']} (every training seed): mean {ours:.2f} "
-                f"of {len(mine)} runs against {baseline:.2f} of {len(theirs)}, {difference:+.2f}: "
-                f"{verdict(difference, 0.0)}"
+                f"of {len(mine)} runs against {baseline:.2f} of {len(theirs)}, {ours - baseline:+.2f}: "
+                f"{verdict(ours - baseline, 0.0)}"
             )
     return lines if len(lines) > 2 else []
 
