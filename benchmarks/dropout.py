@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import mdarts_kernels as mk
-from benchmarks.common import backends_for, device_name, interleaved_medians, write_markdown
+from benchmarks.common import backends_for, interleaved_medians, write_markdown
+from mdarts.runs import device_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

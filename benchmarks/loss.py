@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import device_name, interleaved_medians, write_markdown
+from benchmarks.common import interleaved_medians, write_markdown
 from mdarts.loss import chunked_output_loss, label_smoothed_loss
+from mdarts.runs import device_name
 
 
 def variants(blocks: list[int], device: torch.device) -> dict[str, object]:

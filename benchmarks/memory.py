@@ -47,11 +47,12 @@ from typing import Any, Optional
 
 import torch
 
-from benchmarks.common import append_json_lines, device_name, interleaved_medians, run_child
+from benchmarks.common import append_json_lines, interleaved_medians, run_child
 from mdarts.config import MEMORY_MODES, ModelConfig
 from mdarts.memory import peak_above, saved_tensor_bytes
 from mdarts.ops import DECODER_CANDIDATES, ENCODER_CANDIDATES
 from mdarts.plan import largest_d, predict_memory
+from mdarts.runs import device_name
 
 SWEEPS = ("depth", "d", "ops", "tokens", "loss", "target")
 # candidate subsets: zero and identity plus parametric ops; cross_attention stays in the decoder

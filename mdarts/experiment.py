@@ -251,6 +251,17 @@ class Member:
         return self.search_dir is None or (self.search_dir / SEARCH_DONE).is_file()
 
 
+def machine(device: str) -> dict[str, Optional[str]]:
+    """What a finished run records of what ran it: the code's commit, the device (a CPU's model
+    and vector unit too: float rounding, and so a run's last digits, differ between machines)
+    and torch's version."""
+    return {
+        "code": runs.code_version(),
+        "device": runs.device_name(runs.resolve_device(device)),
+        "torch": torch.__version__,
+    }
+
+
 SEARCH_DONE, TRAIN_DONE = "result.json", "record.json"  # a run directory holding it has finished
 POLL_SECONDS = 30.0  # how often a process with nothing left to start looks at what others hold
 
@@ -464,7 +475,7 @@ class Experiment:
         result = Searcher(config, data, settings, run_dir, resume=resume, overwrite=not resume).run()
         if result.stopped_by in ("SIGINT", "SIGTERM"):
             return False
-        self._write(run_dir / SEARCH_DONE, json.dumps({"steps": result.steps}))
+        self._write(run_dir / SEARCH_DONE, json.dumps({"steps": result.steps, **machine(self.device)}, indent=1))
         return True
 
     def _genotype(self, member: Member) -> Optional[Genotype]:
@@ -521,7 +532,7 @@ class Experiment:
             "embed_dim": config.embed_dim,
             "valid_loss": summary["best_valid_loss"],
             "minutes": load_checkpoint(run_dir / "checkpoint_last.pt")["train_seconds"] / 60.0,
-            "code": runs.code_version(),
+            **machine(self.device),
         }
         self._write(run_dir / TRAIN_DONE, json.dumps(record, indent=1))
         return True

@@ -25,6 +25,7 @@ import fcntl
 import json
 import math
 import os
+import platform
 import random
 import signal
 import subprocess
@@ -168,6 +169,23 @@ def cpu_supports_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a build without oneDNN
         return False
+
+
+def device_name(device: torch.device) -> str:
+    """A human-readable name of the device: the GPU model, or the CPU model and core count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    vector = torch.backends.cpu.get_cpu_capability()  # AVX2, AVX512, ...: decides bf16 and kernel speed
+    bf16 = "native bf16" if cpu_supports_bf16() else "no native bf16"
+    return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} threads, {vector}, {bf16})"
 
 
 def warn_if_slow_bf16(bf16: bool, device: torch.device) -> None:

@@ -21,6 +21,7 @@ from mdarts.experiment import ExperimentSpec, count_parameters, sized_config
 from mdarts.genotype import random_genotype
 from mdarts.model import DerivedNet
 from mdarts.report import targets
+from mdarts.runs import device_name
 from mdarts.search import searched_space
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -122,6 +123,7 @@ def test_an_experiment_runs_every_arm_at_equal_size_and_resumes(one_process_run,
         ["git", "-C", str(REPO_ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True
     )
     assert {run["code"].removesuffix("+modified") for run in every} == {head.stdout.strip()}
+    assert {(run["device"], run["torch"]) for run in every} == {(device_name(torch.device("cpu")), torch.__version__)}
     table = (out / "table.md").read_text()
     assert table.count("| DARTS |") == 3  # the arm's line and its two runs
     assert "- DARTS >= median of random + 0.50 (training seed 1): mean " in table
