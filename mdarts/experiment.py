@@ -34,7 +34,7 @@ The specification is TOML (or JSON)::
     count = 8
 
 Outputs in the experiment directory: ``searches/`` and ``train/`` (the run directories; a
-training's ``record.json`` says it has finished, and which code ran it), ``translations/`` (the
+training's ``record.json`` says it has finished, and which code, device and torch ran it), ``translations/`` (the
 test split as each finished training translates it, scored only by the report), ``genotypes/``,
 ``summary.json``, ``table.md``, ``bleu.png``. A killed experiment run again continues where it
 stopped; finished runs are not redone, and need no checkpoint: the directory without its ``*.pt``
