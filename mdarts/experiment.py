@@ -34,13 +34,13 @@ The specification is TOML (or JSON)::
     count = 8
 
 Outputs in the experiment directory: ``searches/`` and ``train/`` (the run directories; a
-training's ``record.json`` says it has finished, and which code, device and torch ran it), ``translations/`` (the
-test split as each finished training translates it, scored only by the report), ``genotypes/``,
-``summary.json``, ``table.md``, ``bleu.png``. A killed experiment run again continues where it
-stopped; finished runs are not redone, and need no checkpoint: the directory without its ``*.pt``
-files continues elsewhere. The same command started several times shares the work out (each run
-is locked by the process doing it). Every training seed of a network trains the size its first
-training recorded.
+training's ``record.json`` says it has finished, and which code, device and torch ran it),
+``translations/`` (the test split as each finished training translates it, scored only by the
+report), ``genotypes/``, ``summary.json``, ``table.md``, ``bleu.png``. A killed experiment run
+again continues where it stopped; finished runs are not redone, and need no checkpoint: the
+directory without its ``*.pt`` files continues elsewhere. The same command started several
+times shares the work out (each run is locked by the process doing it). Every training seed of
+a network trains the size its first training recorded.
 """
 
 from __future__ import annotations
