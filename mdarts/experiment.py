@@ -254,7 +254,8 @@ class Member:
 def machine(device: str) -> dict[str, Optional[str]]:
     """What a finished run records of what ran it: the code's commit, the device (a CPU's model
     and vector unit too: float rounding, and so a run's last digits, differ between machines)
-    and torch's version."""
+    and torch's version. Taken when the process starts (:class:`Experiment`), since a commit made
+    while it runs changes the checkout but not the code it has loaded."""
     return {
         "code": runs.code_version(),
         "device": runs.device_name(runs.resolve_device(device)),
@@ -301,6 +302,7 @@ class Experiment:
             raise ValueError(f"{self.out_dir} holds an experiment with another specification ({saved})")
         self._write(saved, json.dumps(dataclasses.asdict(spec), indent=1))
         self.clock = runs.RunClock()
+        self.machine = machine(device)
 
     def _write(self, path: Path, text: str) -> None:
         """Write ``path`` (rank 0), and let every process go on once it is there."""
@@ -475,7 +477,7 @@ class Experiment:
         result = Searcher(config, data, settings, run_dir, resume=resume, overwrite=not resume).run()
         if result.stopped_by in ("SIGINT", "SIGTERM"):
             return False
-        self._write(run_dir / SEARCH_DONE, json.dumps({"steps": result.steps, **machine(self.device)}, indent=1))
+        self._write(run_dir / SEARCH_DONE, json.dumps({"steps": result.steps, **self.machine}, indent=1))
         return True
 
     def _genotype(self, member: Member) -> Optional[Genotype]:
@@ -532,7 +534,7 @@ class Experiment:
             "embed_dim": config.embed_dim,
             "valid_loss": summary["best_valid_loss"],
             "minutes": load_checkpoint(run_dir / "checkpoint_last.pt")["train_seconds"] / 60.0,
-            **machine(self.device),
+            **self.machine,
         }
         self._write(run_dir / TRAIN_DONE, json.dumps(record, indent=1))
         return True

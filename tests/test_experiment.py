@@ -17,7 +17,7 @@ from helpers import REPO_ROOT
 
 from mdarts.cli import main
 from mdarts.config import preset
-from mdarts.experiment import ExperimentSpec, count_parameters, sized_config
+from mdarts.experiment import Experiment, ExperimentSpec, count_parameters, sized_config
 from mdarts.genotype import random_genotype
 from mdarts.model import DerivedNet
 from mdarts.report import targets
@@ -184,6 +184,14 @@ def test_what_is_committed_of_an_experiment_is_enough_to_report_it_again(one_pro
     assert not list(copy.rglob("*.pt"))  # nothing trained again
     assert timeless(copy) == timeless(out)
     assert "BLEU (sacreBLEU, detokenised, cased): `nrefs:1" in (copy / "table.md").read_text()
+
+
+def test_records_name_the_code_the_process_started_with(tmp_path, monkeypatch):
+    # a commit made while an experiment runs moves the checkout, not the code already loaded
+    monkeypatch.setattr("mdarts.runs.code_version", lambda: "loaded")
+    started = Experiment(ExperimentSpec.from_dict(SPEC), tmp_path / "out", device="cpu")
+    monkeypatch.setattr("mdarts.runs.code_version", lambda: "committed later")
+    assert started.machine["code"] == "loaded"
 
 
 def test_the_targets_compare_searched_with_random_at_the_first_seed_and_with_the_transformer_over_all():
