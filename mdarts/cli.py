@@ -114,6 +114,8 @@ def _command(sub, run) -> argparse.ArgumentParser:
 
 
 def _search_parser(sub) -> None:
+    from .search import METHODS, SELECTORS
+
     parser = _command(sub, _run_search)
     parser.add_argument(
         "--preset",
@@ -125,7 +127,30 @@ def _search_parser(sub) -> None:
     _add_run_control(parser)
     add_settings(parser, ModelConfig, "supernet", only=("memory_mode",))
     add_settings(parser, SearchSettings, "search settings", defaults=SEARCH_PRESETS)
+    _add_part_settings(parser, METHODS, SELECTORS)
     _add_data(parser, "train valid")
+
+
+def _add_part_settings(parser: argparse.ArgumentParser, *registries) -> None:
+    """The options of every registered part of ``registries`` (one group a part), and the
+    registered names as the choices of ``--method`` and ``--select``."""
+    for registry in registries:
+        for part in registry.classes():
+            add_settings(parser, part.Settings, f"{registry.kind} {part.name} ({registry.option} {part.name})")
+        for action in parser._actions:
+            if action.option_strings == [registry.option]:
+                action.choices = registry.names()
+
+
+def _part_values(args: argparse.Namespace, method: str, select: str, *, search: bool = True):
+    """The options given for SearchSettings (when ``search``), the method and the selector, each
+    checked to belong to the chosen part (see :func:`mdarts.search.split_values`)."""
+    from .search import METHODS, SELECTORS, split_values
+
+    values = given(args, SearchSettings) if search else {}
+    for part in (*METHODS.classes(), *SELECTORS.classes()):
+        values.update(given(args, part.Settings))
+    return split_values(values, method, select, source="options")
 
 
 def _add_run_control(parser: argparse.ArgumentParser) -> None:
@@ -134,31 +159,40 @@ def _add_run_control(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_search(args: argparse.Namespace) -> int:
-    """Search an architecture (DARTS supernet) and write RUN/genotype.json.
+    """Search an architecture (a supernet method, then a selector) and write RUN/genotype.json.
 
-    First-order (or second-order) DARTS on the training split, alternating weight steps on one part
-    of it and architecture steps on a disjoint part. Writes genotype.json, alpha_history.jsonl,
+    A supernet method (--method) trains the reversible supernet on the training split: darts
+    alternates weight steps on one part of it and architecture steps on a disjoint part;
+    single_path trains one uniformly drawn path a step. A selector (--select) then chooses the
+    genotype: argmax keeps each node's op of highest architecture weight, ranked_paths the best of
+    random paths by shared-weight validation loss. Writes genotype.json, alpha_history.jsonl,
     alpha_heatmap.png, search_log.jsonl and search_checkpoint.pt into --out. Giving --max-steps or
     --max-minutes replaces the preset's budget.
     """
-    from .search import Searcher
+    from .search import METHODS, SELECTORS, Searcher, check_parts
 
     config = build_settings(ModelConfig, given(args, ModelConfig), base=preset(args.preset))
-    values = given(args, SearchSettings)
+    base = search_preset(args.preset)
+    values, method_values, select_values = _part_values(args, args.method or base.method, args.select or base.select)
     if "max_steps" in values or "max_minutes" in values:  # a budget given replaces the preset's
         values = {"max_steps": None, "max_minutes": None, **values}
-    settings = build_settings(SearchSettings, values, base=search_preset(args.preset))
+    settings = build_settings(SearchSettings, values, base=base)
+    method = build_settings(METHODS[settings.method].Settings, method_values)
+    selector = build_settings(SELECTORS[settings.select].Settings, select_values)
+    check_parts(settings.method, settings.select, has_validation=True)  # the data is checked later
     RunDirectory(args.out, "search").check(args.resume, args.overwrite)  # before the data is prepared
     data = _prepared(args, ("train", "val"))
-    searcher = Searcher(config, data, settings, args.out, resume=args.resume, overwrite=args.overwrite)
+    searcher = Searcher(
+        config, data, settings, args.out, method=method, selector=selector, resume=args.resume, overwrite=args.overwrite
+    )
     result = searcher.run()
     if result.stopped_by in SIGNAL_NAMES:
         return _stopped_by_signal(args, result.stopped_by, result.steps)
     if not searcher.ranks.main:  # of several processes, rank 0 reports
         return 0
     print(
-        f"searched {result.steps} steps ({result.stopped_by}), memory mode {searcher.memory_reason}, "
-        f"peak memory {result.peak_memory_bytes / 2**20:,.0f} MiB"
+        f"searched {result.steps} steps ({result.stopped_by}) with {settings.method}, chosen by {settings.select}, "
+        f"memory mode {searcher.memory_reason}, peak memory {result.peak_memory_bytes / 2**20:,.0f} MiB"
     )
     if result.val_loss is not None:
         print(f"validation loss {result.val_loss:.3f}")
@@ -168,25 +202,47 @@ def _run_search(args: argparse.Namespace) -> int:
 
 
 def _derive_parser(sub) -> None:
+    from .search import SELECTORS
+
     parser = _command(sub, _run_derive)
     parser.add_argument(
         "run", type=Path, nargs="+", help="search run directories (holding genotype.json) or genotype.json files"
     )
     parser.add_argument("--json", action="store_true", help="print the genotype JSON instead (of the first run)")
+    parser.add_argument(
+        "--select",
+        choices=SELECTORS.names(),
+        help="choose again from the run's checkpoint with this selector, writing RUN/genotype-NAME.json and "
+        "RUN/selection-NAME.jsonl (one run)",
+    )
+    parser.add_argument(
+        "--score",
+        type=Path,
+        nargs="+",
+        metavar="GENOTYPE",
+        help="with --select: print the selector's score of these genotype.json files instead of choosing",
+    )
+    _add_device(parser)
+    _add_part_settings(parser, SELECTORS)
+    _add_data(parser, "valid")
 
 
 def _run_derive(args: argparse.Namespace) -> int:
-    """Print the genotype of a search run.
+    """Print the genotype of a search run, or choose it again with another selector.
 
     Print the genotype (argmax op per node) of a search run directory or a genotype.json, with the
     softmax weight of each chosen op, also against uniform (1/K for K candidates), and the
     runner-up (how decisive the choice is). Given several runs (seeds, say), print each and how
-    many nodes they all agree on.
+    many nodes they all agree on. With --select, rebuild the trained supernet from the run's
+    checkpoint and choose with that selector (data options give the validation split, default the
+    run's pair), or with --score print its score of given genotypes.
     """
     import json
 
     from .genotype import Genotype
 
+    if args.select is not None or args.score is not None:
+        return _reselect(args)
     genotypes = [Genotype.load(run / "genotype.json" if run.is_dir() else run) for run in args.run]
     if args.json:
         print(json.dumps(genotypes[0].to_dict(), indent=1))
@@ -195,23 +251,71 @@ def _run_derive(args: argparse.Namespace) -> int:
         if len(genotypes) > 1:
             print(f"{run}:")
         print(genotype.summary())
-        ratios = []
-        for name, op, probs in _searched_nodes(genotype):
-            if probs is not None:
-                ratios.append(probs[op] * len(probs))
-                runner_up = max((other for other in probs if other != op), key=probs.get)
-                print(
-                    f"  {name} {op:<16} weight {probs[op]:.3f} ({ratios[-1]:.2f}x uniform 1/{len(probs)}), "
-                    f"next {runner_up} {probs[runner_up]:.3f} ({probs[runner_up] * len(probs):.2f}x)"
-                )
-        if ratios:
-            print(f"  top weight against uniform: {min(ratios):.2f}x to {max(ratios):.2f}x")
+        _print_weights(genotype)
     if len(genotypes) > 1:
         chosen = [[op for _, op, _ in _searched_nodes(genotype)] for genotype in genotypes]
         if len({len(ops) for ops in chosen}) > 1:
             raise ValueError("run: the genotypes have different numbers of nodes; compare runs of one search space")
         agree = sum(len(set(ops)) == 1 for ops in zip(*chosen))
         print(f"the {len(genotypes)} genotypes agree on {agree} of {len(chosen[0])} nodes")
+    return 0
+
+
+def _print_weights(genotype) -> None:
+    """Each searched node's chosen op with its weight, against uniform, and the runner-up."""
+    ratios = []
+    for name, op, probs in _searched_nodes(genotype):
+        if probs is not None:
+            ratios.append(probs[op] * len(probs))
+            runner_up = max((other for other in probs if other != op), key=probs.get)
+            print(
+                f"  {name} {op:<16} weight {probs[op]:.3f} ({ratios[-1]:.2f}x uniform 1/{len(probs)}), "
+                f"next {runner_up} {probs[runner_up]:.3f} ({probs[runner_up] * len(probs):.2f}x)"
+            )
+    if ratios:
+        print(f"  top weight against uniform: {min(ratios):.2f}x to {max(ratios):.2f}x")
+
+
+def _reselect(args: argparse.Namespace) -> int:
+    """``derive RUN --select NAME [--score GENOTYPE...]``: see :func:`_run_derive`."""
+    from .genotype import Genotype
+    from .runs import resolve_device
+    from .search import SELECTORS
+    from .search.reporting import short_summary
+    from .search.reselect import TrainedSupernet
+    from .tokenizer import Tokenizer
+
+    if args.select is None:
+        raise ValueError("--score: give the selector that scores (--select NAME)")
+    if len(args.run) != 1 or not args.run[0].is_dir():
+        raise ValueError("--select: give one search run directory (it holds search_checkpoint.pt)")
+    _, _, select_values = _part_values(args, "darts", args.select, search=False)
+    settings = build_settings(SELECTORS[args.select].Settings, select_values)
+    trained = TrainedSupernet(args.run[0], resolve_device(args.device))
+    data = None
+    if SELECTORS[args.select].needs_validation:
+        if args.pair is None and args.valid_src is None:
+            args.pair = trained.data.get("pair")
+        data = _prepared(args, ("val",), tokenizer=Tokenizer(trained.tokenizer))
+    if args.score is None:
+        genotype = trained.select(args.select, settings, data)
+        print(genotype.summary())
+        print(
+            f"chosen by {args.select}: {args.run[0] / f'genotype-{args.select}.json'}, "
+            f"scores in {args.run[0] / f'selection-{args.select}.jsonl'}"
+        )
+        return 0
+    genotypes = [Genotype.load(path) for path in args.score]
+    for path, genotype in zip(args.score, genotypes):
+        try:
+            genotype.validate(trained.config)
+        except ValueError as error:  # an op the supernet lacks, or another layout
+            raise ValueError(f"--score {path}: {error} (the supernet of {args.run[0]})") from None
+    selector, scores = trained.score(args.select, settings, genotypes, data)
+    better = "higher" if selector.higher_is_better else "lower"
+    print(f"{args.select} {selector.score_name} ({better} is better) of {len(genotypes)} genotypes:")
+    for path, genotype, value in zip(args.score, genotypes, scores):
+        print(f"{value:12.4f}  {path}  {short_summary(genotype)}")
     return 0
 
 

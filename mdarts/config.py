@@ -308,29 +308,18 @@ class TrainConfig(RunSettings):
 
 @dataclass(frozen=True)
 class SearchSettings(RunSettings):
-    """How to search (the supernet itself is a :class:`ModelConfig`); docs/design.md 1.1.
-    At least one of max_steps, max_minutes must be set."""
+    """How to search (the supernet itself is a :class:`ModelConfig`); docs/design.md 1.1. The
+    supernet method (``method``) and the selector (``select``) have settings of their own
+    (:mod:`mdarts.search.parts`). At least one of max_steps, max_minutes must be set."""
 
+    method: str = setting("darts", "the supernet method: how the weights and architecture logits are trained")
+    select: str = setting("argmax", "the selector: how the genotype is chosen from the trained supernet")
     warmup_steps: Optional[int] = setting(
         None, "linear warm-up updates of the weights, then 1/sqrt(step) decay (none: warmup_fraction of the budget)"
     )
     warmup_fraction: float = setting(
         0.1, "the weights' warm-up as a fraction of the step budget (without warmup_steps)"
     )
-    weights_only_fraction: float = setting(
-        0.3, "first fraction of the budget in which only the weights train, alpha frozen (as PC-DARTS does)"
-    )
-    alpha_lr: Optional[float] = setting(
-        None, "fixed learning rate of the architecture logits (none: alpha_travel / the number of alpha steps)"
-    )
-    alpha_travel: float = setting(
-        3.0,
-        "logit distance Adam can move a logit over the alpha phase if its gradient keeps its sign (one alpha_lr a "
-        "step); sets alpha_lr. 3 lets one op of 13 reach 0.6 against uniform 0.08",
-    )
-    alpha_betas: tuple[float, float] = setting((0.5, 0.999), "Adam betas of the architecture logits (DARTS's)")
-    alpha_weight_decay: float = setting(1e-3, "Adam's L2 term on the architecture logits")
-    alpha_dropout: bool = setting(False, "dropout on in the architecture step (off: alpha sees the evaluated network)")
     affine_free: bool = setting(
         True, "candidate LayerNorms without learned gain and bias while searching, so the weights cannot do alpha's job"
     )
@@ -339,21 +328,9 @@ class SearchSettings(RunSettings):
         "keep the parameter-free ops (zero, identity) in the search space; off: in a short search they win before "
         "the other ops have learned anything (DARTS collapse), and derive never picks zero",
     )
-    shrink_to: tuple[int, ...] = setting(
-        (),
-        "progressive shrinking (P-DARTS): the alpha phase is cut into len + 1 equal stages and after stage i every "
-        "node keeps only its shrink_to[i] best candidates, the only ones computed from then on (none: off)",
-    )
     stable_evals: int = setting(
-        0, "stop once the genotype has not changed for this many evaluations of the alpha phase (0: never)"
+        0, "stop once the argmax genotype has not changed for this many evaluations while alpha trains (0: never)"
     )
-    single_path: bool = setting(
-        False,
-        "random search with weight sharing (Li and Talwalkar 2019) instead of DARTS: each weight step trains one "
-        "uniformly drawn path, alpha is never trained, and the genotype is the best of ranked_paths random ones by "
-        "shared-weight validation loss",
-    )
-    ranked_paths: int = setting(100, "with single_path: random genotypes ranked at the end")
     memory_budget_gb: Optional[float] = setting(
         None, "memory a step may use, for --memory-mode auto (none: 90%% of the GPU, or 80%% of the free RAM)"
     )
@@ -371,44 +348,21 @@ class SearchSettings(RunSettings):
         500, "steps between validation losses (at an evaluation; the last evaluation always has one)", resumable=True
     )
     checkpoint_interval: int = setting(1000, "steps between checkpoints", resumable=True)
-    second_order: bool = setting(False, "unrolled (second-order) DARTS")
-    unrolled_lr: Optional[float] = setting(None, "xi of the unrolled step (none: the current weight learning rate)")
-    seed: int = setting(0, "model initialisation, theta/alpha data split, dropout and batch order")
-
-    def _check_shrink(self) -> None:
-        object.__setattr__(self, "shrink_to", tuple(self.shrink_to))
-        keep = self.shrink_to
-        if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in keep) or any(
-            a <= b for a, b in zip(keep, keep[1:])
-        ):
-            self._fail("shrink_to", "candidate counts >= 1 in decreasing order")
-        if keep and self.single_path:
-            raise SettingError(
-                "SearchSettings", "shrink_to", "shrinking needs DARTS's weights; weight-sharing search has none"
-            )
+    seed: int = setting(0, "model initialisation, theta/alpha data split, dropout, batch order and drawn paths")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.max_steps is None and self.max_minutes is None:
             raise SettingError("SearchSettings", "max_steps", "give a budget, max_steps and/or max_minutes")
-        self._check_positive(("alpha_lr", "memory_budget_gb"), optional=True)
-        self._check_positive(("clip_norm", "alpha_travel"))
+        for name in ("method", "select"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                self._fail(name, "the name of a registered part")
+        self._check_positive(("memory_budget_gb",), optional=True)
+        self._check_positive(("clip_norm",))
         self._check_fraction(("warmup_fraction",), low_open=True)
-        self._check_fraction(("weights_only_fraction",))
         self._check_ints(("stable_evals",), 0)
-        self._check_ints(("ranked_paths",), 1)
-        self._check_positive(("unrolled_lr",), optional=True, zero=True)
-        self._check_positive(("alpha_weight_decay",), zero=True)
-        self._check_betas(("alpha_betas",))
-        self._check_shrink()
         self._check_fraction(("split_ratio",), low_open=True)
         self._check_ints(("eval_interval", "valid_interval", "checkpoint_interval"), 1)
-        if self.second_order and self.bf16:
-            raise SettingError(
-                "SearchSettings",
-                "bf16",
-                "the second-order finite differences need float32; use one of bf16, second_order",
-            )
 
 
 # ----------------------------------------------------------------------------- presets

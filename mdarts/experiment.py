@@ -1,8 +1,10 @@
 """``mdarts experiment``: a whole comparison of searched architectures against baselines, from a
 small specification file, resumable, with a table, a plot and ``summary.json``.
 
-Arms (``kind``): ``searched`` (DARTS searches, one per seed), ``weight_sharing`` (random search
-with weight sharing, one per seed), ``random`` (``count`` uniformly drawn genotypes, seeds fixed
+Arms (``kind``): ``searched`` (searches, one per seed, by the supernet method ``method`` and the
+selector ``select``, default darts and argmax, with the parts' ``settings`` over the ``[search]``
+table), ``weight_sharing`` (the same with method single_path and selector ranked_paths: random
+search with weight sharing), ``random`` (``count`` uniformly drawn genotypes, seeds fixed
 in advance: 0, 1, ...), ``control`` (attention + FFN in the reversible skeleton), ``transformer``
 and ``evolved`` (the baselines). Every network is sized to ``params`` parameters (within 2%:
 d_model in its steps, then the embedding width), built with the training preset's depth, heads,
@@ -19,7 +21,7 @@ The specification is TOML (or JSON)::
     train_seeds = [1, 2, 3]
     random_finalists = 2
     search_preset = "tiny"
-    [search]                # SearchSettings fields over the search preset's
+    [search]                # SearchSettings fields over the search preset's (and the parts')
     max_minutes = 60
     [train]                 # TrainConfig fields of every retrain
     max_minutes = 30
@@ -27,6 +29,13 @@ The specification is TOML (or JSON)::
     [[arms]]
     name = "DARTS"
     kind = "searched"
+    seeds = [0, 1, 2]
+    [[arms]]
+    name = "SPOS"
+    kind = "searched"
+    method = "single_path"
+    select = "ranked_paths"
+    settings = { ranked_paths = 200 }
     seeds = [0, 1, 2]
     [[arms]]
     name = "random"
@@ -55,7 +64,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import tomllib
 import torch
@@ -74,14 +83,38 @@ ARM_KINDS = ("searched", "weight_sharing", "random", "control", "transformer", "
 SIZE_TOLERANCE = 0.02  # every network within 2% of the experiment's parameter count
 
 
+SEARCH_PARTS = {"searched": ("darts", "argmax"), "weight_sharing": ("single_path", "ranked_paths")}
+"""The supernet method and selector of each searching arm kind, unless the arm names others."""
+
+
 @dataclass(frozen=True)
 class Arm:
-    """One arm: ``seeds`` of its searches (searched, weight_sharing) or ``count`` genotypes (random)."""
+    """One arm: ``seeds`` of its searches (searched, weight_sharing) or ``count`` genotypes
+    (random); a searching arm's ``method`` and ``select`` (None: its kind's, SEARCH_PARTS) and
+    their ``settings`` (over the experiment's ``[search]`` table)."""
 
     name: str
     kind: str
     seeds: tuple[int, ...] = (0,)
     count: int = 8
+    method: Optional[str] = None
+    select: Optional[str] = None
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def searches(self) -> bool:
+        return self.kind in SEARCH_PARTS
+
+    def parts(self) -> tuple[str, str]:
+        """(supernet method, selector) of a searching arm."""
+        method, select = SEARCH_PARTS[self.kind]
+        return self.method or method, self.select or select
+
+    def to_dict(self) -> dict:
+        """The arm as its specification gives it (the parts' fields only when set, so that
+        specifications written before arms named their parts read the same)."""
+        values = dataclasses.asdict(self)
+        return {k: v for k, v in values.items() if k not in ("method", "select", "settings") or v}
 
 
 @dataclass(frozen=True)
@@ -150,24 +183,54 @@ class ExperimentSpec:
             arm = Arm(**{**arm, "seeds": tuple(arm.get("seeds", (0,)))})
             if not arm.seeds or arm.count < 1:
                 fail(label, "expected at least one seed and a positive count")
+            if not arm.searches and (arm.method or arm.select or arm.settings):
+                fail(label, "method, select and settings belong to searching arms (searched, weight_sharing)")
             arms.append(arm)
         if not arms:
             fail("arms", "expected at least one arm")
         spec = cls(**{**values, "arms": tuple(arms), "train_seeds": tuple(values.get("train_seeds", (1,)))})
         if not spec.train_seeds:
             fail("train_seeds", "expected at least one seed")
-        for entry, build in (
-            ("search", spec.search_settings),
-            ("train", lambda: spec.train_config(spec.train_seeds[0])),
-        ):
+        checks = [("[search]", spec.search_settings), ("[train]", lambda: spec.train_config(spec.train_seeds[0]))]
+        checks += [(f"arms ({arm.name!r})", functools.partial(spec.search_parts, arm)) for arm in arms if arm.searches]
+        for entry, build in checks:
             try:
                 build()
             except ValueError as error:
-                fail(f"[{entry}]", str(error))
+                fail(entry, str(error))
         return spec
 
+    def to_dict(self) -> dict:
+        """The specification as spec.json records it."""
+        return {**dataclasses.asdict(self), "arms": [arm.to_dict() for arm in self.arms]}
+
     def search_settings(self, seed: int = 0) -> SearchSettings:
-        return build_settings(SearchSettings, {**self.search, "seed": seed}, base=search_preset(self.search_preset))
+        """The ``[search]`` table's SearchSettings fields over the search preset's."""
+        from .search import parts_of_table
+
+        values = parts_of_table(self.search, *SEARCH_PARTS["searched"])[0]
+        return build_settings(SearchSettings, {**values, "seed": seed}, base=search_preset(self.search_preset))
+
+    def search_parts(self, arm: Arm, seed: int = 0) -> tuple[SearchSettings, Any, Any]:
+        """The settings of ``arm``'s searches: (SearchSettings, the method's, the selector's),
+        from the ``[search]`` table (fields of other methods and selectors are left out) and
+        the arm's ``settings`` (which must all belong to its parts)."""
+        from .search import METHODS, SELECTORS, parts_of_table, split_values
+
+        method, select = arm.parts()
+        base = search_preset(self.search_preset).replace(method=method, select=select)
+        values, method_values, select_values = parts_of_table(self.search, method, select)
+        more = split_values(arm.settings, method, select, source="settings")
+        values, method_values, select_values = (
+            {**values, **more[0], "seed": seed},
+            {**method_values, **more[1]},
+            {**select_values, **more[2]},
+        )
+        return (
+            build_settings(SearchSettings, values, base=base),
+            build_settings(METHODS[method].Settings, method_values),
+            build_settings(SELECTORS[select].Settings, select_values),
+        )
 
     def train_config(self, seed: int) -> TrainConfig:
         return build_settings(TrainConfig, {**self.train, "seed": seed})
@@ -298,9 +361,9 @@ class Experiment:
         self.spec, self.out_dir, self.data_dir, self.device = spec, Path(out_dir), data_dir, device
         self.ranks = runs.Ranks.from_environment(device)  # under torchrun every run is shared out; rank 0 writes
         saved = self.out_dir / "spec.json"
-        if saved.is_file() and json.loads(saved.read_text()) != json.loads(json.dumps(dataclasses.asdict(spec))):
+        if saved.is_file() and json.loads(saved.read_text()) != json.loads(json.dumps(spec.to_dict())):
             raise ValueError(f"{self.out_dir} holds an experiment with another specification ({saved})")
-        self._write(saved, json.dumps(dataclasses.asdict(spec), indent=1))
+        self._write(saved, json.dumps(spec.to_dict(), indent=1))
         self.clock = runs.RunClock()
         self.machine = machine(device)
 
@@ -378,7 +441,7 @@ class Experiment:
         space = searched_space(preset(self.spec.search_preset), self.spec.search_settings().parameter_free)
         members = []
         for arm in self.spec.arms:
-            if arm.kind in ("searched", "weight_sharing"):
+            if arm.searches:
                 searches = self.out_dir / "searches" / arm.name
                 members += [Member(arm, f"seed{s}", None, searches / f"seed{s}", s) for s in arm.seeds]
             elif arm.kind == "random":
@@ -469,12 +532,12 @@ class Experiment:
         from .search import Searcher
 
         member, run_dir = task.member(), self._run_dir(task)
-        settings = self.spec.search_settings(task.seed)
-        if member.arm.kind == "weight_sharing":  # one path a step: no alpha, nothing to shrink
-            settings = settings.replace(single_path=True, shrink_to=())
+        settings, method, selector = self.spec.search_parts(member.arm, task.seed)
         resume = (run_dir / "search_checkpoint.pt").is_file()  # else what a kill left goes
         config = preset(self.spec.search_preset)
-        result = Searcher(config, data, settings, run_dir, resume=resume, overwrite=not resume).run()
+        result = Searcher(
+            config, data, settings, run_dir, method=method, selector=selector, resume=resume, overwrite=not resume
+        ).run()
         if result.stopped_by in ("SIGINT", "SIGTERM"):
             return False
         self._write(run_dir / SEARCH_DONE, json.dumps({"steps": result.steps, **self.machine}, indent=1))

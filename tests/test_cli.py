@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from mdarts.cli import build_parser, main
 
@@ -33,6 +34,17 @@ def test_every_command_explains_its_options(command, capsys):
         (["search", "--out", "x", "--max-minutes", "-1"], "--max-minutes: expected a positive finite number"),
         (["search", "--out", "x", "--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
         (["search", "--out", "x", "--memory-mode", "fast"], "invalid choice: 'fast'"),
+        (["search", "--out", "x", "--method", "gdas"], "invalid choice: 'gdas' (choose from 'darts', 'single_path')"),
+        (["search", "--out", "x", "--select", "best"], "invalid choice: 'best' (choose from 'argmax', 'ranked_paths')"),
+        (["derive", "x", "--select", "best"], "invalid choice: 'best' (choose from 'argmax', 'ranked_paths')"),
+        (
+            ["search", "--out", "x", "--method", "single_path"],
+            "--select argmax reads the architecture logits, which --method single_path does not train",
+        ),
+        (
+            ["search", "--out", "x", "--method", "single_path", "--select", "ranked_paths", "--shrink-to", "3"],
+            "--shrink-to is a setting of method darts, not of single_path",
+        ),
         (["train", "--arch", "transformer", "--out", "x", "--pair", "en-xx"], "invalid choice: 'en-xx'"),
         (
             ["train", "--arch", "transformer", "--out", "x", "--max-steps", "5", "--betas", "0.9", "1.5"],
@@ -169,6 +181,45 @@ def test_search_derive_train_translate_end_to_end(small_corpus, tmp_path, capsys
         == 0
     )
     assert len(capsys.readouterr().out.splitlines()) == 2
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_derive_chooses_again_and_scores_genotypes_with_any_selector(small_corpus, tmp_path, capsys):
+    """A finished DARTS search, chosen again by ranked paths from its checkpoint (no search), and
+    scored by argmax: its own genotype has the highest log-probability under softmax(alpha)."""
+    from mdarts.genotype import Genotype, random_genotype
+    from mdarts.search.reselect import TrainedSupernet
+
+    run = tmp_path / "search"
+    common = ["--max-steps", "4", "--eval-interval", "2", "--max-tokens", "512", *corpus_args(small_corpus, tmp_path)]
+    assert main(["search", "--out", str(run), *common]) == 0
+    capsys.readouterr()
+    data = corpus_args(small_corpus, tmp_path)[4:]  # the validation files, vocabulary and device
+    assert main(["derive", str(run), "--select", "ranked_paths", "--ranked-paths", "3", *data]) == 0
+    chosen = Genotype.load(run / "genotype-ranked_paths.json")
+    scores = [json.loads(line) for line in (run / "selection-ranked_paths.jsonl").read_text().splitlines()]
+    assert len(scores) == 3 and chosen.summary() == min(scores, key=lambda r: r["val_loss"])["genotype"]
+    assert capsys.readouterr().out.startswith(chosen.summary())
+
+    config = TrainedSupernet(run, torch.device("cpu")).config
+    others = [tmp_path / f"g{i}.json" for i in range(3)]
+    for i, path in enumerate(others):
+        random_genotype(config, i).save(path)
+    assert (
+        main(["derive", str(run), "--select", "argmax", "--score", str(run / "genotype.json"), *map(str, others)]) == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "argmax log_prob (higher is better) of 4 genotypes:"
+    values = [float(line.split()[0]) for line in lines[1:]]
+    assert len(values) == 4 and all(v < 0 for v in values) and values[0] == max(values)
+
+    ws = tmp_path / "ws"
+    assert main(["search", "--out", str(ws), "--method", "single_path", "--select", "ranked_paths", *common]) == 0
+    capsys.readouterr()
+    assert main(["derive", str(ws), "--select", "argmax"]) == 2
+    assert "--select argmax reads the architecture logits, which --method single_path does not train" in (
+        capsys.readouterr().err
+    )
 
 
 @pytest.mark.usefixtures("one_thread")

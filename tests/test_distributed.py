@@ -54,10 +54,10 @@ def gradient_worker(rank: int, port: int, out: str) -> None:
     and the next alpha; and the whole batch in a one-process searcher. Saved for the test."""
     from mdarts.batching import collate
     from mdarts.config import SearchSettings
-    from mdarts.darts import DartsSearcher, Schedule
     from mdarts.model import Supernet
     from mdarts.reduction import BucketedReduce
     from mdarts.runs import ONE_PROCESS, Ranks
+    from mdarts.search.darts import DartsSearcher, DartsSettings
 
     join(rank, port)
     try:
@@ -74,7 +74,7 @@ def gradient_worker(rank: int, port: int, out: str) -> None:
             ):
                 torch.manual_seed(0)
                 model = Supernet(search_config().replace(dropout=0.0, memory_mode=mode), 50)
-                darts = DartsSearcher(model, settings, Schedule.plan(settings, 10), group)
+                darts = DartsSearcher(model, settings, DartsSettings(), group)
                 darts.weight_reduce = BucketedReduce(darts.weights, group, bucket_bytes=4_000)  # several buckets
                 darts.weight_gradients(batch)
                 grads = [p.grad.clone() for p in darts.weights]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from types import SimpleNamespace
+from typing import Optional
 
 import pytest
 import torch
@@ -14,11 +15,19 @@ from torch import nn
 
 from mdarts.checkpoint import load_checkpoint
 from mdarts.config import SearchSettings
-from mdarts.darts import DartsSearcher, Schedule, finite_difference_hvp, loss_and_grads, unrolled_arch_gradients
 from mdarts.genotype import Genotype
 from mdarts.model import Node, Supernet
 from mdarts.prepare import PreparedData
-from mdarts.search import BatchStream, Searcher, argmax_stability, collapse_message, split_corpus
+from mdarts.search import BatchStream, Searcher, argmax_stability, collapse_message, split_corpus, split_values
+from mdarts.search.darts import (
+    DartsSearcher,
+    DartsSettings,
+    Schedule,
+    finite_difference_hvp,
+    loss_and_grads,
+    unrolled_arch_gradients,
+)
+from mdarts.search.ranked_paths import RankedPathsSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -87,8 +96,9 @@ def test_resume_gives_the_same_losses_and_alphas_as_an_uninterrupted_run(
     assert CONFIG.dropout > 0
     straight, parted = tmp_path / "straight", tmp_path / "parted"
     # with shrinking: 7 alpha steps from step 2, cut into 3 stages; the first shrink (step 4) precedes the crash
-    settings = tiny_settings(max_steps=8, second_order=second_order, shrink_to=shrink_to, weights_only_fraction=0.1)
-    search(data, settings, straight)
+    settings = tiny_settings(max_steps=8)
+    darts = DartsSettings(second_order=second_order, shrink_to=shrink_to, weights_only_fraction=0.1)
+    search(data, settings, straight, method=darts)
     with monkeypatch.context() as patch:  # a crash right after the checkpoint of step 4
         save = Searcher._save
 
@@ -99,10 +109,10 @@ def test_resume_gives_the_same_losses_and_alphas_as_an_uninterrupted_run(
 
         patch.setattr(Searcher, "_save", save_then_crash)
         with pytest.raises(KeyboardInterrupt):
-            search(data, settings, parted)
+            search(data, settings, parted, method=darts)
     with pytest.raises(FileExistsError, match="another search run"):
-        search(data, settings, parted)
-    search(data, settings, parted, resume=True)
+        search(data, settings, parted, method=darts)
+    search(data, settings, parted, resume=True, method=darts)
     assert step_losses(parted) == step_losses(straight)
     for a, b in zip(saved_alphas(parted), saved_alphas(straight), strict=True):
         assert torch.equal(a, b)
@@ -114,19 +124,20 @@ def test_resume_refuses_other_settings(data, tmp_path):
         search(data, tiny_settings(max_steps=2, split_ratio=0.5), tmp_path, resume=True)
 
 
-def make_searcher(data, **changes) -> tuple[DartsSearcher, BatchStream, BatchStream]:
+def make_searcher(
+    data, darts: Optional[DartsSettings] = None, **changes
+) -> tuple[DartsSearcher, BatchStream, BatchStream]:
     torch.manual_seed(0)
     settings = tiny_settings(**changes)
     theta_idx, alpha_idx = split_corpus(len(data["train"]), settings.split_ratio, settings.seed)
     theta = BatchStream(data["train"], theta_idx, settings.max_tokens, 0, CONFIG, "theta")
     alpha = BatchStream(data["train"], alpha_idx, settings.max_tokens, 1, CONFIG, "alpha")
-    schedule = Schedule.plan(settings, settings.max_steps)
-    return DartsSearcher(Supernet(CONFIG, data.tokenizer.vocab_size), settings, schedule), theta, alpha
+    return DartsSearcher(Supernet(CONFIG, data.tokenizer.vocab_size), settings, darts or DartsSettings()), theta, alpha
 
 
 @pytest.mark.parametrize("second_order", [False, True])
 def test_theta_steps_change_no_alpha_and_alpha_steps_no_theta(data, second_order):
-    searcher, theta, alpha = make_searcher(data, second_order=second_order)
+    searcher, theta, alpha = make_searcher(data, DartsSettings(second_order=second_order))
     searcher.steps = 5  # a non-zero learning rate
     held = list(searcher.model.parameters())
     weights = [p.detach().clone() for p in searcher.weights]
@@ -245,15 +256,35 @@ def test_unrolled_gradient_matches_the_exact_one(mixed):
         ({"max_tokens": 0}, "max_tokens"),
         ({"eval_interval": 0}, "eval_interval"),
         ({"device": "tpu"}, "device"),
-        ({"second_order": True, "bf16": True}, "bf16"),
-        ({"shrink_to": (3, 4)}, "shrink_to"),
-        ({"shrink_to": (0,)}, "shrink_to"),
-        ({"shrink_to": (3,), "single_path": True}, "shrink_to"),
     ],
 )
 def test_bad_settings_raise_naming_the_field(changes, field):
     with pytest.raises(ValueError, match=f"SearchSettings.{field}"):
         tiny_settings(**changes)
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [({"shrink_to": (3, 4)}, "shrink_to"), ({"shrink_to": (0,)}, "shrink_to"), ({"alpha_travel": 0}, "alpha_travel")],
+)
+def test_bad_darts_settings_raise_naming_the_field(changes, field):
+    with pytest.raises(ValueError, match=f"DartsSettings.{field}"):
+        DartsSettings(**changes)
+
+
+def test_a_setting_of_another_part_is_refused_naming_its_part():
+    """Shrinking needs DARTS's weights; weight-sharing search has none."""
+    with pytest.raises(ValueError, match="--shrink-to is a setting of method darts, not of single_path"):
+        split_values({"shrink_to": (3,)}, "single_path", "ranked_paths")
+    with pytest.raises(ValueError, match="--ranked-paths is a setting of selector ranked_paths, not of argmax"):
+        split_values({"ranked_paths": 3}, "darts", "argmax")
+
+
+@pytest.mark.filterwarnings("ignore:--bf16: this CPU")
+def test_second_order_in_bfloat16_is_refused_before_the_run_starts(data, tmp_path):
+    with pytest.raises(ValueError, match="--bf16: the second-order finite differences need float32"):
+        search(data, tiny_settings(bf16=True), tmp_path / "run", method=DartsSettings(second_order=True))
+    assert not (tmp_path / "run").exists()
 
 
 def test_out_dir_of_another_run_is_refused_and_left_alone(data, tmp_path):
@@ -272,21 +303,22 @@ def test_out_dir_of_another_run_is_refused_and_left_alone(data, tmp_path):
 
 
 def test_schedule_is_relative_to_the_budget():
-    settings = tiny_settings(max_steps=200, warmup_steps=None, warmup_fraction=0.1, weights_only_fraction=0.3)
-    schedule = Schedule.plan(settings, 200)
+    settings = tiny_settings(max_steps=200, warmup_steps=None, warmup_fraction=0.1)
+    darts = DartsSettings(weights_only_fraction=0.3)
+    schedule = darts.schedule(settings, 200)
     assert (schedule.warmup_steps, schedule.alpha_start) == (20, 61)
     # alpha_travel spread over the 140 alpha steps: a consistent gradient sign moves a logit by it
-    assert schedule.alpha_lr == pytest.approx(settings.alpha_travel / 140)
-    assert Schedule.plan(settings.replace(alpha_lr=1e-3), 200).alpha_lr == 1e-3
-    short = settings.replace(weights_only_fraction=0.6)
+    assert schedule.alpha_lr == pytest.approx(darts.alpha_travel / 140)
+    assert darts.replace(alpha_lr=1e-3).schedule(settings, 200).alpha_lr == 1e-3
+    short = darts.replace(weights_only_fraction=0.6)
     with pytest.raises(ValueError, match="1 steps leaves no architecture step.*give at least 3 steps"):
-        Schedule.plan(short, 1).check(short)
-    Schedule.plan(short, 3).check(short)
+        short.check_budget(short.schedule(settings, 1))
+    short.check_budget(short.schedule(settings, 3))
 
 
 def test_alpha_is_frozen_in_the_weights_only_phase(data, tmp_path):
-    settings = tiny_settings(max_steps=8, weights_only_fraction=0.5, eval_interval=1, checkpoint_interval=8)
-    search(data, settings, tmp_path)
+    settings = tiny_settings(max_steps=8, eval_interval=1, checkpoint_interval=8)
+    search(data, settings, tmp_path, method=DartsSettings(weights_only_fraction=0.5))
     steps = [json.loads(line) for line in (tmp_path / "search_log.jsonl").read_text().splitlines()]
     alpha_losses = [r["alpha_loss"] for r in steps if r["event"] == "step"]
     assert alpha_losses[:4] == [None] * 4 and all(loss is not None for loss in alpha_losses[4:])
@@ -361,13 +393,14 @@ def test_auto_memory_mode_picks_the_fastest_that_fits(data, tmp_path):
 
 
 def test_a_stable_genotype_stops_the_search(data, tmp_path):
-    settings = tiny_settings(max_steps=40, eval_interval=1, stable_evals=2, alpha_lr=1e-9, weights_only_fraction=0.0)
-    result = search(data, settings, tmp_path)
+    settings = tiny_settings(max_steps=40, eval_interval=1, stable_evals=2)
+    result = search(data, settings, tmp_path, method=DartsSettings(alpha_lr=1e-9, weights_only_fraction=0.0))
     assert result.stopped_by == "stable" and result.steps == 3  # evaluations 1, 2, 3 agree: stable twice
 
 
 def test_weight_sharing_search_ranks_random_paths(data, tmp_path):
-    result = search(data, tiny_settings(max_steps=3, single_path=True, ranked_paths=4), tmp_path)
+    settings = tiny_settings(max_steps=3, method="single_path", select="ranked_paths")
+    result = search(data, settings, tmp_path, selector=RankedPathsSettings(ranked_paths=4))
     records = [json.loads(line) for line in (tmp_path / "search_log.jsonl").read_text().splitlines()]
     ranking = [r for r in records if r["event"] == "ranking"]
     assert len(ranking) == 4 and not any(r["alpha_loss"] for r in records if r["event"] == "step")
@@ -389,7 +422,8 @@ def test_a_minutes_budget_is_planned_in_steps(data, tmp_path, monkeypatch):
     assert [r["step"] for r in plans][0] == 5 and len(plans) == 2
     first, refit = plans
     assert first["alpha_start"] == round(0.3 * first["steps"]) + 1 and refit["alpha_start"] == first["alpha_start"]
-    assert refit["alpha_lr"] == pytest.approx(settings.alpha_travel / (refit["steps"] - refit["alpha_start"] + 1))
+    travel = DartsSettings().alpha_travel
+    assert refit["alpha_lr"] == pytest.approx(travel / (refit["steps"] - refit["alpha_start"] + 1))
     assert result.stopped_by in ("max_minutes", "max_steps")
     assert any(r["event"] == "step" and r["alpha_loss"] is not None for r in records)
 
@@ -449,10 +483,11 @@ def test_shrinking_keeps_the_best_candidates_and_computes_no_other(data):
 
 def test_shrinking_happens_at_the_stage_boundaries_of_the_alpha_phase(data, tmp_path):
     schedule = Schedule(steps=100, warmup_steps=10, alpha_start=31, alpha_lr=0.01)
+    darts = DartsSettings(shrink_to=(4, 2), weights_only_fraction=0.1)
     # 70 alpha steps (31..100) in 3 stages: boundaries after 23.3 and 46.7 of them
-    assert [schedule.shrinks_due(step, 2) for step in (30, 53, 54, 76, 77, 100)] == [0, 0, 1, 1, 2, 2]
-    settings = tiny_settings(max_steps=8, shrink_to=(4, 2), weights_only_fraction=0.1, eval_interval=1)
-    result = search(data, settings, tmp_path)
+    assert [darts.shrinks_due(schedule, step) for step in (30, 53, 54, 76, 77, 100)] == [0, 0, 1, 1, 2, 2]
+    settings = tiny_settings(max_steps=8, eval_interval=1)
+    result = search(data, settings, tmp_path, method=darts)
     records = [json.loads(line) for line in (tmp_path / "search_log.jsonl").read_text().splitlines()]
     shrinks = [(r["step"], r["keep"]) for r in records if r["event"] == "shrink"]
     assert shrinks == [(4, 4), (6, 2)]

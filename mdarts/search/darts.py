@@ -1,4 +1,4 @@
-"""The DARTS updates of a supernet (docs/design.md 1.1): one weight (theta) step, then one
+"""The ``darts`` supernet method (docs/design.md 1.1): one weight (theta) step, then one
 architecture (alpha) step, each on its own part of the training data.
 
 The alpha gradient is first-order (dL_alpha_part/dalpha at the current weights) or, with
@@ -10,32 +10,29 @@ The alpha gradient is first-order (dL_alpha_part/dalpha at the current weights) 
 
 computed on parameter dictionaries with ``torch.func.functional_call`` (the model is never
 copied; see :func:`unrolled_arch_gradients`). The run around these steps (data, budget,
-logs, checkpoints) is :class:`mdarts.search.Searcher`.
+logs, checkpoints) is :class:`mdarts.search.Searcher`; the genotype is chosen afterwards by a
+selector (:mod:`mdarts.search.parts`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .batching import Batch
-from .config import SearchSettings
-from .loss import sequence_loss
-from .model import Supernet
-from .reduction import BucketedReduce
-from .runs import ONE_PROCESS, Ranks, inverse_sqrt_lr
+from ..batching import Batch
+from ..config import SearchSettings, Settings, setting
+from ..model import Supernet
+from ..runs import ONE_PROCESS, Ranks
+from .parts import METHODS
+from .weights import Schedule, WeightTraining, set_grads
 
 LossFn = Callable[[nn.Module, Any], Tensor]
-
-
-def _set_grads(params: Sequence[Tensor], grads: Sequence[Optional[Tensor]]) -> None:
-    for p, g in zip(params, grads):
-        p.grad = torch.zeros_like(p) if g is None else g.to(p.dtype)
 
 
 def _rng_get(device: torch.device) -> tuple[Tensor, Optional[Tensor]]:
@@ -155,52 +152,78 @@ def unrolled_arch_gradients(
 
 
 @dataclass(frozen=True)
-class Schedule:
-    """The budget-relative schedule of a search of ``steps`` steps (docs/design.md 1.1).
+class DartsSettings(Settings):
+    """How ``--method darts`` trains the architecture logits (docs/design.md 1.1)."""
 
-    The weights warm up over ``warmup_steps`` (then decay as 1/sqrt(step)); alpha is frozen
-    until step ``alpha_start`` (1-based), then updated once a step at the fixed ``alpha_lr``.
-    Adam moves a logit by about its learning rate per step while the gradient keeps its sign,
-    so over the ``steps - alpha_start + 1`` alpha steps a logit can travel about
-    ``alpha_travel``: alpha_lr = alpha_travel / alpha steps. (The paper's 3e-4 over 60,000
-    steps allows 18; over 200 steps it allows 0.06, which leaves every weight near uniform.)
-    """
+    weights_only_fraction: float = setting(
+        0.3, "first fraction of the budget in which only the weights train, alpha frozen (as PC-DARTS does)"
+    )
+    alpha_lr: Optional[float] = setting(
+        None, "fixed learning rate of the architecture logits (none: alpha_travel / the number of alpha steps)"
+    )
+    alpha_travel: float = setting(
+        3.0,
+        "logit distance Adam can move a logit over the alpha phase if its gradient keeps its sign (one alpha_lr a "
+        "step); sets alpha_lr. 3 lets one op of 13 reach 0.6 against uniform 0.08",
+    )
+    alpha_betas: tuple[float, float] = setting((0.5, 0.999), "Adam betas of the architecture logits (DARTS's)")
+    alpha_weight_decay: float = setting(1e-3, "Adam's L2 term on the architecture logits")
+    alpha_dropout: bool = setting(False, "dropout on in the architecture step (off: alpha sees the evaluated network)")
+    shrink_to: tuple[int, ...] = setting(
+        (),
+        "progressive shrinking (P-DARTS): the alpha phase is cut into len + 1 equal stages and after stage i every "
+        "node keeps only its shrink_to[i] best candidates, the only ones computed from then on (none: off)",
+    )
+    second_order: bool = setting(False, "unrolled (second-order) DARTS")
+    unrolled_lr: Optional[float] = setting(None, "xi of the unrolled step (none: the current weight learning rate)")
 
-    steps: int
-    warmup_steps: int
-    alpha_start: int
-    alpha_lr: float
+    def __post_init__(self) -> None:
+        self._check_positive(("alpha_lr",), optional=True)
+        self._check_positive(("alpha_travel",))
+        self._check_fraction(("weights_only_fraction",))
+        self._check_positive(("unrolled_lr",), optional=True, zero=True)
+        self._check_positive(("alpha_weight_decay",), zero=True)
+        self._check_betas(("alpha_betas",))
+        object.__setattr__(self, "shrink_to", tuple(self.shrink_to))
+        keep = self.shrink_to
+        if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in keep) or any(
+            a <= b for a, b in zip(keep, keep[1:])
+        ):
+            self._fail("shrink_to", "candidate counts >= 1 in decreasing order")
 
-    @classmethod
-    def plan(cls, settings: SearchSettings, steps: int) -> "Schedule":
-        """The schedule of ``settings`` for a budget of ``steps`` search steps."""
-        warmup = settings.warmup_steps or max(1, round(settings.warmup_fraction * steps))
-        alpha_start = round(settings.weights_only_fraction * steps) + 1
-        alpha_lr = settings.alpha_lr or settings.alpha_travel / max(1, steps - alpha_start + 1)
-        return cls(steps, warmup, alpha_start, alpha_lr)
+    def schedule(self, run: SearchSettings, steps: int) -> Schedule:
+        """The schedule of a budget of ``steps`` search steps. Adam moves a logit by about its
+        learning rate per step while the gradient keeps its sign, so over the ``steps -
+        alpha_start + 1`` alpha steps a logit can travel about ``alpha_travel``: alpha_lr =
+        alpha_travel / alpha steps. (The paper's 3e-4 over 60,000 steps allows 18; over 200
+        steps it allows 0.06, which leaves every weight near uniform.)"""
+        warmup = run.warmup_steps or max(1, round(run.warmup_fraction * steps))
+        alpha_start = round(self.weights_only_fraction * steps) + 1
+        alpha_lr = self.alpha_lr or self.alpha_travel / max(1, steps - alpha_start + 1)
+        return Schedule(steps, warmup, alpha_start, alpha_lr)
 
-    def shrinks_due(self, step: int, stages: int) -> int:
-        """How many of the ``stages`` boundaries of progressive shrinking step ``step`` has passed:
-        they cut the alpha phase into stages + 1 equal parts."""
-        alpha_steps = max(1, self.steps - self.alpha_start + 1)
-        return min(stages, max(0, (step - self.alpha_start + 1) * (stages + 1) // alpha_steps))
+    def shrinks_due(self, schedule: Schedule, step: int) -> int:
+        """How many of the ``len(shrink_to)`` boundaries of progressive shrinking step ``step``
+        has passed: they cut the alpha phase into len(shrink_to) + 1 equal parts."""
+        stages = len(self.shrink_to)
+        alpha_steps = max(1, schedule.steps - schedule.alpha_start + 1)
+        return min(stages, max(0, (step - schedule.alpha_start + 1) * (stages + 1) // alpha_steps))
 
-    def check(self, settings: SearchSettings) -> None:
+    def check_budget(self, schedule: Schedule) -> None:
         """ValueError when the budget is too short for the phases: no architecture step left
         after the weights-only phase."""
-        if self.alpha_start > self.steps:
-            need = math.floor(1 / max(1e-9, 1 - settings.weights_only_fraction)) + 1
+        if schedule.alpha_start > schedule.steps:
+            need = math.floor(1 / max(1e-9, 1 - self.weights_only_fraction)) + 1
             raise ValueError(
-                f"--max-steps / --max-minutes: a budget of {self.steps} steps leaves no architecture step after the "
-                f"weights-only phase ({settings.weights_only_fraction:.0%} of it); give at least {need} steps or a "
+                f"--max-steps / --max-minutes: a budget of {schedule.steps} steps leaves no architecture step after "
+                f"the weights-only phase ({self.weights_only_fraction:.0%} of it); give at least {need} steps or a "
                 "smaller --weights-only-fraction"
             )
 
 
-class DartsSearcher:
-    """A supernet, its two optimisers, the schedule and the step counter: one :meth:`step` is one
-    theta update on a theta batch, then (from ``schedule.alpha_start`` on) one alpha update on an
-    alpha batch.
+class DartsSearcher(WeightTraining):
+    """``--method darts``: one :meth:`step` is one theta update on a theta batch, then (from
+    ``schedule.alpha_start`` on) one alpha update on an alpha batch.
 
     Each update computes the gradient of its own parameter group only (``inputs=`` of the
     backward, ``torch.autograd.grad``) and steps only its own optimiser, so a theta update
@@ -208,86 +231,60 @@ class DartsSearcher:
     update runs with the weights frozen (no weight gradient is computed, not even inside the
     reversible layers' backward) and, unless ``alpha_dropout``, in eval mode (no dropout)."""
 
+    name = "darts"
+    Settings = DartsSettings
+    trains_alpha = True
+    parts = ("theta", "alpha")
+
     def __init__(
-        self, model: Supernet, settings: SearchSettings, schedule: Schedule, ranks: Ranks = ONE_PROCESS
+        self, model: Supernet, run: SearchSettings, settings: DartsSettings, ranks: Ranks = ONE_PROCESS
     ) -> None:
         if settings.second_order and ranks.world_size > 1:
             raise ValueError(
                 "--second-order: the unrolled step runs in one process; use first-order DARTS with torchrun"
             )
-        self.model = model
+        if settings.second_order and run.bf16:
+            raise ValueError("--bf16: the second-order finite differences need float32; use one of bf16, second_order")
         self.settings = settings
-        self.schedule = schedule
-        self.ranks = ranks
-        self.config = model.config
-        self.weights = [p for p in model.weight_parameters() if p.requires_grad]
+        super().__init__(model, run, ranks)
         self.arch = model.arch_parameters()
-        self.theta_optimizer = torch.optim.Adam(self.weights, lr=settings.lr, betas=settings.betas)
-        self.weight_reduce = BucketedReduce(self.weights, ranks)
         self.alpha_optimizer = torch.optim.Adam(
-            self.arch, lr=schedule.alpha_lr, betas=settings.alpha_betas, weight_decay=settings.alpha_weight_decay
+            self.arch, lr=self.schedule.alpha_lr, betas=settings.alpha_betas, weight_decay=settings.alpha_weight_decay
         )
         names = {id(p): name for name, p in model.named_parameters()}
         self.weight_names = [names[id(p)] for p in self.weights]
         self.arch_names = [names[id(p)] for p in self.arch]
-        self.steps = 0
         self.shrinks = 0  # shrinking stages done (settings.shrink_to)
 
+    # -- the budget
+
+    def plan(self, steps: int) -> Schedule:
+        schedule = self.settings.schedule(self.run, steps)
+        self.settings.check_budget(schedule)
+        return schedule
+
+    def unplanned(self) -> Schedule:
+        """Weights-only steps until the step time is known."""
+        return Schedule(0, self.run.warmup_steps or 100, sys.maxsize, self.settings.alpha_lr or 1e-3)
+
+    def steps_for(self, seconds: float, per_step: float) -> int:
+        """An alternating step costs about two weights-only steps (those timed so far)."""
+        return int(seconds / (per_step * (2.0 - self.settings.weights_only_fraction)))
+
+    def refit(self, per_step: float, seconds_left: float) -> None:
+        """Fit the alpha phase to the time left at the steps' measured cost, and spread
+        alpha_travel over it."""
+        steps = self.steps + max(1, int(seconds_left / per_step))
+        schedule = self.schedule
+        alpha_lr = self.settings.alpha_lr or self.settings.alpha_travel / (steps - schedule.alpha_start + 1)
+        self.reschedule(Schedule(steps, schedule.warmup_steps, schedule.alpha_start, alpha_lr))
+
     def reschedule(self, schedule: Schedule) -> None:
-        """Continue under ``schedule`` (the plan of a minutes budget, once the step time is known)."""
         self.schedule = schedule
         for group in self.alpha_optimizer.param_groups:
             group["lr"] = schedule.alpha_lr
 
-    def _autocast(self, device: torch.device) -> torch.autocast:
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.settings.bf16)
-
-    def _loss(self, model: nn.Module, batch: Batch) -> Tensor:
-        """The label-smoothed loss of ``batch`` summed, over the target tokens of the step in all
-        processes: the processes' gradients sum to the gradient of the whole step. The output
-        layer and loss run in blocks of ``settings.loss_chunk_rows`` tokens, in float32."""
-        settings = self.settings
-        loss, _, ntokens = sequence_loss(
-            model,
-            batch.src,
-            batch.tgt_in,
-            batch.tgt_out,
-            settings.label_smoothing,
-            settings.loss_chunk_rows,
-            settings.bf16,
-        )
-        (all_tokens,) = self.ranks.sum([float(ntokens)])
-        return loss / max(all_tokens, 1)
-
-    def theta_lr(self, step: Optional[int] = None) -> float:
-        """Theta learning rate of update ``step`` (default: the next one)."""
-        return inverse_sqrt_lr(self.steps + 1 if step is None else step, self.settings.lr, self.schedule.warmup_steps)
-
-    def alpha_active(self, step: Optional[int] = None) -> bool:
-        """Whether search step ``step`` (default: the next one) updates alpha."""
-        return (self.steps + 1 if step is None else step) >= self.schedule.alpha_start
-
-    def weight_gradients(self, batch: Batch) -> Tensor:
-        """The weights' gradients of the loss of ``batch`` in their ``.grad`` (zeros for weights
-        the step did not use), summed over the processes while the backward runs; the loss."""
-        loss = self._loss(self.model, batch)
-        self.weight_reduce.start()
-        torch.autograd.backward(loss, inputs=self.weights)  # accumulates: the reduction's hooks see it
-        self.weight_reduce.finish()
-        _set_grads(self.weights, [p.grad for p in self.weights])
-        return loss
-
-    def theta_step(self, batch: Batch) -> float:
-        """One Adam update of the weights on ``batch`` (device tensors), clipped; returns the loss."""
-        self.model.train()
-        lr = self.theta_lr()
-        for group in self.theta_optimizer.param_groups:
-            group["lr"] = lr
-        loss = self.weight_gradients(batch)
-        torch.nn.utils.clip_grad_norm_(self.weights, self.settings.clip_norm)
-        self.theta_optimizer.step()
-        self.theta_optimizer.zero_grad(set_to_none=True)
-        return self.ranks.sum([loss.item()])[0]
+    # -- the updates
 
     def alpha_step(self, batch: Batch, train_batch: Optional[Batch] = None) -> float:
         """One Adam update of the architecture logits on ``batch`` (alpha part); returns its loss.
@@ -312,39 +309,42 @@ class DartsSearcher:
                     grads = torch.autograd.grad(loss, self.arch, allow_unused=True)
         finally:
             self.model.train()
-        _set_grads(self.arch, grads)
+        set_grads(self.arch, grads)
         self.ranks.reduce([p.grad for p in self.arch])
         self.alpha_optimizer.step()
         self.alpha_optimizer.zero_grad(set_to_none=True)
         return self.ranks.sum([loss.item()])[0]
 
-    def step(self, theta_batch: Batch, alpha_batch: Optional[Batch]) -> tuple[float, Optional[float]]:
-        """One search step: theta update, then the alpha update when ``alpha_batch`` is given
-        (see :meth:`alpha_active`); returns (theta loss, alpha loss or None)."""
+    def step(self, next_batch: Callable[[str], Batch]) -> dict[str, Any]:
+        """One search step: theta update, then the alpha update when :meth:`alpha_active`, then
+        any shrinking due (logged as a "shrink" event)."""
+        theta_batch = next_batch("theta")
+        alpha_batch = next_batch("alpha") if self.alpha_active() else None
         theta_loss = self.theta_step(theta_batch)
         alpha_loss = None if alpha_batch is None else self.alpha_step(alpha_batch, theta_batch)
         self.steps += 1
-        keep = self.settings.shrink_to
-        while self.shrinks < self.schedule.shrinks_due(self.steps, len(keep)):
+        keep, shrinks = self.settings.shrink_to, self.shrinks
+        while self.shrinks < self.settings.shrinks_due(self.schedule, self.steps):
             self.model.shrink(keep[self.shrinks])
             self.shrinks += 1
-        return theta_loss, alpha_loss
+        self.cost_changed = self.steps == self.schedule.alpha_start - 1 or self.shrinks != shrinks
+        tokens = theta_batch.num_tokens + (0 if alpha_batch is None else alpha_batch.num_tokens)
+        record: dict[str, Any] = {"theta_loss": theta_loss, "alpha_loss": alpha_loss, "tokens": tokens}
+        if self.shrinks != shrinks:
+            record["events"] = [("shrink", {"keep": keep[self.shrinks - 1], "dropped": self.model.dropped})]
+        return record
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "model": self.model.state_dict(),
-            "theta_optimizer": self.theta_optimizer.state_dict(),
+            **super().state_dict(),
             "alpha_optimizer": self.alpha_optimizer.state_dict(),
-            "steps": self.steps,
             "shrinks": self.shrinks,
             "dropped": [list(dropped) for dropped in self.model.dropped],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.theta_optimizer.load_state_dict(state["theta_optimizer"])
+        super().load_state_dict(state)
         self.alpha_optimizer.load_state_dict(state["alpha_optimizer"])
-        self.steps = state["steps"]
         self.shrinks = state.get("shrinks", 0)  # checkpoints from before progressive shrinking lack both
         self.model.set_dropped(state.get("dropped", [[] for _ in self.model.dropped]))
 
@@ -359,3 +359,6 @@ def _frozen(parameters: Sequence[nn.Parameter]) -> Iterator[None]:
     finally:
         for p in parameters:
             p.requires_grad_(True)
+
+
+METHODS.register(DartsSearcher)
