@@ -19,13 +19,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .ops import DECODER_CANDIDATES, ENCODER_CANDIDATES
-from .reversible import MODES as MEMORY_MODES
-from .reversible import POOLS
+# This module imports no other mdarts module: every other one may import it.
 
 __all__ = [
     "MEMORY_MODES",
     "POOLS",
+    "DEFAULT_ENCODER_CANDIDATES",
+    "DEFAULT_DECODER_CANDIDATES",
     "SettingError",
     "ModelConfig",
     "SearchConfig",
@@ -37,6 +37,31 @@ __all__ = [
     "preset",
     "search_preset",
 ]
+
+
+MEMORY_MODES = ("reconstruct", "checkpoint", "store")
+"""How a reversible stack keeps what its backward needs (mdarts.reversible, docs/design.md 1.3)."""
+POOLS = ("max", "mean")
+"""How a split of a reversible layer reads the other parts (docs/design.md 1.2)."""
+
+# The default search space (docs/design.md 1.4) as plain data: the ops are registered in
+# mdarts.ops, which checks on import that these are among them.
+DEFAULT_ENCODER_CANDIDATES: tuple[str, ...] = (
+    "conv3",
+    "conv5",
+    "conv7",
+    "conv11",
+    "dynconv3",
+    "dynconv7",
+    "dynconv11",
+    "dynconv15",
+    "attention",
+    "ffn",
+    "glu",
+    "zero",
+    "identity",
+)
+DEFAULT_DECODER_CANDIDATES: tuple[str, ...] = DEFAULT_ENCODER_CANDIDATES + ("cross_attention",)
 
 
 class SettingError(ValueError):
@@ -164,8 +189,12 @@ class ModelConfig(Settings):
     max_positions: int = setting(256, "longest sequence (sinusoidal positions)")
     share_embeddings: bool = setting(True, "one source and target embedding (joint vocabulary)", cli=False)
     tie_output: bool = setting(True, "the output projection reuses the target embedding", cli=False)
-    encoder_candidates: tuple[str, ...] = setting(ENCODER_CANDIDATES, "the encoder's search space", cli=False)
-    decoder_candidates: tuple[str, ...] = setting(DECODER_CANDIDATES, "the decoder's search space", cli=False)
+    encoder_candidates: tuple[str, ...] = setting(
+        DEFAULT_ENCODER_CANDIDATES, "the encoder's search space (ops registered in mdarts.ops)", cli=False
+    )
+    decoder_candidates: tuple[str, ...] = setting(
+        DEFAULT_DECODER_CANDIDATES, "the decoder's search space (ops registered in mdarts.ops)", cli=False
+    )
 
     def __post_init__(self) -> None:
         for name in ("encoder_candidates", "decoder_candidates"):  # JSON gives lists
@@ -191,17 +220,28 @@ class ModelConfig(Settings):
         self._check_fraction(("dropout",))
         self._check_choice("memory_mode", (*MEMORY_MODES, "auto"))
         self._check_choice("pool", POOLS)
-        for name, allowed in (("encoder_candidates", ENCODER_CANDIDATES), ("decoder_candidates", DECODER_CANDIDATES)):
-            chosen = getattr(self, name)
-            if not chosen:
-                raise SettingError("ModelConfig", name, "expected at least one op")
+        self._check_candidates("encoder", DEFAULT_ENCODER_CANDIDATES)
+        self._check_candidates("decoder", DEFAULT_DECODER_CANDIDATES)
+
+    def _check_candidates(self, side: str, defaults: tuple[str, ...]) -> None:
+        """Raise SettingError naming ``{side}_candidates`` unless it lists distinct ops registered
+        on ``side``. The registry (mdarts.ops) is looked up only for ops outside ``defaults``, so
+        that importing this module (whose presets use the defaults) imports no other."""
+        name = f"{side}_candidates"
+        chosen = getattr(self, name)
+        if not chosen:
+            raise SettingError("ModelConfig", name, "expected at least one op")
+        if not set(chosen) <= set(defaults):
+            from .ops import registered_ops
+
+            allowed = registered_ops(side)
             unknown = [op for op in chosen if op not in allowed]
             if unknown:
                 raise SettingError(
                     "ModelConfig", name, f"unknown op(s) {', '.join(unknown)}; valid: {', '.join(allowed)}"
                 )
-            if len(set(chosen)) != len(chosen):
-                raise SettingError("ModelConfig", name, f"an op is listed twice in {chosen}")
+        if len(set(chosen)) != len(chosen):
+            raise SettingError("ModelConfig", name, f"an op is listed twice in {chosen}")
 
     def check_splits(self) -> None:
         """Raise SettingError unless d_model splits into encoder_splits and decoder_splits equal

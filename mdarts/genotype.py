@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ModelConfig
+from .ops import op_spec
 from .runs import write_atomic
 
 FORMAT = "mdarts-genotype-1"
@@ -142,13 +143,13 @@ def _check_candidates(candidates: object, name: str) -> None:
 
 
 def random_genotype(config: ModelConfig, seed: int) -> Genotype:
-    """A genotype whose every node is drawn uniformly from the candidates of ``config`` (zero
-    excluded, as derive never picks it), from the random stream ``seed``: the same seed gives the
-    same genotype on every machine."""
+    """A genotype whose every node is drawn uniformly from the candidates of ``config`` (zero, the
+    op that cuts the connection, excluded, as derive never picks it), from the random stream
+    ``seed``: the same seed gives the same genotype on every machine."""
     rng = random.Random(f"random-genotype:{seed}")
     layers = {}
     for side, splits in (("encoder", config.encoder_splits), ("decoder", config.decoder_splits - 1)):
-        candidates = [op for op in getattr(config, f"{side}_candidates") if op != "zero"]
+        candidates = [op for op in getattr(config, f"{side}_candidates") if op_spec(op).connects]
         layers[side] = [[rng.choice(candidates) for _ in range(splits)] for _ in range(config.unit_layers)]
     return Genotype(layers["encoder"], layers["decoder"], config.encoder_candidates, config.decoder_candidates)
 

@@ -31,13 +31,14 @@ import mdarts_kernels as mk
 from .config import ModelConfig
 from .genotype import Genotype
 from .ops import (
-    PARAMETRIC,
+    DECODER_FIXED_OP,
     CrossAttention,
     Dropout,
     FeedForward,
     OpContext,
     SelfAttention,
     build_candidate,
+    op_spec,
     reorder_state,
 )
 from .reversible import ReversibleLayer, ReversibleSequence
@@ -46,7 +47,8 @@ from .reversible import ReversibleLayer, ReversibleSequence
 class Node(nn.Module):
     """A DARTS node over ``candidates``: G(H) = sum_o w_o op~(H), w = softmax(alpha).
 
-    op~(H) = LayerNorm_o(H + o(H)) for parametric ops, identity~(H) = H, zero~(H) = 0.
+    op~(H) = LayerNorm_o(H + o(H)) for parametric ops; the parameter-free ops are computed
+    here: identity~(H) = H (an op registered with ``skip``), zero~(H) = 0.
     The parametric terms go through one fused ``mixed_ln_sum`` (no K x N temporaries).
     With one candidate and no alpha, the node is that op alone (a derived network's node).
 
@@ -77,8 +79,12 @@ class Node(nn.Module):
             raise ValueError(f"Node: alpha must have shape ({len(self.candidates)},), got {tuple(alpha.shape)}")
         self.alpha = alpha
         self.path: Optional[int] = None  # a single path (weight sharing): the one candidate used, see Supernet.use_path
-        self.parametric = [i for i, name in enumerate(self.candidates) if name in PARAMETRIC]
-        self.identity = self.candidates.index("identity") if "identity" in self.candidates else None
+        specs = [op_spec(name) for name in self.candidates]
+        self.parametric = [i for i, spec in enumerate(specs) if spec.parametric]
+        skips = [i for i, spec in enumerate(specs) if spec.skip]
+        if len(skips) > 1:
+            raise ValueError(f"Node: at most one skip op (such as identity), got {[self.candidates[i] for i in skips]}")
+        self.identity = skips[0] if skips else None
         self.ops = nn.ModuleList(
             build_candidate(self.candidates[i], dim, causal, config, d_memory) for i in self.parametric
         )
@@ -122,14 +128,13 @@ class Node(nn.Module):
 
     def _single_path(self, x: Optional[Tensor], h: Tensor, sign: float, op_ctx: Optional[OpContext]) -> Tensor:
         """x + sign * op~(h) for the one candidate ``self.path``, computing that op alone."""
-        name = self.candidates[self.path]
-        if name in PARAMETRIC:
+        if self.path in self.parametric:
             j = self.parametric.index(self.path)
             out = self.ops[j](h, op_ctx).to(h.dtype)
             one = torch.ones(1, device=h.device)
             weight, bias = self.ln_weight[j : j + 1], self.ln_bias[j : j + 1]
             return mk.mixed_ln_sum(h, [out], one, weight, bias, residual=x, sign=sign)
-        update = sign * h if name == "identity" else torch.zeros_like(h)
+        update = sign * h if self.path == self.identity else torch.zeros_like(h)
         return update if x is None else x + update
 
 
@@ -287,7 +292,7 @@ class _ReversibleNet(Seq2Seq):
         dec_layers = []
         for i in range(config.decoder_layers):
             cross = Node(
-                ("cross_attention",), config.d_model // config.decoder_splits, True, config, d_memory=config.d_model
+                (DECODER_FIXED_OP,), config.d_model // config.decoder_splits, True, config, d_memory=config.d_model
             )
             dec_layers.append(ReversibleLayer([*decoder_nodes(i), cross], pool=config.pool))
         self.encoder = ReversibleSequence(enc_layers, mode=self.memory_mode)
@@ -419,13 +424,14 @@ class Supernet(_ReversibleNet):
                 node.path = None
 
     def genotype(self, exclude_zero: bool = True) -> Genotype:
-        """The argmax op of every node (zero excluded unless ``exclude_zero`` is False)."""
+        """The argmax op of every node; the op that cuts the connection (zero, see
+        :attr:`mdarts.ops.OpSpec.connects`) excluded unless ``exclude_zero`` is False."""
         config = self.config
         weights = self.arch_weights()
         chosen = {}
         for side in ("encoder", "decoder"):
             candidates = getattr(config, f"{side}_candidates")
-            allowed = [i for i, name in enumerate(candidates) if not (exclude_zero and name == "zero")] or list(
+            allowed = [i for i, name in enumerate(candidates) if op_spec(name).connects or not exclude_zero] or list(
                 range(len(candidates))
             )
             chosen[side] = [

@@ -19,6 +19,17 @@ dropout); FFN adds dropout after its ReLU, dynamic convolution drops kernel weig
 (DropConnect), attention drops attention probabilities. Zero and identity have no
 parameters; the LayerNorm of docs/design.md 1.1 wraps the parametric ops elsewhere.
 
+The ops are known by name through one registry: :func:`register_op` adds an op with its
+factory, the sides it is a candidate on and how its decoder form is causal, whether it has
+weights, and the memory planner's formula of the bytes it saves for backward; the model and
+the planner read those properties with :func:`op_spec`. A new op is one call, e.g.::
+
+    register_op("linear", lambda d_model, causal, config, d_memory: MyLinear(d_model),
+                lambda rows, seq_len, d_model, config, f: f * rows * d_model, causal="position-wise")
+
+after which a search space (``ModelConfig.encoder_candidates``) may name it.
+:data:`ENCODER_CANDIDATES` and :data:`DECODER_CANDIDATES` are the built-in ops.
+
 Dropout (:class:`Dropout`, :func:`dropout`) is the counter-based
 ``mdarts_kernels.seeded_dropout``: a seed drawn from the CPU RNG per call, the mask rebuilt
 from it in the backward, so autograd saves no mask and a reconstruction replays the same
@@ -30,7 +41,8 @@ unfused attention when training); on CUDA they keep the fused dropout of
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from functools import partial
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,23 +50,10 @@ from torch import Tensor, nn
 
 import mdarts_kernels
 
-if TYPE_CHECKING:
-    from .config import ModelConfig
+from .config import DEFAULT_DECODER_CANDIDATES, DEFAULT_ENCODER_CANDIDATES, ModelConfig
 
 CONV_WIDTHS: tuple[int, ...] = (3, 5, 7, 11)
 DYNCONV_WIDTHS: tuple[int, ...] = (3, 7, 11, 15)
-
-ENCODER_CANDIDATES: tuple[str, ...] = (
-    *(f"conv{w}" for w in CONV_WIDTHS),
-    *(f"dynconv{w}" for w in DYNCONV_WIDTHS),
-    "attention",
-    "ffn",
-    "glu",
-    "zero",
-    "identity",
-)
-DECODER_CANDIDATES: tuple[str, ...] = ENCODER_CANDIDATES + ("cross_attention",)
-PARAMETRIC: frozenset[str] = frozenset(DECODER_CANDIDATES) - {"zero", "identity"}
 
 
 @dataclass
@@ -483,10 +482,134 @@ class Identity(CandidateOp):
         return h
 
 
+# ----------------------------------------------------------------------------- the registry
+
+SIDES: tuple[str, ...] = ("encoder", "decoder")
+CAUSAL_FORMS: dict[str, str] = {
+    "position-wise": "reads its own position only, so it is causal as it is",
+    "left-padded": "a window of w positions ending at its own (w - 1 zeros on the left)",
+    "masked": "attention whose mask hides the later keys",
+    "memory": "reads the target at its own position only, and the encoder memory",
+}
+
+OpFactory = Callable[[int, bool, ModelConfig, Optional[int]], CandidateOp]
+"""``factory(d_model, causal, config, d_memory)``: the op for input (batch, time, d_model),
+with ``causal`` True on the decoder side, ``config`` the sizes the ops share (heads, dropout,
+ffn_mult) and ``d_memory`` the width of the encoder memory (None: d_model)."""
+
+SavedBytes = Callable[[int, int, int, ModelConfig, int], int]
+"""``saved_bytes(rows, seq_len, d_model, config, f)``: bytes autograd saves inside the op for
+backward on an input h of (rows = batch x seq_len, d_model), training mode, f bytes per
+activation element; read by the memory planner (:mod:`mdarts.plan`). The op's input h, its
+parameters and the encoder memory are not counted (they belong to the layer). Dropout (the
+seeded one of this module) saves nothing; the attention probabilities' dropout inside
+scaled_dot_product_attention does. The formulas of the built-in ops are
+``saved_tensors_hooks`` counts, float32, CPU (tests/test_plan.py checks them)."""
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """A candidate op of the registry; see :func:`register_op` for the fields."""
+
+    name: str
+    factory: OpFactory
+    saved_bytes: Optional[SavedBytes]
+    sides: tuple[str, ...]
+    causal: Optional[str]
+    parametric: bool
+    skip: bool
+
+    @property
+    def connects(self) -> bool:
+        """False for the op that cuts the connection (zero): derive never picks it."""
+        return self.parametric or self.skip
+
+
+_REGISTRY: dict[str, OpSpec] = {}
+
+
+def register_op(
+    name: str,
+    factory: OpFactory,
+    saved_bytes: Optional[SavedBytes] = None,
+    *,
+    sides: tuple[str, ...] = SIDES,
+    causal: Optional[str] = None,
+    parametric: bool = True,
+    skip: bool = False,
+) -> OpSpec:
+    """Add the candidate op ``name`` to the registry, after the ops already there (the order
+    of :func:`registered_ops`); a search space (``ModelConfig.encoder_candidates`` /
+    ``decoder_candidates``) may then name it.
+
+    Args:
+        name: its name in search spaces and genotypes (e.g. "conv7").
+        factory: builds the op, see :data:`OpFactory`.
+        saved_bytes: the memory planner's formula, see :data:`SavedBytes`; required for a
+            parametric op, none for a parameter-free one.
+        sides: where it is a candidate: "encoder", "decoder" or both.
+        causal: how its decoder form sees no later position, a key of :data:`CAUSAL_FORMS`;
+            required on the decoder side.
+        parametric: it has weights: a node builds it with ``factory`` and wraps it in a
+            LayerNorm (docs/design.md 1.1). A parameter-free op is computed by the node
+            itself, which saves nothing for it: with ``skip`` its input passed through
+            (identity), else zero.
+        skip: see ``parametric``.
+
+    Raises:
+        ValueError naming the op: the name is taken, the planner formula is missing (or given
+        to a parameter-free op), a side or causal form is unknown, or a parametric op skips.
+    """
+    where = f"register_op({name!r})"
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"register_op: expected a non-empty op name, got {name!r}")
+    if name in _REGISTRY:
+        raise ValueError(f"{where}: an op of that name is already registered (unregister_op it first)")
+    if parametric and saved_bytes is None:
+        raise ValueError(
+            f"{where}: no saved_bytes, the memory planner's formula saved_bytes(rows, seq_len, d_model, config, f) "
+            "of the bytes the op saves for backward (mdarts.plan needs it for every parametric op)"
+        )
+    if not parametric and saved_bytes is not None:
+        raise ValueError(f"{where}: a parameter-free op is computed by the node, which saves nothing: no saved_bytes")
+    if parametric and skip:
+        raise ValueError(f"{where}: skip (the input passed through) is for a parameter-free op")
+    if not sides or any(side not in SIDES for side in sides):
+        raise ValueError(f"{where}: sides must be some of {', '.join(SIDES)}, got {sides!r}")
+    if "decoder" in sides and causal not in CAUSAL_FORMS:
+        raise ValueError(f"{where}: a decoder op needs causal, one of {', '.join(CAUSAL_FORMS)}; got {causal!r}")
+    spec = OpSpec(name, factory, saved_bytes, tuple(sides), causal, parametric, skip)
+    _REGISTRY[name] = spec
+    return spec
+
+
+def unregister_op(name: str) -> None:
+    """Remove op ``name`` from the registry (ValueError when it is not there)."""
+    op_spec(name)
+    del _REGISTRY[name]
+
+
+def op_spec(name: str) -> OpSpec:
+    """The registry's entry of op ``name``; ValueError listing the registered ops otherwise."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown candidate op {name!r}; valid names: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def registered_ops(side: Optional[str] = None) -> tuple[str, ...]:
+    """The registered op names in registration order: all, or those of ``side`` ("encoder" or "decoder")."""
+    return tuple(name for name, spec in _REGISTRY.items() if side is None or side in spec.sides)
+
+
+def parameter_free_ops() -> tuple[str, ...]:
+    """The registered ops without weights (zero, identity), in registration order."""
+    return tuple(name for name, spec in _REGISTRY.items() if not spec.parametric)
+
+
 def build_candidate(
-    name: str, d_model: int, causal: bool, config: "ModelConfig", d_memory: Optional[int] = None
+    name: str, d_model: int, causal: bool, config: ModelConfig, d_memory: Optional[int] = None
 ) -> CandidateOp:
-    """Build the candidate op called ``name`` (one of :data:`DECODER_CANDIDATES`).
+    """Build the registered candidate op called ``name`` with its factory.
 
     Args:
         name: op name, e.g. "conv7", "dynconv15", "attention", "cross_attention".
@@ -500,21 +623,114 @@ def build_candidate(
     Raises:
         ValueError: unknown ``name`` (the message lists the valid names) or bad sizes.
     """
-    if name not in DECODER_CANDIDATES:
-        raise ValueError(f"unknown candidate op {name!r}; valid names: {', '.join(DECODER_CANDIDATES)}")
-    heads, dropout, ffn_mult = config.heads, config.dropout, config.ffn_mult
-    if name.startswith("dynconv"):
-        return DynamicConv(d_model, causal, int(name.removeprefix("dynconv")), heads, dropout)
-    if name.startswith("conv"):
-        return StandardConv(d_model, causal, int(name.removeprefix("conv")), dropout)
-    if name == "attention":
-        return SelfAttention(d_model, causal, heads, dropout)
-    if name == "cross_attention":
-        return CrossAttention(d_model, causal, heads, dropout, d_memory)
-    if name == "ffn":
-        return FeedForward(d_model, causal, ffn_mult, dropout)
-    if name == "glu":
-        return GatedLinear(d_model, causal, dropout)
-    if name == "zero":
-        return Zero(d_model, causal)
-    return Identity(d_model, causal)
+    return op_spec(name).factory(d_model, causal, config, d_memory)
+
+
+# ----------------------------------------------------------------------------- the built-in ops
+
+
+def _conv(width: int, d_model: int, causal: bool, config: ModelConfig, d_memory: Optional[int]) -> StandardConv:
+    """The :data:`OpFactory` of "conv<width>": (batch, time, d_model) -> (batch, time, d_model)."""
+    return StandardConv(d_model, causal, width, config.dropout)
+
+
+def _dynconv(width: int, d_model: int, causal: bool, config: ModelConfig, d_memory: Optional[int]) -> DynamicConv:
+    """The :data:`OpFactory` of "dynconv<width>": (batch, time, d_model) -> (batch, time, d_model)."""
+    return DynamicConv(d_model, causal, width, config.heads, config.dropout)
+
+
+def _conv_saved_bytes(width: int, rows: int, seq_len: int, d_model: int, config: ModelConfig, f: int) -> int:
+    """Padded input (seq_len + w - 1 rows a sequence), depthwise output."""
+    return f * (2 * rows * d_model + (rows // seq_len) * (width - 1) * d_model)
+
+
+def _dynconv_saved_bytes(width: int, rows: int, seq_len: int, d_model: int, config: ModelConfig, f: int) -> int:
+    """GLU input (2d) and output (d), the output padded along time (w - 1 more rows a
+    sequence), kernels before and after DropConnect (heads x w each), output projection."""
+    return f * (rows * (5 * d_model + 2 * config.heads * width) + (rows // seq_len) * (width - 1) * d_model)
+
+
+def _attention_saved_bytes(rows: int, seq_len: int, d_model: int, config: ModelConfig, f: int) -> int:
+    """q, k, v, attention output; probabilities before and after dropout (heads x seq_len a
+    row); the (causal) key mask and the rows that see no key, as bytes."""
+    return f * (4 * rows * d_model + 2 * rows * config.heads * seq_len) + rows * seq_len + rows
+
+
+def _cross_attention_saved_bytes(rows: int, seq_len: int, d_model: int, config: ModelConfig, f: int) -> int:
+    """q, output; keys and values of the source (as many rows as the target); probabilities
+    before and after dropout; the source key mask and the sequences that see no key, as bytes."""
+    return f * (2 * rows * d_model + 2 * rows * d_model + 2 * rows * config.heads * seq_len) + rows + rows // seq_len
+
+
+def _register_builtin_ops() -> None:
+    """The search space of docs/design.md 1.4, in the order of ``ModelConfig``'s default candidates."""
+    for width in CONV_WIDTHS:
+        register_op(f"conv{width}", partial(_conv, width), partial(_conv_saved_bytes, width), causal="left-padded")
+    for width in DYNCONV_WIDTHS:
+        register_op(
+            f"dynconv{width}", partial(_dynconv, width), partial(_dynconv_saved_bytes, width), causal="left-padded"
+        )
+    register_op(
+        "attention",
+        lambda d_model, causal, config, d_memory: SelfAttention(d_model, causal, config.heads, config.dropout),
+        _attention_saved_bytes,
+        causal="masked",
+    )
+    register_op(
+        "ffn",
+        lambda d_model, causal, config, d_memory: FeedForward(d_model, causal, config.ffn_mult, config.dropout),
+        lambda rows, seq_len, d_model, config, f: f * rows * d_model * 2 * config.ffn_mult,  # the hidden layer
+        causal="position-wise",
+    )
+    register_op(
+        "glu",
+        lambda d_model, causal, config, d_memory: GatedLinear(d_model, causal, config.dropout),
+        lambda rows, seq_len, d_model, config, f: f * rows * d_model * 3,  # GLU input (2d) and output (d)
+        causal="position-wise",
+    )
+    register_op(
+        "zero",
+        lambda d_model, causal, config, d_memory: Zero(d_model, causal),
+        causal="position-wise",
+        parametric=False,
+    )
+    register_op(
+        "identity",
+        lambda d_model, causal, config, d_memory: Identity(d_model, causal),
+        causal="position-wise",
+        parametric=False,
+        skip=True,
+    )
+    register_op(
+        "cross_attention",
+        lambda d_model, causal, config, d_memory: CrossAttention(
+            d_model, causal, config.heads, config.dropout, d_memory
+        ),
+        _cross_attention_saved_bytes,
+        sides=("decoder",),
+        causal="memory",
+    )
+
+
+_register_builtin_ops()
+
+ENCODER_CANDIDATES: tuple[str, ...] = registered_ops("encoder")
+"""The built-in encoder ops (13), ``ModelConfig``'s default encoder search space."""
+DECODER_CANDIDATES: tuple[str, ...] = registered_ops("decoder")
+"""The built-in decoder ops (14): the encoder's made causal, and cross-attention."""
+PARAMETRIC: frozenset[str] = frozenset(DECODER_CANDIDATES) - set(parameter_free_ops())
+"""The built-in ops with weights (of any registered op: ``op_spec(name).parametric``)."""
+DECODER_FIXED_OP = "cross_attention"
+"""The op of the fixed last part of every decoder layer (docs/design.md 1.2)."""
+
+
+def _check_default_candidates() -> None:
+    """Raise RuntimeError unless every op of ModelConfig's default search space is registered
+    on its side: ModelConfig names its defaults as plain data and looks up only other ops."""
+    defaults = {"encoder": DEFAULT_ENCODER_CANDIDATES, "decoder": DEFAULT_DECODER_CANDIDATES}
+    missing = [f"{op} ({side})" for side, ops in defaults.items() for op in ops if op not in registered_ops(side)]
+    if missing:
+        raise RuntimeError(f"mdarts.ops: ModelConfig's default candidates are not registered: {', '.join(missing)}")
+
+
+_check_default_candidates()

@@ -14,9 +14,10 @@ architecture logits) of a :class:`~mdarts.model.Supernet` analytically:
   ("reconstruct") or one layer ("checkpoint") with the gradients flowing through it, and
   the optimizer's temporaries.
 
-The per-op constants (``_op_saved_bytes``) were read off ``saved_tensors_hooks`` counts of
-each candidate op on the CPU (each storage once, parameters excluded); they are exact there
-for float32, and ``tests/test_plan.py`` checks them against those counts. The transient
+The bytes each candidate op saves are its ``saved_bytes`` formula in the op registry
+(:func:`mdarts.ops.register_op`); those of the built-in ops were read off
+``saved_tensors_hooks`` counts on the CPU (each storage once, parameters excluded), are exact
+there for float32, and ``tests/test_plan.py`` checks them against those counts. The transient
 terms were fitted to the peaks measured by ``benchmarks/memory.py``.
 
 Units: bytes. ``tokens`` is the number of target tokens per batch (batch x seq_len); the
@@ -33,7 +34,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .config import MEMORY_MODES, ModelConfig
-from .ops import PARAMETRIC
+from .ops import DECODER_FIXED_OP, op_spec
 
 DEVICES = ("cpu", "cuda")
 FLOAT32 = 4  # parameters, gradients, Adam state and LayerNorm statistics stay float32
@@ -48,38 +49,10 @@ ALLOCATOR_SLACK = {"cpu": 0.05, "cuda": 0.0}
 
 
 def _op_saved_bytes(name: str, rows: int, seq_len: int, width: int, config: ModelConfig, f: int) -> int:
-    """Bytes autograd saves inside candidate op ``name`` on input h (rows = batch x seq_len, width).
-
-    The op's input h, its parameters and the encoder memory are not counted (they belong to
-    the layer). f: bytes per activation element. Dropout (the seeded one of mdarts.ops) saves
-    nothing; the attention probabilities' dropout inside scaled_dot_product_attention does.
-    Constants from saved_tensors_hooks counts, float32, CPU.
-    """
-    c, heads = width, config.heads
-    if name in ("zero", "identity"):
-        return 0
-    if name.startswith("dynconv"):
-        # GLU input (2c) and output (c), the output padded along time (w - 1 more rows a
-        # sequence), kernels before and after DropConnect (heads x w each), output projection
-        w = int(name.removeprefix("dynconv"))
-        return f * (rows * (5 * c + 2 * heads * w) + (rows // seq_len) * (w - 1) * c)
-    if name.startswith("conv"):
-        # padded input (seq_len + w - 1 per sequence), depthwise output
-        w = int(name.removeprefix("conv"))
-        return f * (2 * rows * c + (rows // seq_len) * (w - 1) * c)
-    if name == "attention":
-        # q, k, v, attention output; probabilities before and after dropout (heads x seq_len
-        # per row); the (causal) key mask and the rows that see no key, as bytes
-        return f * (4 * rows * c + 2 * rows * heads * seq_len) + rows * seq_len + rows
-    if name == "cross_attention":
-        # q, output; keys and values of the source (src rows = rows); probabilities before
-        # and after dropout; the source key mask and the sequences that see no key, as bytes
-        return f * (2 * rows * c + 2 * rows * c + 2 * rows * heads * seq_len) + rows + rows // seq_len
-    if name == "ffn":
-        return f * rows * c * 2 * config.ffn_mult
-    if name == "glu":
-        return f * rows * c * 3
-    raise ValueError(f"op: unknown candidate op {name!r}")
+    """Bytes autograd saves inside the parametric candidate op ``name`` on an input h of
+    (rows = batch x seq_len, width), f bytes per element: its registered formula
+    (:data:`mdarts.ops.SavedBytes`). ValueError for an unknown op."""
+    return op_spec(name).saved_bytes(rows, seq_len, width, config, f)
 
 
 def _node_saved_bytes(
@@ -87,7 +60,7 @@ def _node_saved_bytes(
 ) -> int:
     """A node's saved bytes: its ops plus the fused LayerNorm-sum (op outputs and the 2 x K
     row statistics); the pooled input h is counted by the layer."""
-    parametric = [name for name in candidates if name in PARAMETRIC]
+    parametric = [name for name in candidates if op_spec(name).parametric]
     ops = sum(_op_saved_bytes(name, rows, seq_len, width, config, f) for name in parametric)
     return ops + len(parametric) * (f * rows * width + 2 * FLOAT32 * rows)
 
@@ -99,7 +72,7 @@ def _node_backward_bytes(
     made at once by the fused LayerNorm-sum. The ops' inner gradients live one op at a time
     and are freed with its saved tensors; the measured peaks of benchmarks/memory.py (d 96 to
     528, 512 to 2048 tokens) show nothing beyond the K gradients."""
-    parametric = [name for name in candidates if name in PARAMETRIC]
+    parametric = [name for name in candidates if op_spec(name).parametric]
     return len(parametric) * f * rows * width
 
 
@@ -108,7 +81,7 @@ def _side(config: ModelConfig, side: str) -> tuple[int, int, list[tuple[str, ...
     if side == "encoder":
         return config.encoder_layers, config.encoder_splits, [config.encoder_candidates] * config.encoder_splits
     searched = [config.decoder_candidates] * (config.decoder_splits - 1)
-    return config.decoder_layers, config.decoder_splits, [*searched, ("cross_attention",)]
+    return config.decoder_layers, config.decoder_splits, [*searched, (DECODER_FIXED_OP,)]
 
 
 def _layer_saved_bytes(config: ModelConfig, side: str, rows: int, seq_len: int, f: int) -> int:

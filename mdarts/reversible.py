@@ -71,8 +71,8 @@ from torch.autograd.function import once_differentiable
 import mdarts_kernels
 from mdarts_kernels import accumulation_dtype
 
-MODES = ("reconstruct", "checkpoint", "store")
-POOLS = ("max", "mean")
+from .config import MEMORY_MODES as MODES
+from .config import POOLS
 
 Rebuild = Callable[[Iterator[Tensor]], Any]
 

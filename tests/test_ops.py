@@ -17,9 +17,15 @@ from mdarts.ops import (
     ENCODER_CANDIDATES,
     PARAMETRIC,
     Dropout,
+    FeedForward,
     OpContext,
     build_candidate,
+    op_spec,
+    parameter_free_ops,
+    register_op,
+    registered_ops,
     reorder_state,
+    unregister_op,
 )
 
 D, D_MEM, HEADS, BATCH, TIME, SRC_TIME = 16, 24, 4, 2, 10, 7
@@ -223,6 +229,60 @@ def test_search_space_counts() -> None:
     assert len(DECODER_CANDIDATES) == len(set(DECODER_CANDIDATES)) == 14
     assert set(DECODER_CANDIDATES) - set(ENCODER_CANDIDATES) == {"cross_attention"}
     assert PARAMETRIC == set(DECODER_CANDIDATES) - {"zero", "identity"}
+
+
+def test_the_registry_describes_the_built_in_ops() -> None:
+    assert registered_ops("encoder") == ENCODER_CANDIDATES and registered_ops("decoder") == DECODER_CANDIDATES
+    assert registered_ops() == DECODER_CANDIDATES
+    assert parameter_free_ops() == ("zero", "identity")
+    assert [name for name in DECODER_CANDIDATES if op_spec(name).skip] == ["identity"]
+    assert [name for name in DECODER_CANDIDATES if not op_spec(name).connects] == ["zero"]
+    assert op_spec("cross_attention").sides == ("decoder",) and op_spec("cross_attention").causal == "memory"
+    assert {op_spec(f"conv{w}").causal for w in (3, 5, 7, 11)} == {"left-padded"}
+    assert ModelConfig().encoder_candidates == ENCODER_CANDIDATES
+    assert ModelConfig().decoder_candidates == DECODER_CANDIDATES
+
+
+def _ffn(d_model: int, causal: bool, config: ModelConfig, d_memory: Optional[int]) -> FeedForward:
+    """(batch, time, d_model) -> (batch, time, d_model)."""
+    return FeedForward(d_model, causal, config.ffn_mult, config.dropout)
+
+
+def _ffn_saved_bytes(rows: int, seq_len: int, d_model: int, config: ModelConfig, f: int) -> int:
+    return f * rows * d_model * 2 * config.ffn_mult
+
+
+@pytest.mark.parametrize(
+    "name,args,options,message",
+    [
+        ("wide_ffn", (_ffn,), dict(causal="position-wise"), r"register_op\('wide_ffn'\): no saved_bytes"),
+        ("ffn", (_ffn, _ffn_saved_bytes), dict(causal="position-wise"), r"'ffn'.*already registered"),
+        ("wide_ffn", (_ffn, _ffn_saved_bytes), {}, r"'wide_ffn'.*a decoder op needs causal"),
+        ("wide_ffn", (_ffn, _ffn_saved_bytes), dict(causal="sideways"), r"'wide_ffn'.*one of position-wise"),
+        ("wide_ffn", (_ffn, _ffn_saved_bytes), dict(sides=("middle",)), r"'wide_ffn'.*sides"),
+        ("nothing", (_ffn, _ffn_saved_bytes), dict(causal="position-wise", parametric=False), "saves nothing"),
+        ("wide_ffn", (_ffn, _ffn_saved_bytes), dict(causal="position-wise", skip=True), "parameter-free"),
+    ],
+)
+def test_a_bad_registration_raises_naming_the_op(name: str, args: tuple, options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        register_op(name, *args, **options)
+    assert registered_ops() == DECODER_CANDIDATES  # nothing was added
+
+
+def test_an_unknown_op_is_refused_by_the_config_and_the_registry_when_gone() -> None:
+    register_op("wide_ffn", _ffn, _ffn_saved_bytes, sides=("encoder",))
+    try:
+        config = ModelConfig(encoder_candidates=("wide_ffn", "ffn"))
+        assert type(build_candidate("wide_ffn", D, False, config)) is FeedForward
+        with pytest.raises(ValueError, match=r"ModelConfig.decoder_candidates: unknown op\(s\) wide_ffn"):
+            ModelConfig(decoder_candidates=("wide_ffn", "ffn"))  # an encoder-only op
+    finally:
+        unregister_op("wide_ffn")
+    with pytest.raises(ValueError, match=r"ModelConfig.encoder_candidates: unknown op\(s\) wide_ffn; valid: conv3"):
+        ModelConfig(encoder_candidates=("wide_ffn", "ffn"))
+    with pytest.raises(ValueError, match="unknown candidate op 'wide_ffn'"):
+        unregister_op("wide_ffn")
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -1,6 +1,7 @@
 """Tests of mdarts.plan: the analytic activation model against saved_tensors_hooks counts
 (per candidate op and for whole supernets in every mode), its shape in depth, largest_d and
-bad input.
+bad input; an op registered from outside the package is planned by its own formula, and a
+search in memory mode auto runs with it.
 
 Tolerance: the saved-bytes model is exact up to small bookkeeping tensors (masks, indices),
 so it is held to 5% here, tighter than the 15% target on peaks; the peak itself is measured
@@ -9,16 +10,21 @@ in fresh processes by benchmarks/memory.py (an in-process RSS peak is not reliab
 
 from __future__ import annotations
 
+from typing import Iterator, Optional
+
 import pytest
 import torch
-from helpers import TINY
+from helpers import TINY, head, search_config
+from torch import Tensor, nn
 
-from mdarts.config import ModelConfig
+from mdarts.config import ModelConfig, SearchSettings
 from mdarts.loss import sequence_loss
 from mdarts.memory import saved_tensor_bytes
-from mdarts.model import Supernet
-from mdarts.ops import DECODER_CANDIDATES, OpContext, build_candidate
+from mdarts.model import Supernet, iter_nodes
+from mdarts.ops import DECODER_CANDIDATES, CandidateOp, Dropout, OpContext, build_candidate, register_op, unregister_op
 from mdarts.plan import _op_saved_bytes, count_parameters, format_plan, largest_d, predict_memory
+from mdarts.prepare import PreparedData
+from mdarts.search import Searcher
 
 VOCAB = 120
 TOLERANCE = 0.05
@@ -139,3 +145,77 @@ def test_largest_d_rejects_a_non_positive_budget() -> None:
 def test_a_width_that_does_not_split_is_rejected() -> None:
     with pytest.raises(ValueError, match="d_model"):
         predict_memory(TINY.replace(d_model=128), VOCAB, 64, "store")
+
+
+class PositionLinear(CandidateOp):
+    """The op registered by the tests below: ``Linear(d, d)``, ReLU, dropout, padded positions
+    zeroed; (batch, time, d_model) -> (batch, time, d_model)."""
+
+    def __init__(self, d_model: int, causal: bool, dropout: float) -> None:
+        super().__init__("position_linear", causal)
+        self.linear = nn.Linear(d_model, d_model)
+        self.dropout = Dropout(dropout)
+
+    def forward(self, h: Tensor, ctx: Optional[OpContext] = None) -> Tensor:
+        """h (batch, time, d_model) -> (batch, time, d_model)."""
+        y = self.dropout(torch.relu(self.linear(h)))
+        pad = None if ctx is None else ctx.pad_mask
+        return y if pad is None else y.masked_fill(pad.unsqueeze(-1), 0.0)
+
+
+def position_linear_saved_bytes(rows: int, seq_len: int, d_model: int, config: ModelConfig, f: int) -> int:
+    """The ReLU's output (the linear layer saves its input, the op's input h)."""
+    return f * rows * d_model
+
+
+@pytest.fixture
+def position_linear() -> Iterator[str]:
+    """The name of PositionLinear, registered on both sides for the test, unregistered after it."""
+    register_op(
+        "position_linear",
+        lambda d_model, causal, config, d_memory: PositionLinear(d_model, causal, config.dropout),
+        position_linear_saved_bytes,
+        causal="position-wise",
+    )
+    yield "position_linear"
+    unregister_op("position_linear")
+
+
+def with_op(config: ModelConfig, op: str) -> ModelConfig:
+    """``config`` with ``op`` added to the candidates of both sides."""
+    return config.replace(
+        encoder_candidates=(*config.encoder_candidates, op), decoder_candidates=(*config.decoder_candidates, op)
+    )
+
+
+@pytest.mark.parametrize("mode", ["store", "reconstruct"])
+def test_a_registered_op_is_planned_by_its_formula(position_linear: str, mode: str) -> None:
+    test_op_constants_match_saved_tensor_counts(position_linear, 2, 12, 24, 4)
+    test_saved_bytes_of_supernet_match_prediction(mode, with_op(TINY, position_linear), 0)
+    store = predict_memory(with_op(TINY, position_linear), VOCAB, 30, "store", seq_len=10)["activations"]
+    assert store > predict_memory(TINY, VOCAB, 30, "store", seq_len=10)["activations"]
+
+
+@pytest.fixture(scope="module")
+def search_data(multi30k_corpus) -> PreparedData:
+    """400 training and 40 validation pairs of the suite's Multi30k En-De, its tokenizer."""
+    splits = {"train": head(multi30k_corpus["train"], 400), "val": head(multi30k_corpus["val"], 40)}
+    return PreparedData(multi30k_corpus.tokenizer, splits, "en", "de")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_search_in_auto_memory_mode_runs_with_a_registered_op(position_linear, search_data, tmp_path) -> None:
+    config = with_op(search_config(), position_linear).replace(memory_mode="auto")
+    settings = SearchSettings(
+        max_steps=3, max_tokens=600, warmup_steps=10, eval_interval=4, checkpoint_interval=4, device="cpu"
+    )
+    searcher = Searcher(config, search_data, settings, tmp_path, progress=False)
+    assert searcher.config.memory_mode == "store" and "fits the budget" in searcher.memory_reason
+    assert (
+        position_linear in searcher.config.encoder_candidates and position_linear in searcher.config.decoder_candidates
+    )
+    ops = [op for node in iter_nodes(searcher.model) for op in node.ops if isinstance(op, PositionLinear)]
+    assert len(ops) == 4  # one in each searched node: 2 encoder and 2 decoder parts
+    before = [op.linear.weight.detach().clone() for op in ops]
+    assert searcher.run().steps == 3
+    assert not any(torch.equal(op.linear.weight, weight) for op, weight in zip(ops, before))  # trained
