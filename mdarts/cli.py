@@ -242,7 +242,10 @@ def _train_parser(sub) -> None:
     presets = list(TRAIN_PRESETS)
     parser.add_argument("--preset", default="multi30k-base", choices=presets, help="model size (default %(default)s)")
     parser.add_argument(
-        "--params", type=_positive_int, help="size a baseline (transformer, evolved) to about this many parameters"
+        "--params",
+        type=_positive_int,
+        help="size the network to this many parameters (within 2%%: d_model, then the embedding width), "
+        "as mdarts experiment does",
     )
     parser.add_argument(
         "--valid-bleu", type=int, default=0, help="also score BLEU on this many validation sentences (default 0: off)"
@@ -259,34 +262,27 @@ def _run_train(args: argparse.Namespace) -> int:
     interval, writes checkpoint_best.pt / checkpoint_last.pt atomically, log.jsonl and curves.png.
     Give a budget: --max-steps, --max-epochs and/or --max-minutes.
     """
-    from .checkpoint import BASELINES
-    from .evolved import evolved_config_for
-    from .genotype import Genotype
-    from .model import DerivedNet, baseline_config_for
     from .runs import resolve_device, seed_everything
+    from .sizing import builder, load_architecture, sized_config
     from .train import Trainer
 
     train_config = build_settings(TrainConfig, given(args, TrainConfig))
     RunDirectory(args.out, "training").check(args.resume, args.overwrite)  # before the data is prepared
     device = resolve_device(train_config.device)
     config = preset(args.preset, training=True)
-    genotype = None if args.arch in BASELINES else Genotype.load(args.arch)
-    if args.params and genotype is not None:
-        raise ValueError("--params sizes the baselines (transformer, evolved) only")
+    arch = load_architecture(args.arch)
     data = _prepared(args, ("train", "val"))
     vocab = data.tokenizer.vocab_size
+    if args.params:
+        config = sized_config(arch, config, args.params, vocab)
     seed_everything(train_config.seed)  # before the model: the seed decides its initialisation
-    if genotype is None:
-        if args.params:
-            sizer = evolved_config_for if args.arch == "evolved" else baseline_config_for
-            config = sizer(args.params, config, vocab)
-        model = BASELINES[args.arch](config, vocab)
-    else:
-        model = DerivedNet(genotype, config, vocab)
+    model = builder(arch, vocab)(config)
     validate_bleu = _bleu_callback(data, args.valid_bleu, device) if args.valid_bleu > 0 else None
     if os.environ.get("RANK", "0") == "0":
         print(
-            f"{type(model).__name__}: {model.num_parameters():,} parameters, d_model {config.d_model}", file=sys.stderr
+            f"{type(model).__name__}: {model.num_parameters():,} parameters, d_model {config.d_model}, "
+            f"embed_dim {config.embed_dim}",
+            file=sys.stderr,
         )
     trainer = Trainer(
         model, data, train_config, args.out, validate_bleu=validate_bleu, resume=args.resume, overwrite=args.overwrite

@@ -49,7 +49,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import math
 import statistics
 import sys
 import time
@@ -59,7 +58,6 @@ from typing import Callable, Iterator, Optional
 
 import tomllib
 import torch
-from torch import nn
 
 from . import runs
 from .arguments import build_settings
@@ -67,11 +65,10 @@ from .checkpoint import BASELINES, load_checkpoint, load_model
 from .config import ModelConfig, SearchSettings, TrainConfig, preset, search_preset
 from .data import PAIRS
 from .genotype import Genotype, control_genotype, random_genotype
-from .model import DerivedNet
 from .prepare import PreparedData, prepare_data
+from .sizing import Architecture, builder, count_parameters, sized_config
 
 ARM_KINDS = ("searched", "weight_sharing", "random", "control", "transformer", "evolved")
-SIZE_TOLERANCE = 0.02  # every network within 2% of the experiment's parameter count
 
 
 @dataclass(frozen=True)
@@ -185,47 +182,6 @@ class ExperimentSpec:
             max_positions=base.max_positions,
             memory_mode="store",
         )
-
-
-# ----------------------------------------------------------------------------- sizing
-
-
-def count_parameters(build: Callable[[ModelConfig], nn.Module], config: ModelConfig) -> tuple[int, int]:
-    """(all parameters, those outside the embedding table) of ``build(config)``, built on the meta device."""
-    with torch.device("meta"):
-        model = build(config)
-    total = sum(p.numel() for p in model.parameters())
-    return total, total - model.src_embed.table.weight.numel()
-
-
-def sized_config(
-    build: Callable[[ModelConfig], nn.Module], config: ModelConfig, target: int, d_step: int
-) -> ModelConfig:
-    """``config`` with the d_model (a multiple of ``d_step``) and then the embedding width whose
-    ``build`` has the parameter count nearest ``target``. ValueError when it misses by over 2%.
-
-    The count grows with the embedding width e except at e = d_model, where the embedding and
-    output projections (d x e each) are left out: each side of it is searched on its own."""
-
-    def total(d: int, e: int) -> int:
-        return count_parameters(build, config.replace(d_model=d, embed_dim=e))[0]
-
-    def nearest(d: int, low: int, high: int) -> list[int]:
-        """The largest e in [low, high] whose count stays under the target, and the next one."""
-        below, above = low, high
-        while below < above:
-            mid = (below + above + 1) // 2
-            below, above = (mid, above) if total(d, mid) <= target else (below, mid - 1)
-        return [e for e in (below, below + 1) if low <= e <= high]
-
-    d = d_step
-    while total(d + d_step, d + d_step) <= target:
-        d += d_step
-    widths = [*nearest(d, 8, d - 1), d, *nearest(d, d + 1, 8 * d)]
-    e = min(widths, key=lambda e: abs(total(d, e) - target))
-    if abs(total(d, e) - target) > SIZE_TOLERANCE * target:
-        raise ValueError(f"params: no size of this network comes within 2% of {target:,} parameters")
-    return config.replace(d_model=d, embed_dim=e)
 
 
 # ----------------------------------------------------------------------------- the runner
@@ -488,33 +444,25 @@ class Experiment:
                 member.genotype.save(self.out_dir / "genotypes" / f"{member.arm.name}-{member.name}.json")
         return member.genotype
 
-    def _build(self, member: Member) -> tuple[Callable[[ModelConfig], nn.Module], int]:
-        """How to build ``member`` at a size, and the step of its d_model."""
-        vocab = self.spec.vocab_size
-        genotype = self._genotype(member)
-        if member.arm.kind in BASELINES:
-            step = 2 * preset(self.spec.train_preset, training=True).heads
-            return (lambda config: BASELINES[member.arm.kind](config, vocab)), step
-        config = self.spec.model_config()
-        step = math.lcm(config.encoder_splits, config.decoder_splits) * config.heads
-        return (lambda c: DerivedNet(genotype, c, vocab)), step
-
-    def _size(self, member: Member) -> tuple[Callable[[ModelConfig], nn.Module], ModelConfig]:
-        """How to build ``member`` and its config at the experiment's size: the size its first
+    def _size(self, member: Member) -> tuple[Architecture, ModelConfig]:
+        """``member``'s architecture and its config at the experiment's size: the size its first
         training recorded, if done (every seed trains the same network), else
-        :func:`sized_config`'s."""
-        build, step = self._build(member)
-        base = preset(self.spec.train_preset, True) if member.arm.kind in BASELINES else self.spec.model_config()
+        :func:`~mdarts.sizing.sized_config`'s from the training preset (a baseline) or
+        :meth:`ExperimentSpec.model_config` (a genotype)."""
+        baseline = member.arm.kind in BASELINES
+        arch = member.arm.kind if baseline else self._genotype(member)
+        base = preset(self.spec.train_preset, training=True) if baseline else self.spec.model_config()
         first = self._train_dir(member, self.spec.train_seeds[0]) / TRAIN_DONE
         if first.is_file():
             record = json.loads(first.read_text())
-            return build, base.replace(d_model=record["d_model"], embed_dim=record["embed_dim"])
-        return build, sized_config(build, base, self.spec.params, step)
+            return arch, base.replace(d_model=record["d_model"], embed_dim=record["embed_dim"])
+        return arch, sized_config(arch, base, self.spec.params, self.spec.vocab_size)
 
     def _train(self, task: Task, data: PreparedData) -> bool:
         """Train a network (or continue it) and write its record; False when a signal stopped it."""
         member, run_dir = task.member(), self._run_dir(task)
-        build, config = self._size(member)
+        arch, config = self._size(member)
+        build = builder(arch, self.spec.vocab_size)
         runs.seed_everything(task.seed)
         model = build(config)
         settings = self.spec.train_config(task.seed).replace(device=self.device)
