@@ -348,25 +348,21 @@ def _load_for_decoding(args: argparse.Namespace):
 
 
 def _translate_lines(args: argparse.Namespace, loaded, lines: list[str], progress: bool = False) -> list[str]:
-    """Translations of ``lines`` by ``loaded`` with the decoding options in ``args``; an empty
-    (or blank) line is translated to an empty line."""
+    """:func:`mdarts.translate.translate_lines` of ``lines`` by ``loaded`` with the decoding
+    options in ``args``."""
     from .runs import resolve_device
-    from .translate import translate
+    from .translate import translate_lines
 
-    wanted = [i for i, line in enumerate(lines) if line.strip()]
-    ids = translate(
+    return translate_lines(
         loaded.model,
-        loaded.tokenizer.encode([lines[i] for i in wanted]),
+        loaded.tokenizer,
+        lines,
         beam_size=args.beam,
         len_penalty=args.len_penalty,
         max_tokens=args.max_tokens,
         device=resolve_device(args.device),
         progress=progress,
     )
-    translations = [""] * len(lines)
-    for i, text in zip(wanted, loaded.tokenizer.decode(ids)):
-        translations[i] = text
-    return translations
 
 
 def _read_stdin() -> list[str]:

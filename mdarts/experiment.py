@@ -67,6 +67,7 @@ from .data import PAIRS
 from .genotype import Genotype, control_genotype, random_genotype
 from .prepare import PreparedData, prepare_data
 from .sizing import Architecture, builder, count_parameters, sized_config
+from .translate import translate_lines
 
 ARM_KINDS = ("searched", "weight_sharing", "random", "control", "transformer", "evolved")
 
@@ -528,19 +529,17 @@ class Experiment:
 
     def _translate_test(self, member: Member, seed: int) -> None:
         """Translate the test split with a finished run's best checkpoint into
-        translations/<arm>/<member>-seed<seed>.txt (one detokenised line a sentence). The lines
+        translations/<arm>/<member>-seed<seed>.txt (one detokenised line a sentence, as
+        ``mdarts translate`` writes it: :func:`~mdarts.translate.translate_lines`). The lines
         are scored only by the report, once every run has its translation. Rank 0 translates;
         the other processes of a torchrun wait for it."""
-        from .translate import translate
-
         if not self.ranks.main:
             self.ranks.barrier()
             return
         device = runs.resolve_device(self.device)
         loaded = load_model(self._train_dir(member, seed) / "checkpoint_best.pt", device)
         corpus, _ = self._test_corpus()
-        ids = translate(loaded.model, loaded.tokenizer.encode(corpus.src), beam_size=self.spec.beam, device=device)
-        lines = [line.replace("\n", " ") for line in loaded.tokenizer.decode(ids)]
+        lines = translate_lines(loaded.model, loaded.tokenizer, corpus.src, beam_size=self.spec.beam, device=device)
         runs.write_atomic(self._translation_path(member, seed), "".join(f"{line}\n" for line in lines))
         self.ranks.barrier()
 
