@@ -66,7 +66,11 @@ from .config import ModelConfig, SearchSettings, TrainConfig, preset, search_pre
 from .data import PAIRS
 from .genotype import Genotype, control_genotype, random_genotype
 from .prepare import PreparedData, prepare_data
+from .search import CHECKPOINT_FILE as SEARCH_CHECKPOINT
+from .search import GENOTYPE_FILE, Searcher, searched_space
+from .search import LOG_FILE as SEARCH_LOG
 from .sizing import Architecture, builder, count_parameters, sized_config
+from .train import BEST_FILE, LAST_FILE, LOG_FILE, Trainer
 from .translate import translate_lines
 
 ARM_KINDS = ("searched", "weight_sharing", "random", "control", "transformer", "evolved")
@@ -314,13 +318,13 @@ class Experiment:
         """The state of a search, or of a training not finished (see :meth:`status`)."""
         if self._done(task):
             return f"done, {json.loads((run_dir / SEARCH_DONE).read_text())['steps']} steps"
-        log = runs.JsonLog(run_dir / ("search_log.jsonl" if task.search else "log.jsonl"), writes=False)
+        log = runs.JsonLog(run_dir / (SEARCH_LOG if task.search else LOG_FILE), writes=False)
         steps = [record["step"] for record in log.read()]
         where = f" (step {steps[-1]})" if steps else ""
         with self._hold(self._lock(run_dir)) as mine:
             if not mine:
                 return "running in another process" + where
-        checkpoint = run_dir / ("search_checkpoint.pt" if task.search else "checkpoint_last.pt")
+        checkpoint = run_dir / (SEARCH_CHECKPOINT if task.search else LAST_FILE)
         return "started, to continue" + where if checkpoint.is_file() else "to do"
 
     def _time_left(self) -> bool:
@@ -330,8 +334,6 @@ class Experiment:
 
     def _members(self) -> list[Member]:
         """Every network to train (a searched one's genotype is read once its search is done)."""
-        from .search import searched_space
-
         space = searched_space(preset(self.spec.search_preset), self.spec.search_settings().parameter_free)
         members = []
         for arm in self.spec.arms:
@@ -423,13 +425,11 @@ class Experiment:
 
     def _search(self, task: Task, data: PreparedData) -> bool:
         """Run (or continue) a search; False when a signal stopped it."""
-        from .search import Searcher
-
         member, run_dir = task.member(), self._run_dir(task)
         settings = self.spec.search_settings(task.seed)
         if member.arm.kind == "weight_sharing":  # one path a step: no alpha, nothing to shrink
             settings = settings.replace(single_path=True, shrink_to=())
-        resume = (run_dir / "search_checkpoint.pt").is_file()  # else what a kill left goes
+        resume = (run_dir / SEARCH_CHECKPOINT).is_file()  # else what a kill left goes
         config = preset(self.spec.search_preset)
         result = Searcher(config, data, settings, run_dir, resume=resume, overwrite=not resume).run()
         if result.stopped_by in ("SIGINT", "SIGTERM"):
@@ -440,7 +440,7 @@ class Experiment:
     def _genotype(self, member: Member) -> Optional[Genotype]:
         """``member``'s genotype, read from its finished search (and copied to genotypes/) if need be."""
         if member.genotype is None and member.search_dir is not None:
-            member.genotype = Genotype.load(member.search_dir / "genotype.json")
+            member.genotype = Genotype.load(member.search_dir / GENOTYPE_FILE)
             if self.ranks.main:
                 member.genotype.save(self.out_dir / "genotypes" / f"{member.arm.name}-{member.name}.json")
         return member.genotype
@@ -467,9 +467,7 @@ class Experiment:
         runs.seed_everything(task.seed)
         model = build(config)
         settings = self.spec.train_config(task.seed).replace(device=self.device)
-        resume = (run_dir / "checkpoint_last.pt").is_file()  # else what a kill left goes
-        from .train import Trainer
-
+        resume = (run_dir / LAST_FILE).is_file()  # else what a kill left goes
         summary = Trainer(model, data, settings, run_dir, resume=resume, overwrite=not resume).run()
         if summary["stopped_by"] in ("SIGINT", "SIGTERM"):
             return False
@@ -482,7 +480,7 @@ class Experiment:
             "d_model": config.d_model,
             "embed_dim": config.embed_dim,
             "valid_loss": summary["best_valid_loss"],
-            "minutes": load_checkpoint(run_dir / "checkpoint_last.pt")["train_seconds"] / 60.0,
+            "minutes": load_checkpoint(run_dir / LAST_FILE)["train_seconds"] / 60.0,
             **self.machine,
         }
         self._write(run_dir / TRAIN_DONE, json.dumps(record, indent=1))
@@ -537,7 +535,7 @@ class Experiment:
             self.ranks.barrier()
             return
         device = runs.resolve_device(self.device)
-        loaded = load_model(self._train_dir(member, seed) / "checkpoint_best.pt", device)
+        loaded = load_model(self._train_dir(member, seed) / BEST_FILE, device)
         corpus, _ = self._test_corpus()
         lines = translate_lines(loaded.model, loaded.tokenizer, corpus.src, beam_size=self.spec.beam, device=device)
         runs.write_atomic(self._translation_path(member, seed), "".join(f"{line}\n" for line in lines))
