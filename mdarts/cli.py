@@ -55,15 +55,21 @@ def _add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
 
 
-def _add_data(parser: argparse.ArgumentParser, splits: str) -> None:
-    group = parser.add_argument_group("data")
-    group.add_argument("--pair", choices=PAIRS, help="Multi30k translation direction, e.g. en-de")
-    group.add_argument(
+def _add_data_dir(parser) -> None:
+    """Declare ``--data-dir`` on ``parser`` (a parser or an argument group), the one help text
+    of every command; :func:`mdarts.data.resolve_data_dir` resolves it."""
+    parser.add_argument(
         "--data-dir",
         type=Path,
         help="folder of the raw Multi30k files ({split}.{lang}.gz); default $MDARTS_DATA, "
         "else a download into the cache",
     )
+
+
+def _add_data(parser: argparse.ArgumentParser, splits: str) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--pair", choices=PAIRS, help="Multi30k translation direction, e.g. en-de")
+    _add_data_dir(group)
     group.add_argument(
         "--vocab-size", type=_positive_int, default=8000, help="joint SentencePiece vocabulary size (default 8000)"
     )
@@ -402,9 +408,7 @@ def _evaluate_parser(sub) -> None:
     parser.add_argument(
         "--split", default="test_2016_flickr", choices=splits, help="split to score (default %(default)s)"
     )
-    parser.add_argument(
-        "--data-dir", type=Path, help="folder of the raw Multi30k files (default $MDARTS_DATA or the download cache)"
-    )
+    _add_data_dir(parser)
     parser.add_argument("--limit", type=_positive_int, help="score only the first N sentences")
     parser.add_argument("--hypotheses", type=Path, help="also write the translations to this file")
 
@@ -416,7 +420,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     sacreBLEU and chrF (with their signatures), and lowercased Moses-tokenised BLEU as in Multi30k
     papers.
     """
-    from .data import load_pair
+    from .data import load_pair, resolve_data_dir
     from .evaluate import format_scores, load_tok_references, score
 
     loaded, pair = _load_for_decoding(args)
@@ -426,8 +430,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     corpus = load_pair(pair, args.split, args.data_dir)
     src, refs = corpus.src[: args.limit], corpus.tgt[: args.limit]
     hyps = _translate_lines(args, loaded, src, progress=True)
-    data_dir = args.data_dir or os.environ.get("MDARTS_DATA")
-    tok_refs = load_tok_references(data_dir, args.split, corpus.tgt_lang) if data_dir else None
+    folder = resolve_data_dir(args.data_dir)
+    tok_refs = load_tok_references(folder, args.split, corpus.tgt_lang) if folder else None
     if tok_refs is not None:
         tok_refs = tok_refs[: args.limit]
     if args.hypotheses:
@@ -444,7 +448,7 @@ def _experiment_parser(sub) -> None:
     parser = _command(sub, _run_experiment)
     parser.add_argument("spec", type=Path, help="the experiment's specification (TOML or JSON; see mdarts.experiment)")
     parser.add_argument("--out", type=Path, required=True, help="experiment directory (run again to continue)")
-    parser.add_argument("--data-dir", type=Path, help="folder of the raw Multi30k files (default $MDARTS_DATA)")
+    _add_data_dir(parser)
     parser.add_argument("--max-minutes", type=_positive_float, help="start no new search or training after this")
     parser.add_argument(
         "--status",
@@ -462,6 +466,7 @@ def _run_experiment(args: argparse.Namespace) -> int:
     bleu.png and summary.json into --out. Running the same command again continues a stopped
     experiment; finished searches and trainings are not redone.
     """
+    from .data import resolve_data_dir
     from .experiment import Experiment, ExperimentSpec
 
     spec = ExperimentSpec.load(args.spec)
@@ -470,9 +475,7 @@ def _run_experiment(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--out: {args.out} holds no experiment (no spec.json)")
         print("\n".join(Experiment(spec, args.out, device="cpu").status()))
         return 0
-    summary = Experiment(spec, args.out, args.data_dir or os.environ.get("MDARTS_DATA"), args.device).run(
-        args.max_minutes
-    )
+    summary = Experiment(spec, args.out, resolve_data_dir(args.data_dir), args.device).run(args.max_minutes)
     if summary is None:
         again = shlex.join(["mdarts", *args.argv])
         print(f"mdarts experiment: stopped before the end; continue with:\n  {again}", file=sys.stderr)
