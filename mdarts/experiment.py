@@ -5,8 +5,9 @@ Arms (``kind``): ``searched`` (DARTS searches, one per seed), ``weight_sharing``
 with weight sharing, one per seed), ``random`` (``count`` uniformly drawn genotypes, seeds fixed
 in advance: 0, 1, ...), ``control`` (attention + FFN in the reversible skeleton), ``transformer``
 and ``evolved`` (the baselines). Every network is sized to ``params`` parameters (within 2%:
-d_model in its steps, then the embedding width), built with the training preset's depth, heads,
-FFN width and dropout, and trained with identical settings. Each is first trained with the first
+d_model in its steps, then the embedding width; :func:`mdarts.sizing.sized_config`, as
+``mdarts train --params`` sizes it), built with the training preset's depth, heads, FFN width
+and dropout, and trained with identical settings. Each is first trained with the first
 training seed; the finalists (every arm but ``random``, and the ``random_finalists`` random
 genotypes best on validation loss) with every training seed. Choices use validation only; the
 test split is translated and scored once, at the end.
