@@ -55,15 +55,21 @@ def _add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
 
 
-def _add_data(parser: argparse.ArgumentParser, splits: str) -> None:
-    group = parser.add_argument_group("data")
-    group.add_argument("--pair", choices=PAIRS, help="Multi30k translation direction, e.g. en-de")
-    group.add_argument(
+def _add_data_dir(parser) -> None:
+    """Declare ``--data-dir`` on ``parser`` (a parser or an argument group), the one help text
+    of every command; :func:`mdarts.data.resolve_data_dir` resolves it."""
+    parser.add_argument(
         "--data-dir",
         type=Path,
         help="folder of the raw Multi30k files ({split}.{lang}.gz); default $MDARTS_DATA, "
         "else a download into the cache",
     )
+
+
+def _add_data(parser: argparse.ArgumentParser, splits: str) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--pair", choices=PAIRS, help="Multi30k translation direction, e.g. en-de")
+    _add_data_dir(group)
     group.add_argument(
         "--vocab-size", type=_positive_int, default=8000, help="joint SentencePiece vocabulary size (default 8000)"
     )
@@ -240,10 +246,11 @@ def _run_derive(args: argparse.Namespace) -> int:
     import json
 
     from .genotype import Genotype
+    from .search.run import GENOTYPE_FILE
 
     if args.select is not None or args.score is not None:
         return _reselect(args)
-    genotypes = [Genotype.load(run / "genotype.json" if run.is_dir() else run) for run in args.run]
+    genotypes = [Genotype.load(run / GENOTYPE_FILE if run.is_dir() else run) for run in args.run]
     if args.json:
         print(json.dumps(genotypes[0].to_dict(), indent=1))
         return 0
@@ -346,7 +353,10 @@ def _train_parser(sub) -> None:
     presets = list(TRAIN_PRESETS)
     parser.add_argument("--preset", default="multi30k-base", choices=presets, help="model size (default %(default)s)")
     parser.add_argument(
-        "--params", type=_positive_int, help="size a baseline (transformer, evolved) to about this many parameters"
+        "--params",
+        type=_positive_int,
+        help="size the network to this many parameters (within 2%%: d_model, then the embedding width), "
+        "as mdarts experiment does",
     )
     parser.add_argument(
         "--valid-bleu", type=int, default=0, help="also score BLEU on this many validation sentences (default 0: off)"
@@ -363,34 +373,27 @@ def _run_train(args: argparse.Namespace) -> int:
     interval, writes checkpoint_best.pt / checkpoint_last.pt atomically, log.jsonl and curves.png.
     Give a budget: --max-steps, --max-epochs and/or --max-minutes.
     """
-    from .checkpoint import BASELINES
-    from .evolved import evolved_config_for
-    from .genotype import Genotype
-    from .model import DerivedNet, baseline_config_for
     from .runs import resolve_device, seed_everything
+    from .sizing import builder, load_architecture, sized_config
     from .train import Trainer
 
     train_config = build_settings(TrainConfig, given(args, TrainConfig))
     RunDirectory(args.out, "training").check(args.resume, args.overwrite)  # before the data is prepared
     device = resolve_device(train_config.device)
     config = preset(args.preset, training=True)
-    genotype = None if args.arch in BASELINES else Genotype.load(args.arch)
-    if args.params and genotype is not None:
-        raise ValueError("--params sizes the baselines (transformer, evolved) only")
+    arch = load_architecture(args.arch)
     data = _prepared(args, ("train", "val"))
     vocab = data.tokenizer.vocab_size
+    if args.params:
+        config = sized_config(arch, config, args.params, vocab)
     seed_everything(train_config.seed)  # before the model: the seed decides its initialisation
-    if genotype is None:
-        if args.params:
-            sizer = evolved_config_for if args.arch == "evolved" else baseline_config_for
-            config = sizer(args.params, config, vocab)
-        model = BASELINES[args.arch](config, vocab)
-    else:
-        model = DerivedNet(genotype, config, vocab)
+    model = builder(arch, vocab)(config)
     validate_bleu = _bleu_callback(data, args.valid_bleu, device) if args.valid_bleu > 0 else None
     if os.environ.get("RANK", "0") == "0":
         print(
-            f"{type(model).__name__}: {model.num_parameters():,} parameters, d_model {config.d_model}", file=sys.stderr
+            f"{type(model).__name__}: {model.num_parameters():,} parameters, d_model {config.d_model}, "
+            f"embed_dim {config.embed_dim}",
+            file=sys.stderr,
         )
     trainer = Trainer(
         model, data, train_config, args.out, validate_bleu=validate_bleu, resume=args.resume, overwrite=args.overwrite
@@ -456,25 +459,21 @@ def _load_for_decoding(args: argparse.Namespace):
 
 
 def _translate_lines(args: argparse.Namespace, loaded, lines: list[str], progress: bool = False) -> list[str]:
-    """Translations of ``lines`` by ``loaded`` with the decoding options in ``args``; an empty
-    (or blank) line is translated to an empty line."""
+    """:func:`mdarts.translate.translate_lines` of ``lines`` by ``loaded`` with the decoding
+    options in ``args``."""
     from .runs import resolve_device
-    from .translate import translate
+    from .translate import translate_lines
 
-    wanted = [i for i, line in enumerate(lines) if line.strip()]
-    ids = translate(
+    return translate_lines(
         loaded.model,
-        loaded.tokenizer.encode([lines[i] for i in wanted]),
+        loaded.tokenizer,
+        lines,
         beam_size=args.beam,
         len_penalty=args.len_penalty,
         max_tokens=args.max_tokens,
         device=resolve_device(args.device),
         progress=progress,
     )
-    translations = [""] * len(lines)
-    for i, text in zip(wanted, loaded.tokenizer.decode(ids)):
-        translations[i] = text
-    return translations
 
 
 def _read_stdin() -> list[str]:
@@ -514,9 +513,7 @@ def _evaluate_parser(sub) -> None:
     parser.add_argument(
         "--split", default="test_2016_flickr", choices=splits, help="split to score (default %(default)s)"
     )
-    parser.add_argument(
-        "--data-dir", type=Path, help="folder of the raw Multi30k files (default $MDARTS_DATA or the download cache)"
-    )
+    _add_data_dir(parser)
     parser.add_argument("--limit", type=_positive_int, help="score only the first N sentences")
     parser.add_argument("--hypotheses", type=Path, help="also write the translations to this file")
 
@@ -528,7 +525,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     sacreBLEU and chrF (with their signatures), and lowercased Moses-tokenised BLEU as in Multi30k
     papers.
     """
-    from .data import load_pair
+    from .data import load_pair, resolve_data_dir
     from .evaluate import format_scores, load_tok_references, score
 
     loaded, pair = _load_for_decoding(args)
@@ -538,8 +535,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     corpus = load_pair(pair, args.split, args.data_dir)
     src, refs = corpus.src[: args.limit], corpus.tgt[: args.limit]
     hyps = _translate_lines(args, loaded, src, progress=True)
-    data_dir = args.data_dir or os.environ.get("MDARTS_DATA")
-    tok_refs = load_tok_references(data_dir, args.split, corpus.tgt_lang) if data_dir else None
+    folder = resolve_data_dir(args.data_dir)
+    tok_refs = load_tok_references(folder, args.split, corpus.tgt_lang) if folder else None
     if tok_refs is not None:
         tok_refs = tok_refs[: args.limit]
     if args.hypotheses:
@@ -556,7 +553,7 @@ def _experiment_parser(sub) -> None:
     parser = _command(sub, _run_experiment)
     parser.add_argument("spec", type=Path, help="the experiment's specification (TOML or JSON; see mdarts.experiment)")
     parser.add_argument("--out", type=Path, required=True, help="experiment directory (run again to continue)")
-    parser.add_argument("--data-dir", type=Path, help="folder of the raw Multi30k files (default $MDARTS_DATA)")
+    _add_data_dir(parser)
     parser.add_argument("--max-minutes", type=_positive_float, help="start no new search or training after this")
     parser.add_argument(
         "--status",
@@ -574,6 +571,7 @@ def _run_experiment(args: argparse.Namespace) -> int:
     bleu.png and summary.json into --out. Running the same command again continues a stopped
     experiment; finished searches and trainings are not redone.
     """
+    from .data import resolve_data_dir
     from .experiment import Experiment, ExperimentSpec
 
     spec = ExperimentSpec.load(args.spec)
@@ -582,9 +580,7 @@ def _run_experiment(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--out: {args.out} holds no experiment (no spec.json)")
         print("\n".join(Experiment(spec, args.out, device="cpu").status()))
         return 0
-    summary = Experiment(spec, args.out, args.data_dir or os.environ.get("MDARTS_DATA"), args.device).run(
-        args.max_minutes
-    )
+    summary = Experiment(spec, args.out, resolve_data_dir(args.data_dir), args.device).run(args.max_minutes)
     if summary is None:
         again = shlex.join(["mdarts", *args.argv])
         print(f"mdarts experiment: stopped before the end; continue with:\n  {again}", file=sys.stderr)

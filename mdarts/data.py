@@ -195,7 +195,7 @@ def load_pair(
     available = splits_for_pair(pair)
     if split not in available:
         raise ValueError(f"Multi30k has no split {split!r} for {pair}; it has: {', '.join(available)}")
-    directory = _resolve_data_dir(data_dir)
+    directory = resolve_data_dir(data_dir)
     if directory is not None and not directory.is_dir():
         origin = "--data-dir" if data_dir is not None else "MDARTS_DATA"
         if directory.exists():
@@ -212,8 +212,10 @@ def load_pair(
     return load_parallel_files(src_path, tgt_path, src_lang, tgt_lang, split)
 
 
-def _resolve_data_dir(data_dir: Optional[PathLike]) -> Optional[Path]:
-    """The argument, else ``$MDARTS_DATA``, else None (meaning: use the download cache)."""
+def resolve_data_dir(data_dir: Optional[PathLike]) -> Optional[Path]:
+    """The Multi30k folder: the argument (``--data-dir``), else ``$MDARTS_DATA``, else None
+    (meaning: use the download cache); ``~`` expanded. The only place that reads
+    ``$MDARTS_DATA``."""
     if data_dir is not None:
         return Path(data_dir).expanduser()
     env = os.environ.get("MDARTS_DATA")

@@ -42,9 +42,6 @@ projected memory, all under ``id(module)`` in the shared state dict, which
 
 from __future__ import annotations
 
-import math
-
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -192,7 +189,7 @@ class EvolvedTransformer(Seq2Seq):
 
     ``(src (batch, src_len), tgt_in (batch, tgt_len)) -> logits (batch, tgt_len, vocab)``.
     Uses d_model (even), heads, dropout and the cell counts of :func:`evolved_cells`; see
-    :func:`evolved_config_for` to size it to a parameter count.
+    :func:`mdarts.sizing.sized_config` to size it to a parameter count.
     """
 
     def __init__(self, config: ModelConfig, vocab_size: int) -> None:
@@ -208,77 +205,3 @@ class EvolvedTransformer(Seq2Seq):
 
     def decoder_body(self, y: Tensor, op_ctx: OpContext) -> Tensor:
         return run_blocks(self.decoder_cells, y, op_ctx)
-
-    @staticmethod
-    def parameter_count(config: ModelConfig, vocab_size: int) -> int:
-        """The exact number of parameters of ``EvolvedTransformer(config, vocab_size)``,
-        the cells counted in closed form (the shared embedding and output path from a
-        meta-device :class:`Seq2Seq`)."""
-        d = config.d_model
-
-        def norm(width: int) -> int:
-            return 2 * width
-
-        def linear(d_in: int, d_out: int) -> int:
-            return d_in * d_out + d_out
-
-        def separable(d_in: int, d_out: int, width: int) -> int:
-            return d_in * width + linear(d_in, d_out)
-
-        attention = 4 * linear(d, d)  # queries, keys, values, output
-        encoder = (
-            norm(d)
-            + linear(d, 2 * d)
-            + norm(d)
-            + linear(d, 4 * d)
-            + d * (d // 2) * 3
-            + d // 2
-            + norm(4 * d)
-            + separable(4 * d, d // 2, 9)
-            + norm(d)
-            + attention
-            + norm(d)
-            + linear(d, 4 * d)
-            + linear(4 * d, d)
-        )
-        decoder = (
-            norm(d)
-            + 2 * attention
-            + norm(d)
-            + separable(d, 2 * d, 11)
-            + separable(d, d // 2, 7)
-            + norm(2 * d)
-            + separable(2 * d, d, 7)
-            + norm(d)
-            + attention
-            + norm(d)
-            + attention
-            + norm(d)
-            + linear(d, 4 * d)
-            + norm(4 * d)
-            + linear(4 * d, d)
-        )
-        encoder_cells, decoder_cells = evolved_cells(config)
-        with torch.device("meta"):
-            shared = Seq2Seq(config, vocab_size).num_parameters()
-        return shared + encoder_cells * encoder + decoder_cells * decoder
-
-
-def evolved_config_for(target_parameters: int, config: ModelConfig, vocab_size: int) -> ModelConfig:
-    """``config`` with the d_model whose Evolved Transformer has the parameter count
-    nearest ``target_parameters`` (the smaller width on a tie); d_model steps by
-    lcm(2, heads), the finest step that keeps it even and divisible by heads. The other
-    fields are kept."""
-    if target_parameters < 1:
-        raise ValueError(f"target_parameters: expected a positive count, got {target_parameters}")
-    step = math.lcm(2, config.heads)
-
-    def gap(d_model: int) -> int:
-        return abs(EvolvedTransformer.parameter_count(config.replace(d_model=d_model), vocab_size) - target_parameters)
-
-    d_model = step  # the count grows with d_model: walk up to the first width at or above the target
-    while EvolvedTransformer.parameter_count(config.replace(d_model=d_model), vocab_size) < target_parameters:
-        d_model += step
-    if d_model > step and gap(d_model - step) <= gap(d_model):
-        d_model -= step
-    return config.replace(d_model=d_model)

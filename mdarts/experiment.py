@@ -7,8 +7,9 @@ table), ``weight_sharing`` (the same with method single_path and selector ranked
 search with weight sharing), ``random`` (``count`` uniformly drawn genotypes, seeds fixed
 in advance: 0, 1, ...), ``control`` (attention + FFN in the reversible skeleton), ``transformer``
 and ``evolved`` (the baselines). Every network is sized to ``params`` parameters (within 2%:
-d_model in its steps, then the embedding width), built with the training preset's depth, heads,
-FFN width and dropout, and trained with identical settings. Each is first trained with the first
+d_model in its steps, then the embedding width; :func:`mdarts.sizing.sized_config`, as
+``mdarts train --params`` sizes it), built with the training preset's depth, heads, FFN width
+and dropout, and trained with identical settings. Each is first trained with the first
 training seed; the finalists (every arm but ``random``, and the ``random_finalists`` random
 genotypes best on validation loss) with every training seed. Choices use validation only; the
 test split is translated and scored once, at the end.
@@ -58,7 +59,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import math
 import statistics
 import sys
 import time
@@ -68,7 +68,6 @@ from typing import Any, Callable, Iterator, Optional
 
 import tomllib
 import torch
-from torch import nn
 
 from . import runs
 from .arguments import build_settings
@@ -76,11 +75,16 @@ from .checkpoint import BASELINES, load_checkpoint, load_model
 from .config import ModelConfig, SearchSettings, TrainConfig, preset, search_preset
 from .data import PAIRS
 from .genotype import Genotype, control_genotype, random_genotype
-from .model import DerivedNet
 from .prepare import PreparedData, prepare_data
+from .search import METHODS, SELECTORS, Searcher, parts_of_table, searched_space, split_values
+from .search.run import CHECKPOINT_FILE as SEARCH_CHECKPOINT
+from .search.run import GENOTYPE_FILE
+from .search.run import LOG_FILE as SEARCH_LOG
+from .sizing import Architecture, builder, count_parameters, sized_config
+from .train import BEST_FILE, LAST_FILE, LOG_FILE, Trainer
+from .translate import translate_lines
 
 ARM_KINDS = ("searched", "weight_sharing", "random", "control", "transformer", "evolved")
-SIZE_TOLERANCE = 0.02  # every network within 2% of the experiment's parameter count
 
 
 SEARCH_PARTS = {"searched": ("darts", "argmax"), "weight_sharing": ("single_path", "ranked_paths")}
@@ -206,8 +210,6 @@ class ExperimentSpec:
 
     def search_settings(self, seed: int = 0) -> SearchSettings:
         """The ``[search]`` table's SearchSettings fields over the search preset's."""
-        from .search import parts_of_table
-
         values = parts_of_table(self.search, *SEARCH_PARTS["searched"])[0]
         return build_settings(SearchSettings, {**values, "seed": seed}, base=search_preset(self.search_preset))
 
@@ -215,8 +217,6 @@ class ExperimentSpec:
         """The settings of ``arm``'s searches: (SearchSettings, the method's, the selector's),
         from the ``[search]`` table (fields of other methods and selectors are left out) and
         the arm's ``settings`` (which must all belong to its parts)."""
-        from .search import METHODS, SELECTORS, parts_of_table, split_values
-
         method, select = arm.parts()
         base = search_preset(self.search_preset).replace(method=method, select=select)
         values, method_values, select_values = parts_of_table(self.search, method, select)
@@ -248,47 +248,6 @@ class ExperimentSpec:
             max_positions=base.max_positions,
             memory_mode="store",
         )
-
-
-# ----------------------------------------------------------------------------- sizing
-
-
-def count_parameters(build: Callable[[ModelConfig], nn.Module], config: ModelConfig) -> tuple[int, int]:
-    """(all parameters, those outside the embedding table) of ``build(config)``, built on the meta device."""
-    with torch.device("meta"):
-        model = build(config)
-    total = sum(p.numel() for p in model.parameters())
-    return total, total - model.src_embed.table.weight.numel()
-
-
-def sized_config(
-    build: Callable[[ModelConfig], nn.Module], config: ModelConfig, target: int, d_step: int
-) -> ModelConfig:
-    """``config`` with the d_model (a multiple of ``d_step``) and then the embedding width whose
-    ``build`` has the parameter count nearest ``target``. ValueError when it misses by over 2%.
-
-    The count grows with the embedding width e except at e = d_model, where the embedding and
-    output projections (d x e each) are left out: each side of it is searched on its own."""
-
-    def total(d: int, e: int) -> int:
-        return count_parameters(build, config.replace(d_model=d, embed_dim=e))[0]
-
-    def nearest(d: int, low: int, high: int) -> list[int]:
-        """The largest e in [low, high] whose count stays under the target, and the next one."""
-        below, above = low, high
-        while below < above:
-            mid = (below + above + 1) // 2
-            below, above = (mid, above) if total(d, mid) <= target else (below, mid - 1)
-        return [e for e in (below, below + 1) if low <= e <= high]
-
-    d = d_step
-    while total(d + d_step, d + d_step) <= target:
-        d += d_step
-    widths = [*nearest(d, 8, d - 1), d, *nearest(d, d + 1, 8 * d)]
-    e = min(widths, key=lambda e: abs(total(d, e) - target))
-    if abs(total(d, e) - target) > SIZE_TOLERANCE * target:
-        raise ValueError(f"params: no size of this network comes within 2% of {target:,} parameters")
-    return config.replace(d_model=d, embed_dim=e)
 
 
 # ----------------------------------------------------------------------------- the runner
@@ -420,13 +379,13 @@ class Experiment:
         """The state of a search, or of a training not finished (see :meth:`status`)."""
         if self._done(task):
             return f"done, {json.loads((run_dir / SEARCH_DONE).read_text())['steps']} steps"
-        log = runs.JsonLog(run_dir / ("search_log.jsonl" if task.search else "log.jsonl"), writes=False)
+        log = runs.JsonLog(run_dir / (SEARCH_LOG if task.search else LOG_FILE), writes=False)
         steps = [record["step"] for record in log.read()]
         where = f" (step {steps[-1]})" if steps else ""
         with self._hold(self._lock(run_dir)) as mine:
             if not mine:
                 return "running in another process" + where
-        checkpoint = run_dir / ("search_checkpoint.pt" if task.search else "checkpoint_last.pt")
+        checkpoint = run_dir / (SEARCH_CHECKPOINT if task.search else LAST_FILE)
         return "started, to continue" + where if checkpoint.is_file() else "to do"
 
     def _time_left(self) -> bool:
@@ -436,8 +395,6 @@ class Experiment:
 
     def _members(self) -> list[Member]:
         """Every network to train (a searched one's genotype is read once its search is done)."""
-        from .search import searched_space
-
         space = searched_space(preset(self.spec.search_preset), self.spec.search_settings().parameter_free)
         members = []
         for arm in self.spec.arms:
@@ -529,11 +486,9 @@ class Experiment:
 
     def _search(self, task: Task, data: PreparedData) -> bool:
         """Run (or continue) a search; False when a signal stopped it."""
-        from .search import Searcher
-
         member, run_dir = task.member(), self._run_dir(task)
         settings, method, selector = self.spec.search_parts(member.arm, task.seed)
-        resume = (run_dir / "search_checkpoint.pt").is_file()  # else what a kill left goes
+        resume = (run_dir / SEARCH_CHECKPOINT).is_file()  # else what a kill left goes
         config = preset(self.spec.search_preset)
         result = Searcher(
             config, data, settings, run_dir, method=method, selector=selector, resume=resume, overwrite=not resume
@@ -546,44 +501,34 @@ class Experiment:
     def _genotype(self, member: Member) -> Optional[Genotype]:
         """``member``'s genotype, read from its finished search (and copied to genotypes/) if need be."""
         if member.genotype is None and member.search_dir is not None:
-            member.genotype = Genotype.load(member.search_dir / "genotype.json")
+            member.genotype = Genotype.load(member.search_dir / GENOTYPE_FILE)
             if self.ranks.main:
                 member.genotype.save(self.out_dir / "genotypes" / f"{member.arm.name}-{member.name}.json")
         return member.genotype
 
-    def _build(self, member: Member) -> tuple[Callable[[ModelConfig], nn.Module], int]:
-        """How to build ``member`` at a size, and the step of its d_model."""
-        vocab = self.spec.vocab_size
-        genotype = self._genotype(member)
-        if member.arm.kind in BASELINES:
-            step = 2 * preset(self.spec.train_preset, training=True).heads
-            return (lambda config: BASELINES[member.arm.kind](config, vocab)), step
-        config = self.spec.model_config()
-        step = math.lcm(config.encoder_splits, config.decoder_splits) * config.heads
-        return (lambda c: DerivedNet(genotype, c, vocab)), step
-
-    def _size(self, member: Member) -> tuple[Callable[[ModelConfig], nn.Module], ModelConfig]:
-        """How to build ``member`` and its config at the experiment's size: the size its first
+    def _size(self, member: Member) -> tuple[Architecture, ModelConfig]:
+        """``member``'s architecture and its config at the experiment's size: the size its first
         training recorded, if done (every seed trains the same network), else
-        :func:`sized_config`'s."""
-        build, step = self._build(member)
-        base = preset(self.spec.train_preset, True) if member.arm.kind in BASELINES else self.spec.model_config()
+        :func:`~mdarts.sizing.sized_config`'s from the training preset (a baseline) or
+        :meth:`ExperimentSpec.model_config` (a genotype)."""
+        baseline = member.arm.kind in BASELINES
+        arch = member.arm.kind if baseline else self._genotype(member)
+        base = preset(self.spec.train_preset, training=True) if baseline else self.spec.model_config()
         first = self._train_dir(member, self.spec.train_seeds[0]) / TRAIN_DONE
         if first.is_file():
             record = json.loads(first.read_text())
-            return build, base.replace(d_model=record["d_model"], embed_dim=record["embed_dim"])
-        return build, sized_config(build, base, self.spec.params, step)
+            return arch, base.replace(d_model=record["d_model"], embed_dim=record["embed_dim"])
+        return arch, sized_config(arch, base, self.spec.params, self.spec.vocab_size)
 
     def _train(self, task: Task, data: PreparedData) -> bool:
         """Train a network (or continue it) and write its record; False when a signal stopped it."""
         member, run_dir = task.member(), self._run_dir(task)
-        build, config = self._size(member)
+        arch, config = self._size(member)
+        build = builder(arch, self.spec.vocab_size)
         runs.seed_everything(task.seed)
         model = build(config)
         settings = self.spec.train_config(task.seed).replace(device=self.device)
-        resume = (run_dir / "checkpoint_last.pt").is_file()  # else what a kill left goes
-        from .train import Trainer
-
+        resume = (run_dir / LAST_FILE).is_file()  # else what a kill left goes
         summary = Trainer(model, data, settings, run_dir, resume=resume, overwrite=not resume).run()
         if summary["stopped_by"] in ("SIGINT", "SIGTERM"):
             return False
@@ -596,7 +541,7 @@ class Experiment:
             "d_model": config.d_model,
             "embed_dim": config.embed_dim,
             "valid_loss": summary["best_valid_loss"],
-            "minutes": load_checkpoint(run_dir / "checkpoint_last.pt")["train_seconds"] / 60.0,
+            "minutes": load_checkpoint(run_dir / LAST_FILE)["train_seconds"] / 60.0,
             **self.machine,
         }
         self._write(run_dir / TRAIN_DONE, json.dumps(record, indent=1))
@@ -643,19 +588,17 @@ class Experiment:
 
     def _translate_test(self, member: Member, seed: int) -> None:
         """Translate the test split with a finished run's best checkpoint into
-        translations/<arm>/<member>-seed<seed>.txt (one detokenised line a sentence). The lines
+        translations/<arm>/<member>-seed<seed>.txt (one detokenised line a sentence, as
+        ``mdarts translate`` writes it: :func:`~mdarts.translate.translate_lines`). The lines
         are scored only by the report, once every run has its translation. Rank 0 translates;
         the other processes of a torchrun wait for it."""
-        from .translate import translate
-
         if not self.ranks.main:
             self.ranks.barrier()
             return
         device = runs.resolve_device(self.device)
-        loaded = load_model(self._train_dir(member, seed) / "checkpoint_best.pt", device)
+        loaded = load_model(self._train_dir(member, seed) / BEST_FILE, device)
         corpus, _ = self._test_corpus()
-        ids = translate(loaded.model, loaded.tokenizer.encode(corpus.src), beam_size=self.spec.beam, device=device)
-        lines = [line.replace("\n", " ") for line in loaded.tokenizer.decode(ids)]
+        lines = translate_lines(loaded.model, loaded.tokenizer, corpus.src, beam_size=self.spec.beam, device=device)
         runs.write_atomic(self._translation_path(member, seed), "".join(f"{line}\n" for line in lines))
         self.ranks.barrier()
 

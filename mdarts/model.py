@@ -504,7 +504,7 @@ class TransformerBaseline(Seq2Seq):
     """The standard (post-LN) encoder-decoder Transformer with the shared embedding and output path.
 
     Uses d_model, heads, ffn_mult (FFN hidden = ffn_mult * d_model), dropout and the layer
-    counts of ``config``; see :func:`baseline_config_for` to size it to a parameter count."""
+    counts of ``config``; :func:`mdarts.sizing.sized_config` sizes it to a parameter count."""
 
     def __init__(self, config: ModelConfig, vocab_size: int) -> None:
         super().__init__(config, vocab_size)
@@ -516,27 +516,6 @@ class TransformerBaseline(Seq2Seq):
 
     def decoder_body(self, y: Tensor, op_ctx: OpContext) -> Tensor:
         return run_blocks(self.decoder_layers, y, op_ctx)
-
-
-def _parameter_count(config: ModelConfig, vocab_size: int) -> int:
-    with torch.device("meta"):
-        return TransformerBaseline(config, vocab_size).num_parameters()
-
-
-def baseline_config_for(target_parameters: int, config: ModelConfig, vocab_size: int) -> ModelConfig:
-    """``config`` with the d_model whose Transformer baseline has the parameter count nearest
-    ``target_parameters``, d_model tried in steps of 2 * heads up to 384 * heads (so heads
-    divides it, as the baseline needs; the split rules of the reversible nets are not applied)."""
-    if target_parameters < 1:
-        raise ValueError(f"target_parameters: expected a positive count, got {target_parameters}")
-    step = 2 * config.heads
-    best, best_gap = config, None
-    for d_model in range(step, 192 * step + 1, step):
-        candidate = config.replace(d_model=d_model)
-        gap = abs(_parameter_count(candidate, vocab_size) - target_parameters)
-        if best_gap is None or gap < best_gap:
-            best, best_gap = candidate, gap
-    return best
 
 
 def iter_nodes(model: nn.Module) -> Iterator[Node]:

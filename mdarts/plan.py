@@ -27,14 +27,16 @@ source has as many. Attention terms grow with ``seq_len`` (tokens x seq_len per 
 from __future__ import annotations
 
 import functools
-import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 
 from .config import MEMORY_MODES, ModelConfig
+from .model import Supernet
 from .ops import DECODER_FIXED_OP, op_spec
+from .sizing import count_parameters as network_parameters
+from .sizing import d_step
 
 DEVICES = ("cpu", "cuda")
 FLOAT32 = 4  # parameters, gradients, Adam state and LayerNorm statistics stay float32
@@ -98,33 +100,31 @@ def count_parameters(config: ModelConfig, vocab_size: int) -> tuple[int, int]:
 
     The weight count is a quadratic polynomial in d_model (every weight matrix is d/n x d/n,
     d/n x d, d x e or vocab x e, every vector d/n or d long): it is counted exactly by building
-    the supernet on the meta device at the three smallest valid widths and interpolating.
+    the supernet on the meta device (:func:`mdarts.sizing.count_parameters`) at the three
+    smallest valid widths and interpolating.
     """
-    step = _d_step(config)
-    counts = _counts_at_small_widths(config.replace(d_model=step), vocab_size)
-    m = config.d_model // step  # counts[i] is the count at d = (i + 1) * step
-    c0, c1, c2 = counts
-    # Lagrange interpolation through (1, c0), (2, c1), (3, c2)
-    weights = (c0 * (m - 2) * (m - 3) - 2 * c1 * (m - 1) * (m - 3) + c2 * (m - 1) * (m - 2)) // 2
+    step = d_step(config)
     arch = config.unit_layers * (
         config.encoder_splits * len(config.encoder_candidates)
         + (config.decoder_splits - 1) * len(config.decoder_candidates)
     )
+    counts = _counts_at_small_widths(config.replace(d_model=step), vocab_size)
+    m = config.d_model // step  # counts[i] is the count at d = (i + 1) * step
+    c0, c1, c2 = (count - arch for count in counts)
+    # Lagrange interpolation through (1, c0), (2, c1), (3, c2)
+    weights = (c0 * (m - 2) * (m - 3) - 2 * c1 * (m - 1) * (m - 3) + c2 * (m - 1) * (m - 2)) // 2
     return weights, arch
 
 
 @functools.lru_cache(maxsize=64)
-def _counts_at_small_widths(config: ModelConfig, vocab_size: int) -> tuple[int, int, int]:
-    """Weight counts of the supernet at d = 1, 2 and 3 times config.d_model (meta device)."""
-    from .model import Supernet
+def _counts_at_small_widths(config: ModelConfig, vocab_size: int) -> tuple[int, ...]:
+    """Parameter counts (weights and logits) of the supernet at d = 1, 2 and 3 times
+    config.d_model."""
 
-    counts = []
-    for multiple in (1, 2, 3):
-        with torch.device("meta"):
-            model = Supernet(config.replace(d_model=multiple * config.d_model, memory_mode="store"), vocab_size)
-        arch = {id(p) for p in model.arch_parameters()}
-        counts.append(sum(p.numel() for p in model.parameters() if id(p) not in arch))
-    return counts[0], counts[1], counts[2]
+    def build(c: ModelConfig) -> Supernet:
+        return Supernet(c.replace(memory_mode="store"), vocab_size)
+
+    return tuple(network_parameters(build, config.replace(d_model=k * config.d_model))[0] for k in (1, 2, 3))
 
 
 def _largest_parameter(config: ModelConfig, vocab_size: int) -> int:
@@ -310,13 +310,6 @@ def _body_bytes(
     return body, recompute
 
 
-def _d_step(config: ModelConfig) -> int:
-    """The step of valid widths: d must split into encoder_splits and decoder_splits parts,
-    each divisible by heads."""
-    a, b = config.encoder_splits * config.heads, config.decoder_splits * config.heads
-    return a * b // math.gcd(a, b)
-
-
 def largest_d(
     budget_bytes: int, config: ModelConfig, vocab_size: int, tokens: int, mode: str, chunk_rows: int = 0, **kwargs
 ) -> Optional[int]:
@@ -328,7 +321,7 @@ def largest_d(
     """
     if not isinstance(budget_bytes, (int, float)) or budget_bytes < 1:
         raise ValueError(f"budget_bytes: expected a positive number of bytes, got {budget_bytes!r}")
-    step = _d_step(config)
+    step = d_step(config)
 
     def fits(multiple: int) -> bool:
         candidate = config.replace(d_model=multiple * step)
@@ -390,7 +383,7 @@ def format_plan(
         for mode in modes:
             best = largest_d(budget_bytes, config, vocab_size, tokens, mode, **options)
             if best is None:
-                lines.append(f"- {mode}: no valid d fits (even d = {_d_step(config)} needs more than the budget)")
+                lines.append(f"- {mode}: no valid d fits (even d = {d_step(config)} needs more than the budget)")
             else:
                 lines.append(f"- {mode}: d = {best}")
     return "\n".join(lines)

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from mdarts.batching import collate, make_batches, positions
 from mdarts.model import Seq2Seq
-from mdarts.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from mdarts.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 MaxLength = Union[int, Sequence[int], Tensor]
 
@@ -218,3 +218,34 @@ def translate(
         for i, hypothesis in zip(batch, hypotheses, strict=True):
             outputs[i] = hypothesis
     return outputs
+
+
+def translate_lines(
+    model: Seq2Seq,
+    tokenizer: Tokenizer,
+    lines: Sequence[str],
+    beam_size: int = 5,
+    len_penalty: float = 1.0,
+    max_tokens: int = 4096,
+    device: Union[str, torch.device] = "cpu",
+    progress: bool = False,
+) -> list[str]:
+    """The detokenised translation of each of ``lines`` (text, one sentence a line), in order:
+    what ``mdarts translate`` writes and an experiment scores. An empty (or blank) line is not
+    decoded and translates to an empty line; a translation never holds a newline, so the
+    translations written one a line stay aligned with the input. The other arguments go to
+    :func:`translate`."""
+    wanted = [i for i, line in enumerate(lines) if line.strip()]
+    ids = translate(
+        model,
+        tokenizer.encode([lines[i] for i in wanted]),
+        beam_size=beam_size,
+        len_penalty=len_penalty,
+        max_tokens=max_tokens,
+        device=device,
+        progress=progress,
+    )
+    translations = [""] * len(lines)
+    for i, text in zip(wanted, tokenizer.decode(ids), strict=True):
+        translations[i] = text.replace("\n", " ")
+    return translations

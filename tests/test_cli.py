@@ -26,6 +26,18 @@ def test_every_command_explains_its_options(command, capsys):
         assert action.option_strings[-1] in text
 
 
+def test_data_dir_has_one_help_text_in_every_command():
+    commands = build_parser()._subparsers._group_actions[0].choices
+    helps = {
+        name: action.help
+        for name, parser in commands.items()
+        for action in parser._actions
+        if "--data-dir" in action.option_strings
+    }
+    assert sorted(helps) == ["evaluate", "experiment", "search", "train"]
+    assert len(set(helps.values())) == 1
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [

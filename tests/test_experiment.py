@@ -17,12 +17,12 @@ from helpers import REPO_ROOT
 
 from mdarts.cli import main
 from mdarts.config import preset
-from mdarts.experiment import Experiment, ExperimentSpec, count_parameters, sized_config
+from mdarts.experiment import Experiment, ExperimentSpec
 from mdarts.genotype import random_genotype
-from mdarts.model import DerivedNet
 from mdarts.report import targets
 from mdarts.runs import device_name
 from mdarts.search import searched_space
+from mdarts.sizing import builder, count_parameters, sized_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -285,11 +285,9 @@ def test_sizing_looks_on_both_sides_of_the_width_that_drops_the_embedding_projec
     spec = ExperimentSpec.load(Path(__file__).parents[1] / "experiments" / "en-de.toml")
     genotype = random_genotype(searched_space(preset(spec.search_preset), False), 5)
     config = spec.model_config()
+    build = builder(genotype, spec.vocab_size)
 
-    def build(c):
-        return DerivedNet(genotype, c, spec.vocab_size)
-
-    sized = sized_config(build, config, spec.params, 24)
+    sized = sized_config(genotype, config, spec.params, spec.vocab_size)
     assert abs(count_parameters(build, sized)[0] - spec.params) <= 0.02 * spec.params
 
 

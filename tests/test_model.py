@@ -10,8 +10,9 @@ from helpers import TINY, TOLERANCES
 
 from mdarts.config import PRESETS, preset
 from mdarts.genotype import Genotype
-from mdarts.model import DerivedNet, Node, Supernet, TransformerBaseline, baseline_config_for, iter_nodes
+from mdarts.model import DerivedNet, Node, Supernet, TransformerBaseline, iter_nodes
 from mdarts.ops import DECODER_CANDIDATES, ENCODER_CANDIDATES, PARAMETRIC, build_candidate
+from mdarts.sizing import sized_config
 
 VOCAB = 61
 
@@ -253,7 +254,7 @@ def test_padding_in_the_source_does_not_change_the_output():
 
 def test_baseline_sizing_matches_a_parameter_count():
     derived = DerivedNet(Supernet(TINY, VOCAB).genotype(), TINY, VOCAB)
-    config = baseline_config_for(derived.num_parameters(), TINY, VOCAB)
+    config = sized_config("transformer", TINY, derived.num_parameters(), VOCAB)
     sized = TransformerBaseline(config, VOCAB).num_parameters()
     step = 2 * TINY.heads
     neighbours = [

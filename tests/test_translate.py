@@ -15,7 +15,7 @@ from mdarts.data import read_lines
 from mdarts.evaluate import format_scores, load_tok_references, score
 from mdarts.model import DerivedNet, Seq2Seq, Supernet, TransformerBaseline
 from mdarts.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from mdarts.translate import beam_search, greedy_decode, max_lengths, translate
+from mdarts.translate import beam_search, greedy_decode, max_lengths, translate, translate_lines
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -118,6 +118,26 @@ def test_translate_returns_the_input_order_whatever_the_batches():
     for max_tokens in (10, 4096):  # several small batches, then one
         assert translate(model, src_ids, beam_size=3, max_tokens=max_tokens) == expected
     assert translate(model, [], beam_size=3) == []
+
+
+class _WordLengths:
+    """A stand-in tokenizer: a word's id is 4 + its length; decoding writes the ids on two lines."""
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return [[4 + len(word) for word in text.split()] for text in texts]
+
+    def decode(self, ids: list[list[int]]) -> list[str]:
+        return [" ".join(map(str, seq)) + "\nend" for seq in ids]
+
+
+def test_translate_lines_gives_an_empty_line_for_a_blank_one_and_one_line_a_sentence():
+    """What mdarts translate writes and an experiment scores: blank lines are not decoded."""
+    model, tokenizer = tiny_model("baseline"), _WordLengths()
+    lines = ["a bb ccc", "", "   ", "dddd e ff"]
+    decoded = translate(model, tokenizer.encode([lines[0], lines[3]]), beam_size=2)
+    expected = [text.replace("\n", " ") for text in tokenizer.decode(decoded)]
+    assert translate_lines(model, tokenizer, lines, beam_size=2) == [expected[0], "", "", expected[1]]
+    assert translate_lines(model, tokenizer, [], beam_size=2) == []
 
 
 def test_translate_restores_training_mode():

@@ -12,9 +12,8 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..genotype import Genotype
+from ..ops import parameter_free_ops
 from ..runs import write_atomic
-
-COLLAPSE_OPS = ("zero", "identity")
 
 
 def argmax_ops(weights: dict[str, list[list[list[float]]]], config: ModelConfig) -> list[str]:
@@ -35,7 +34,8 @@ def argmax_stability(previous: Optional[Sequence[str]], current: Sequence[str]) 
 
 def collapse_message(ops: Sequence[str]) -> Optional[str]:
     """A warning when zero or identity is the argmax of more than half of the nodes, else None."""
-    taken = sum(op in COLLAPSE_OPS for op in ops)
+    free = parameter_free_ops()
+    taken = sum(op in free for op in ops)
     if 2 * taken <= len(ops):
         return None
     return (

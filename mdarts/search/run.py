@@ -33,6 +33,7 @@ from ..config import ModelConfig, SearchSettings, Settings
 from ..genotype import Genotype
 from ..memory import peak_memory
 from ..model import Supernet, iter_nodes
+from ..ops import parameter_free_ops
 from ..plan import choose_memory_mode, default_memory_budget
 from ..prepare import EncodedSplit, PreparedData
 from ..progress import Progress
@@ -41,7 +42,6 @@ from .reporting import argmax_ops, argmax_stability, collapse_message, plot_alph
 from .weights import Schedule
 
 CHECKPOINT_FILE, GENOTYPE_FILE, HISTORY_FILE, HEATMAP_FILE, LOG_FILE = RUN_FILES = runs.RunDirectory.KINDS["search"][1]
-PARAMETER_FREE = ("zero", "identity")
 CALIBRATION_STEPS = 5  # steps timed before a minutes budget is planned in steps, and again when the step cost changes
 
 
@@ -124,9 +124,10 @@ def searched_space(config: ModelConfig, parameter_free: bool) -> ModelConfig:
     ``parameter_free`` (see ``SearchSettings.parameter_free``)."""
     if parameter_free:
         return config
+    free = parameter_free_ops()
     return config.replace(
-        encoder_candidates=tuple(op for op in config.encoder_candidates if op not in PARAMETER_FREE),
-        decoder_candidates=tuple(op for op in config.decoder_candidates if op not in PARAMETER_FREE),
+        encoder_candidates=tuple(op for op in config.encoder_candidates if op not in free),
+        decoder_candidates=tuple(op for op in config.decoder_candidates if op not in free),
     )
 
 
