@@ -34,7 +34,7 @@ def test_data_dir_has_one_help_text_in_every_command():
         for action in parser._actions
         if "--data-dir" in action.option_strings
     }
-    assert sorted(helps) == ["evaluate", "experiment", "search", "train"]
+    assert sorted(helps) == ["derive", "evaluate", "experiment", "search", "train"]
     assert len(set(helps.values())) == 1
 
 
