@@ -280,7 +280,7 @@ def test_a_setting_of_another_part_is_refused_naming_its_part():
         split_values({"ranked_paths": 3}, "darts", "argmax")
 
 
-@pytest.mark.filterwarnings("ignore:--bf16: this CPU")
+@pytest.mark.filterwarnings("ignore:--bf16. this CPU")
 def test_second_order_in_bfloat16_is_refused_before_the_run_starts(data, tmp_path):
     with pytest.raises(ValueError, match="--bf16: the second-order finite differences need float32"):
         search(data, tiny_settings(bf16=True), tmp_path / "run", method=DartsSettings(second_order=True))
