@@ -440,7 +440,10 @@ def _add_decoding(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beam", type=_positive_int, default=5, help="beam size (1: greedy; default 5)")
     parser.add_argument("--len-penalty", type=float, default=1.0, help="length penalty exponent (default 1.0)")
     parser.add_argument(
-        "--max-tokens", type=_positive_int, default=4096, help="source positions per batch (default 4096)"
+        "--source-tokens",
+        type=_positive_int,
+        default=4096,
+        help="decoding batch size: source positions (batch x longest source) per batch (default 4096)",
     )
     _add_device(parser)
 
@@ -477,7 +480,7 @@ def _translate_lines(args: argparse.Namespace, loaded, lines: list[str], progres
         lines,
         beam_size=args.beam,
         len_penalty=args.len_penalty,
-        max_tokens=args.max_tokens,
+        max_tokens=args.source_tokens,
         device=resolve_device(args.device),
         progress=progress,
     )

@@ -104,11 +104,11 @@ class Trainer(RunLoop):
     Args:
         build: makes a freshly initialised model that :func:`~mdarts.checkpoint.model_spec`
             knows, e.g. ``lambda: DerivedNet(genotype, config, vocab)``; it is called once the
-            run is seeded with ``config.seed`` (so that the seed decides the initialisation),
+            run is seeded with ``settings.seed`` (so that the seed decides the initialisation),
             and the run seeds again after it. With ``resume`` the weights are replaced by the
             checkpoint's. Its spec, padding id and longest sequence are read from it.
         data: the tokenizer (stored in every checkpoint) and the encoded splits.
-        config: the training settings.
+        settings: the training settings (``self.settings``; ``self.model.config`` is the model's).
         out_dir: the run directory (created when missing).
         validate_bleu: optional ``model -> BLEU`` called at each validation (in eval mode,
             without gradients); its value is logged but does not choose the best checkpoint.
@@ -130,7 +130,7 @@ class Trainer(RunLoop):
         self,
         build: Callable[[], nn.Module],
         data: PreparedData,
-        config: TrainConfig,
+        settings: TrainConfig,
         out_dir: PathLike,
         *,
         validate_bleu: Optional[Callable[[nn.Module], float]] = None,
@@ -140,8 +140,7 @@ class Trainer(RunLoop):
     ) -> None:
         if isinstance(build, nn.Module) or not callable(build):
             raise TypeError("Trainer: give a function that builds the model (the run seeds it first), not a model")
-        super().__init__(out_dir, config, resume=resume, overwrite=overwrite, progress=progress)
-        self.config = config
+        super().__init__(out_dir, settings, resume=resume, overwrite=overwrite, progress=progress)
         self.tokenizer_bytes = data.tokenizer.to_bytes()
         self.data_identity = data.identity()
         self.validate_bleu = validate_bleu
@@ -154,18 +153,18 @@ class Trainer(RunLoop):
         self.stream = BatchStream(
             train.src_ids,
             train.tgt_ids,
-            config.max_tokens,
-            config.seed,
+            settings.max_tokens,
+            settings.seed,
             name="training",
             ranks=self.ranks,
-            per_process=config.update_freq,
+            per_process=settings.update_freq,
             **limits,
         )
-        self.ranks.check_same({**config.to_dict(), "device": None, "model": self.spec, "data": self.data_identity})
+        self.ranks.check_same({**settings.to_dict(), "device": None, "model": self.spec, "data": self.data_identity})
         val = data["val"]
-        self.valid_batches = TokenBatches(val.src_ids, val.tgt_ids, config.max_tokens, shuffle=False, **limits)
+        self.valid_batches = TokenBatches(val.src_ids, val.tgt_ids, settings.max_tokens, shuffle=False, **limits)
         self.optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+            self.model.parameters(), lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay
         )
         self.reduce = BucketedReduce(list(self.model.parameters()), self.ranks)
         self.step_count = 0
@@ -205,7 +204,7 @@ class Trainer(RunLoop):
             raise ValueError(
                 f"cannot resume from {path}: it trained another model (spec {state['spec']} vs {self.spec})"
             )
-        check_resume(TrainConfig.from_dict(state["train_config"]), self.config, path)
+        check_resume(TrainConfig.from_dict(state["train_config"]), self.settings, path)
         check_state_dict(self.model, state["model"], f"checkpoint {path}")
         return state
 
@@ -224,25 +223,25 @@ class Trainer(RunLoop):
 
     def budget_reason(self) -> Optional[str]:
         """A spent budget (steps, epochs, minutes) or early stopping (rank 0 keeps its count)."""
-        config = self.config
-        reason = spent_budget(self.step_count, config.max_steps, self.clock, config.max_minutes)
-        if reason is None and config.max_epochs is not None and self.epoch >= config.max_epochs:
+        settings = self.settings
+        reason = spent_budget(self.step_count, settings.max_steps, self.clock, settings.max_minutes)
+        if reason is None and settings.max_epochs is not None and self.epoch >= settings.max_epochs:
             reason = "max_epochs"
-        if reason is None and config.patience and self.bad_validations >= config.patience:
+        if reason is None and settings.patience and self.bad_validations >= settings.patience:
             reason = "patience"
         return reason
 
     def take_step(self, bar: Progress) -> None:
         """One update on this process's batches of the step, logged every ``log_interval``,
         validated and checkpointed every ``valid_interval`` updates."""
-        config = self.config
+        settings = self.settings
         self.model.train()
         loss, nll, tokens, grad_norm = self._train_step(self.stream.take())
         self.window.add(loss, nll, tokens, grad_norm)
-        bar.update(tokens, loss / tokens, config.learning_rate(self.step_count), epoch=str(self.epoch))
-        if self.step_count % config.log_interval == 0:
+        bar.update(tokens, loss / tokens, settings.learning_rate(self.step_count), epoch=str(self.epoch))
+        if self.step_count % settings.log_interval == 0:
             self._log_window(bar)
-        if self.step_count % config.valid_interval == 0:
+        if self.step_count % settings.valid_interval == 0:
             self._validate_and_save()
 
     def save(self) -> None:
@@ -268,7 +267,7 @@ class Trainer(RunLoop):
         result.tokens_per_s = bar.tokens_per_second()
         if not self.ranks.main:
             return result
-        keep = self.config.keep_last
+        keep = self.settings.keep_last
         average = write_average_checkpoint(self.run_dir.path, keep) if keep > 1 else None
         plot_curves(self.run_dir.path)
         last = self.log.read("valid")[-1]
@@ -288,10 +287,10 @@ class Trainer(RunLoop):
         """One update on ``batches`` (this process's share of the step, update_freq batches):
         (summed loss, summed NLL, target tokens, all over the processes, and the gradient norm
         before clipping)."""
-        config = self.config
+        settings = self.settings
         self.step_count += 1
         for group in self.optimizer.param_groups:
-            group["lr"] = config.learning_rate(self.step_count)
+            group["lr"] = settings.learning_rate(self.step_count)
         (all_tokens,) = self.ranks.sum([float(sum(int(b.tgt_out.ne(self.pad_id).sum()) for b in batches))])
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = nll_sum = 0.0
@@ -302,9 +301,9 @@ class Trainer(RunLoop):
                 batch.src,
                 batch.tgt_in,
                 batch.tgt_out,
-                config.label_smoothing,
-                config.loss_chunk_rows,
-                config.bf16,
+                settings.label_smoothing,
+                settings.loss_chunk_rows,
+                settings.bf16,
             )
             loss_sum, nll_sum = loss_sum + float(loss.detach()), nll_sum + float(nll.detach())
             if i == len(batches) - 1:  # the gradients are summed over the processes once, in the last backward
@@ -313,8 +312,8 @@ class Trainer(RunLoop):
         self.reduce.finish()
         loss_sum, nll_sum = self.ranks.sum([loss_sum, nll_sum])
         parameters = [p for p in self.model.parameters() if p.grad is not None]
-        if config.clip_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, config.clip_norm))
+        if settings.clip_norm > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, settings.clip_norm))
         else:
             grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in parameters]))
         self.optimizer.step()
@@ -328,7 +327,7 @@ class Trainer(RunLoop):
             "train",
             self.step_count,
             epoch=self.epoch,
-            lr=self.config.learning_rate(self.step_count),
+            lr=self.settings.learning_rate(self.step_count),
             **self.window.flush(),
             tokens_per_s=bar.tokens_per_second(),
             **extra,
@@ -340,9 +339,9 @@ class Trainer(RunLoop):
         self.validated_step = self.step_count
         if not self.ranks.main:
             return
-        config = self.config
+        settings = self.settings
         result = evaluate_loss(
-            self.model, self.valid_batches, self.pad_id, config.label_smoothing, self.device, config.bf16
+            self.model, self.valid_batches, self.pad_id, settings.label_smoothing, self.device, settings.bf16
         )
         if self.validate_bleu is not None:
             self.model.eval()
@@ -366,9 +365,9 @@ class Trainer(RunLoop):
         save_checkpoint(self.run_dir / LAST_FILE, payload)
         if improved:
             save_checkpoint(self.run_dir / BEST_FILE, payload)
-        if config.keep_last:
+        if settings.keep_last:
             save_checkpoint(self.run_dir / f"checkpoint_step{self.step_count}.pt", payload)
-            for old in step_checkpoints(self.run_dir.path)[: -config.keep_last]:
+            for old in step_checkpoints(self.run_dir.path)[: -settings.keep_last]:
                 old.unlink()
         plot_curves(self.run_dir.path)
 
@@ -387,7 +386,7 @@ class Trainer(RunLoop):
             "bad_validations": self.bad_validations,
             "window": self.window.state(),
             "train_seconds": self.clock.seconds(),
-            "train_config": self.config.to_dict(),
+            "train_config": self.settings.to_dict(),
             "spec": self.spec,
             "tokenizer": self.tokenizer_bytes,
             "data": self.data_identity,
