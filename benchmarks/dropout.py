@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import mdarts_kernels as mk
 from benchmarks.common import backends_for, interleaved_medians, write_markdown
-from mdarts.runs import device_name
+from mdarts.processes import device_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

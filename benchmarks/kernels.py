@@ -28,7 +28,7 @@ import torch
 import mdarts_kernels as mk
 from benchmarks.common import append_json_lines, backends_for, interleaved_medians, run_child, versions
 from mdarts.memory import peak_above
-from mdarts.runs import device_name
+from mdarts.processes import device_name
 
 OPS = ("mixed_sum", "mixed_ln_sum")
 PASSES = ("forward", "forward+backward")

@@ -22,7 +22,7 @@ import torch
 
 from benchmarks.common import interleaved_medians, write_markdown
 from mdarts.loss import chunked_output_loss, label_smoothed_loss
-from mdarts.runs import device_name
+from mdarts.processes import device_name
 
 
 def variants(blocks: list[int], device: torch.device) -> dict[str, object]:

@@ -52,7 +52,7 @@ from mdarts.config import MEMORY_MODES, ModelConfig
 from mdarts.memory import peak_above, saved_tensor_bytes
 from mdarts.ops import DECODER_CANDIDATES, ENCODER_CANDIDATES
 from mdarts.plan import largest_d, predict_memory
-from mdarts.runs import device_name
+from mdarts.processes import device_name
 
 SWEEPS = ("depth", "d", "ops", "tokens", "loss", "target")
 # candidate subsets: zero and identity plus parametric ops; cross_attention stays in the decoder

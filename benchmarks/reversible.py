@@ -42,8 +42,8 @@ from torch import Tensor, nn
 
 from benchmarks.common import interleaved_medians, run_child
 from mdarts.memory import peak_above, saved_tensor_bytes
+from mdarts.processes import device_name
 from mdarts.reversible import MODES, ReversibleLayer, ReversibleSequence
-from mdarts.runs import device_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import interleaved_medians, write_markdown
-from mdarts.checkpoint import BASELINES
 from mdarts.config import preset
 from mdarts.loss import sequence_loss
-from mdarts.runs import device_name
+from mdarts.processes import device_name
+from mdarts.sizing import BASELINES
 
 VOCAB = 8000
 VARIANTS = {  # name -> (bf16, chunk_rows)

@@ -17,10 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .evolved import EvolvedTransformer
+from .files import write_atomic
 from .genotype import Genotype
-from .model import DerivedNet, TransformerBaseline
-from .runs import write_atomic
+from .model import DerivedNet
+from .sizing import BASELINES
 from .tokenizer import Tokenizer
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -29,8 +29,6 @@ TRAIN_KIND = "train"
 """``kind`` of the checkpoints the trainer writes (full training state)."""
 AVERAGE_KIND = "average"
 """``kind`` of ``checkpoint_avg.pt`` (model, spec and tokenizer only)."""
-BASELINES = {"transformer": TransformerBaseline, "evolved": EvolvedTransformer}
-"""The baselines by ``--arch`` name: built from a ModelConfig and a vocabulary size alone."""
 MODEL_KINDS = (*BASELINES, "derived")
 AVERAGE_FILE = "checkpoint_avg.pt"
 STEP_FILE_PATTERN = re.compile(r"^checkpoint_step(\d+)\.pt$")

@@ -28,7 +28,8 @@ from .config import (
     search_preset,
 )
 from .data import PAIRS, SPLIT_LANGUAGES
-from .runs import SIGNAL_NAMES, RunDirectory
+from .files import RunDirectory
+from .runloop import SIGNAL_NAMES
 
 
 def _positive_int(text: str) -> int:
@@ -202,7 +203,7 @@ def _run_search(args: argparse.Namespace) -> int:
     )
     if result.val_loss is not None:
         print(f"validation loss {result.val_loss:.3f}")
-    print(result.genotype.summary())
+    print(result.details["genotype"].summary())
     print(f"outputs in {result.out_dir}: genotype.json, alpha_history.jsonl, alpha_heatmap.png, search_log.jsonl")
     return 0
 
@@ -286,7 +287,7 @@ def _print_weights(genotype) -> None:
 def _reselect(args: argparse.Namespace) -> int:
     """``derive RUN --select NAME [--score GENOTYPE...]``: see :func:`_run_derive`."""
     from .genotype import Genotype
-    from .runs import resolve_device
+    from .processes import resolve_device
     from .search import SELECTORS
     from .search.reporting import short_summary
     from .search.reselect import TrainedSupernet
@@ -373,7 +374,7 @@ def _run_train(args: argparse.Namespace) -> int:
     interval, writes checkpoint_best.pt / checkpoint_last.pt atomically, log.jsonl and curves.png.
     Give a budget: --max-steps, --max-epochs and/or --max-minutes.
     """
-    from .runs import resolve_device, seed_everything
+    from .processes import resolve_device
     from .sizing import builder, load_architecture, sized_config
     from .train import Trainer
 
@@ -386,24 +387,30 @@ def _run_train(args: argparse.Namespace) -> int:
     vocab = data.tokenizer.vocab_size
     if args.params:
         config = sized_config(arch, config, args.params, vocab)
-    seed_everything(train_config.seed)  # before the model: the seed decides its initialisation
-    model = builder(arch, vocab)(config)
     validate_bleu = _bleu_callback(data, args.valid_bleu, device) if args.valid_bleu > 0 else None
-    if os.environ.get("RANK", "0") == "0":
+    trainer = Trainer(
+        lambda: builder(arch, vocab)(config),
+        data,
+        train_config,
+        args.out,
+        validate_bleu=validate_bleu,
+        resume=args.resume,
+        overwrite=args.overwrite,
+    )
+    model = trainer.model
+    if trainer.ranks.main:
         print(
             f"{type(model).__name__}: {model.num_parameters():,} parameters, d_model {config.d_model}, "
             f"embed_dim {config.embed_dim}",
             file=sys.stderr,
         )
-    trainer = Trainer(
-        model, data, train_config, args.out, validate_bleu=validate_bleu, resume=args.resume, overwrite=args.overwrite
-    )
-    summary = trainer.run()
-    if summary["stopped_by"] in SIGNAL_NAMES:
-        return _stopped_by_signal(args, summary["stopped_by"], summary["steps"])
+    result = trainer.run()
+    if result.stopped_by in SIGNAL_NAMES:
+        return _stopped_by_signal(args, result.stopped_by, result.steps)
     if not trainer.ranks.main:  # of several processes, rank 0 reports
         return 0
-    for key, value in summary.items():
+    shown = {"steps": result.steps, "stopped_by": result.stopped_by, "peak_memory_bytes": result.peak_memory_bytes}
+    for key, value in {**shown, "tokens_per_s": result.tokens_per_s, **result.details}.items():
         print(f"{key}: {value}")
     return 0
 
@@ -433,7 +440,10 @@ def _add_decoding(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beam", type=_positive_int, default=5, help="beam size (1: greedy; default 5)")
     parser.add_argument("--len-penalty", type=float, default=1.0, help="length penalty exponent (default 1.0)")
     parser.add_argument(
-        "--max-tokens", type=_positive_int, default=4096, help="source positions per batch (default 4096)"
+        "--source-tokens",
+        type=_positive_int,
+        default=4096,
+        help="decoding batch size: source positions (batch x longest source) per batch (default 4096)",
     )
     _add_device(parser)
 
@@ -449,7 +459,7 @@ def _load_for_decoding(args: argparse.Namespace):
     """The checkpoint's :class:`~mdarts.checkpoint.LoadedModel` on ``--device``, and its pair
     (``--pair`` when the checkpoint does not record one); ValueError when they disagree."""
     from .checkpoint import load_model
-    from .runs import resolve_device
+    from .processes import resolve_device
 
     loaded = load_model(args.checkpoint, resolve_device(args.device))
     pair = (loaded.data or {}).get("pair")
@@ -461,7 +471,7 @@ def _load_for_decoding(args: argparse.Namespace):
 def _translate_lines(args: argparse.Namespace, loaded, lines: list[str], progress: bool = False) -> list[str]:
     """:func:`mdarts.translate.translate_lines` of ``lines`` by ``loaded`` with the decoding
     options in ``args``."""
-    from .runs import resolve_device
+    from .processes import resolve_device
     from .translate import translate_lines
 
     return translate_lines(
@@ -470,7 +480,7 @@ def _translate_lines(args: argparse.Namespace, loaded, lines: list[str], progres
         lines,
         beam_size=args.beam,
         len_penalty=args.len_penalty,
-        max_tokens=args.max_tokens,
+        max_tokens=args.source_tokens,
         device=resolve_device(args.device),
         progress=progress,
     )

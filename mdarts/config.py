@@ -62,6 +62,13 @@ DEFAULT_ENCODER_CANDIDATES: tuple[str, ...] = (
     "identity",
 )
 DEFAULT_DECODER_CANDIDATES: tuple[str, ...] = DEFAULT_ENCODER_CANDIDATES + ("cross_attention",)
+OP_NAMES: dict[str, dict[str, None]] = {
+    "encoder": dict.fromkeys(DEFAULT_ENCODER_CANDIDATES),
+    "decoder": dict.fromkeys(DEFAULT_DECODER_CANDIDATES),
+}
+"""The op names a search space may hold on each side, in registration order: the defaults, and
+each op :func:`mdarts.ops.register_op` adds (or :func:`mdarts.ops.unregister_op` removes). The
+registry writes here, so that this module imports no other and validates every op name."""
 
 
 class SettingError(ValueError):
@@ -220,26 +227,20 @@ class ModelConfig(Settings):
         self._check_fraction(("dropout",))
         self._check_choice("memory_mode", (*MEMORY_MODES, "auto"))
         self._check_choice("pool", POOLS)
-        self._check_candidates("encoder", DEFAULT_ENCODER_CANDIDATES)
-        self._check_candidates("decoder", DEFAULT_DECODER_CANDIDATES)
+        self._check_candidates("encoder")
+        self._check_candidates("decoder")
 
-    def _check_candidates(self, side: str, defaults: tuple[str, ...]) -> None:
-        """Raise SettingError naming ``{side}_candidates`` unless it lists distinct ops registered
-        on ``side``. The registry (mdarts.ops) is looked up only for ops outside ``defaults``, so
-        that importing this module (whose presets use the defaults) imports no other."""
+    def _check_candidates(self, side: str) -> None:
+        """Raise SettingError naming ``{side}_candidates`` unless it lists distinct ops that
+        :data:`OP_NAMES` allows on ``side``."""
         name = f"{side}_candidates"
         chosen = getattr(self, name)
         if not chosen:
             raise SettingError("ModelConfig", name, "expected at least one op")
-        if not set(chosen) <= set(defaults):
-            from .ops import registered_ops
-
-            allowed = registered_ops(side)
-            unknown = [op for op in chosen if op not in allowed]
-            if unknown:
-                raise SettingError(
-                    "ModelConfig", name, f"unknown op(s) {', '.join(unknown)}; valid: {', '.join(allowed)}"
-                )
+        allowed = OP_NAMES[side]
+        unknown = [op for op in chosen if op not in allowed]
+        if unknown:
+            raise SettingError("ModelConfig", name, f"unknown op(s) {', '.join(unknown)}; valid: {', '.join(allowed)}")
         if len(set(chosen)) != len(chosen):
             raise SettingError("ModelConfig", name, f"an op is listed twice in {chosen}")
 
@@ -309,8 +310,6 @@ class RunSettings(Settings):
 
     def learning_rate(self, step: int) -> float:
         """Learning rate of update ``step`` (1-based): ``lr * min(step / warmup, sqrt(warmup / step))``."""
-        from .runs import inverse_sqrt_lr
-
         return inverse_sqrt_lr(step, self.lr, self.warmup_steps)
 
 
@@ -403,6 +402,12 @@ class SearchSettings(RunSettings):
         self._check_ints(("stable_evals",), 0)
         self._check_fraction(("split_ratio",), low_open=True)
         self._check_ints(("eval_interval", "valid_interval", "checkpoint_interval"), 1)
+
+
+def inverse_sqrt_lr(step: int, peak: float, warmup_steps: int) -> float:
+    """Learning rate of update ``step`` (1-based): ``peak * min(step / warmup, sqrt(warmup / step))``."""
+    step = max(step, 1)
+    return peak * min(step / warmup_steps, math.sqrt(warmup_steps / step))
 
 
 # ----------------------------------------------------------------------------- presets

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Optional, Union
 
-from .runs import write_atomic
+from .files import write_atomic
 
 PathLike = Union[str, "os.PathLike[str]"]
 

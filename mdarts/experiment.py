@@ -69,18 +69,20 @@ from typing import Any, Callable, Iterator, Optional
 import tomllib
 import torch
 
-from . import runs
 from .arguments import build_settings
-from .checkpoint import BASELINES, load_checkpoint, load_model
+from .checkpoint import load_checkpoint, load_model
 from .config import ModelConfig, SearchSettings, TrainConfig, preset, search_preset
 from .data import PAIRS
+from .files import JsonLog, PathLike, exclusive, write_atomic
 from .genotype import Genotype, control_genotype, random_genotype
 from .prepare import PreparedData, prepare_data
+from .processes import Ranks, code_version, device_name, resolve_device
+from .runloop import SIGNAL_NAMES, RunClock
 from .search import METHODS, SELECTORS, Searcher, parts_of_table, searched_space, split_values
 from .search.run import CHECKPOINT_FILE as SEARCH_CHECKPOINT
 from .search.run import GENOTYPE_FILE
 from .search.run import LOG_FILE as SEARCH_LOG
-from .sizing import Architecture, builder, count_parameters, sized_config
+from .sizing import BASELINES, Architecture, builder, count_parameters, sized_config
 from .train import BEST_FILE, LAST_FILE, LOG_FILE, Trainer
 from .translate import translate_lines
 
@@ -141,7 +143,7 @@ class ExperimentSpec:
     limit: int = 0  # score only the first sentences of the split (0: all; for smoke runs)
 
     @classmethod
-    def load(cls, path: runs.PathLike) -> "ExperimentSpec":
+    def load(cls, path: PathLike) -> "ExperimentSpec":
         """The specification in ``path`` (TOML, or JSON by extension), checked entry by entry:
         ValueError naming the file and the entry for anything that would fail later."""
         path = Path(path)
@@ -278,11 +280,7 @@ def machine(device: str) -> dict[str, Optional[str]]:
     and vector unit too: float rounding, and so a run's last digits, differ between machines)
     and torch's version. Taken when the process starts (:class:`Experiment`), since a commit made
     while it runs changes the checkout but not the code it has loaded."""
-    return {
-        "code": runs.code_version(),
-        "device": runs.device_name(runs.resolve_device(device)),
-        "torch": torch.__version__,
-    }
+    return {"code": code_version(), "device": device_name(resolve_device(device)), "torch": torch.__version__}
 
 
 SEARCH_DONE, TRAIN_DONE = "result.json", "record.json"  # a run directory holding it has finished
@@ -311,25 +309,21 @@ class Experiment:
     or waits for held runs."""
 
     def __init__(
-        self,
-        spec: ExperimentSpec,
-        out_dir: runs.PathLike,
-        data_dir: Optional[runs.PathLike] = None,
-        device: str = "auto",
+        self, spec: ExperimentSpec, out_dir: PathLike, data_dir: Optional[PathLike] = None, device: str = "auto"
     ) -> None:
         self.spec, self.out_dir, self.data_dir, self.device = spec, Path(out_dir), data_dir, device
-        self.ranks = runs.Ranks.from_environment(device)  # under torchrun every run is shared out; rank 0 writes
+        self.ranks = Ranks.from_environment(device)  # under torchrun every run is shared out; rank 0 writes
         saved = self.out_dir / "spec.json"
         if saved.is_file() and json.loads(saved.read_text()) != json.loads(json.dumps(spec.to_dict())):
             raise ValueError(f"{self.out_dir} holds an experiment with another specification ({saved})")
         self._write(saved, json.dumps(spec.to_dict(), indent=1))
-        self.clock = runs.RunClock()
+        self.clock = RunClock()
         self.machine = machine(device)
 
     def _write(self, path: Path, text: str) -> None:
         """Write ``path`` (rank 0), and let every process go on once it is there."""
         if self.ranks.main:
-            runs.write_atomic(path, text)
+            write_atomic(path, text)
         self.ranks.barrier()
 
     def run(self, max_minutes: Optional[float] = None) -> Optional[dict]:
@@ -379,7 +373,7 @@ class Experiment:
         """The state of a search, or of a training not finished (see :meth:`status`)."""
         if self._done(task):
             return f"done, {json.loads((run_dir / SEARCH_DONE).read_text())['steps']} steps"
-        log = runs.JsonLog(run_dir / (SEARCH_LOG if task.search else LOG_FILE), writes=False)
+        log = JsonLog(run_dir / (SEARCH_LOG if task.search else LOG_FILE), writes=False)
         steps = [record["step"] for record in log.read()]
         where = f" (step {steps[-1]})" if steps else ""
         with self._hold(self._lock(run_dir)) as mine:
@@ -481,7 +475,7 @@ class Experiment:
     def _hold(self, name: str) -> Iterator[bool]:
         """Take the lock ``name`` for this process (rank 0 takes it for all ranks): whether it got it."""
         lock = self.out_dir / "locks" / f"{name}.lock"
-        with runs.exclusive(lock) if self.ranks.main else contextlib.nullcontext(False) as mine:
+        with exclusive(lock) if self.ranks.main else contextlib.nullcontext(False) as mine:
             yield self.ranks.any(mine)
 
     def _search(self, task: Task, data: PreparedData) -> bool:
@@ -493,7 +487,7 @@ class Experiment:
         result = Searcher(
             config, data, settings, run_dir, method=method, selector=selector, resume=resume, overwrite=not resume
         ).run()
-        if result.stopped_by in ("SIGINT", "SIGTERM"):
+        if result.stopped_by in SIGNAL_NAMES:
             return False
         self._write(run_dir / SEARCH_DONE, json.dumps({"steps": result.steps, **self.machine}, indent=1))
         return True
@@ -525,12 +519,10 @@ class Experiment:
         member, run_dir = task.member(), self._run_dir(task)
         arch, config = self._size(member)
         build = builder(arch, self.spec.vocab_size)
-        runs.seed_everything(task.seed)
-        model = build(config)
         settings = self.spec.train_config(task.seed).replace(device=self.device)
         resume = (run_dir / LAST_FILE).is_file()  # else what a kill left goes
-        summary = Trainer(model, data, settings, run_dir, resume=resume, overwrite=not resume).run()
-        if summary["stopped_by"] in ("SIGINT", "SIGTERM"):
+        result = Trainer(lambda: build(config), data, settings, run_dir, resume=resume, overwrite=not resume).run()
+        if result.stopped_by in SIGNAL_NAMES:
             return False
         self._translate_test(member, task.seed)  # again after a resume: the translation must be this training's
         total, non_embedding = count_parameters(build, config)
@@ -540,7 +532,7 @@ class Experiment:
             "non_embedding_params": non_embedding,
             "d_model": config.d_model,
             "embed_dim": config.embed_dim,
-            "valid_loss": summary["best_valid_loss"],
+            "valid_loss": result.details["best_valid_loss"],
             "minutes": load_checkpoint(run_dir / LAST_FILE)["train_seconds"] / 60.0,
             **self.machine,
         }
@@ -595,11 +587,11 @@ class Experiment:
         if not self.ranks.main:
             self.ranks.barrier()
             return
-        device = runs.resolve_device(self.device)
+        device = resolve_device(self.device)
         loaded = load_model(self._train_dir(member, seed) / BEST_FILE, device)
         corpus, _ = self._test_corpus()
         lines = translate_lines(loaded.model, loaded.tokenizer, corpus.src, beam_size=self.spec.beam, device=device)
-        runs.write_atomic(self._translation_path(member, seed), "".join(f"{line}\n" for line in lines))
+        write_atomic(self._translation_path(member, seed), "".join(f"{line}\n" for line in lines))
         self.ranks.barrier()
 
     def _report(self, scored: list[tuple[Member, int, bool]]) -> dict:
@@ -640,6 +632,6 @@ class Experiment:
             "signatures": signatures,
             "arms": arms,
         }
-        runs.write_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=1))
+        write_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=1))
         write_report(summary, self.out_dir)
         return summary

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ModelConfig
+from .files import write_atomic
 from .ops import op_spec
-from .runs import write_atomic
 
 FORMAT = "mdarts-genotype-1"
 

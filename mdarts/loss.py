@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+from typing import Iterable
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from mdarts_kernels import accumulation_dtype
 
@@ -131,3 +134,28 @@ def sequence_loss(
     if chunk_rows > 0:
         return chunked_output_loss(features, model.output_weight(), tgt_out, pad_id, smoothing, chunk_rows)
     return label_smoothed_loss(logits, tgt_out, pad_id, smoothing)
+
+
+def evaluate_loss(
+    model: nn.Module, batches: Iterable, pad_id: int, smoothing: float, device: torch.device, bf16: bool = False
+) -> dict[str, float]:
+    """Token-weighted mean label-smoothed loss and NLL (nats/token), perplexity exp(nll) and the
+    token count of ``batches`` (of :class:`~mdarts.batching.Batch`), in eval mode without
+    gradients, under bf16 autocast if asked; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    loss_sum = nll_sum = 0.0
+    tokens = 0
+    try:
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            for batch in batches:
+                batch = batch.to(device)
+                loss, nll, count = label_smoothed_loss(model(batch.src, batch.tgt_in), batch.tgt_out, pad_id, smoothing)
+                loss_sum += float(loss)
+                nll_sum += float(nll)
+                tokens += count
+    finally:
+        model.train(was_training)
+    if tokens == 0:
+        raise ValueError("evaluate_loss: the validation batches hold no target tokens")
+    return {"loss": loss_sum / tokens, "nll": nll_sum / tokens, "ppl": math.exp(nll_sum / tokens), "tokens": tokens}

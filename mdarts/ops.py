@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 import mdarts_kernels
 
-from .config import DEFAULT_DECODER_CANDIDATES, DEFAULT_ENCODER_CANDIDATES, ModelConfig
+from .config import DEFAULT_DECODER_CANDIDATES, DEFAULT_ENCODER_CANDIDATES, OP_NAMES, ModelConfig
 
 CONV_WIDTHS: tuple[int, ...] = (3, 5, 7, 11)
 DYNCONV_WIDTHS: tuple[int, ...] = (3, 7, 11, 15)
@@ -580,6 +580,8 @@ def register_op(
         raise ValueError(f"{where}: a decoder op needs causal, one of {', '.join(CAUSAL_FORMS)}; got {causal!r}")
     spec = OpSpec(name, factory, saved_bytes, tuple(sides), causal, parametric, skip)
     _REGISTRY[name] = spec
+    for side in spec.sides:
+        OP_NAMES[side][name] = None  # what ModelConfig accepts
     return spec
 
 
@@ -587,6 +589,8 @@ def unregister_op(name: str) -> None:
     """Remove op ``name`` from the registry (ValueError when it is not there)."""
     op_spec(name)
     del _REGISTRY[name]
+    for names in OP_NAMES.values():
+        names.pop(name, None)
 
 
 def op_spec(name: str) -> OpSpec:

@@ -1,5 +1,5 @@
 """Gradients summed over the processes while the backward still runs (several processes, see
-:class:`mdarts.runs.Ranks`).
+:class:`mdarts.processes.Ranks`).
 
 DistributedDataParallel's reducer hooks into autograd's gradient accumulation; it cannot be
 used here because the searcher's updates ask autograd for the gradient of one parameter group

@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 from typing import Optional
 
-from .runs import write_atomic
+from .files import write_atomic
 
 
 def mean_std(values: list[float], digits: int = 2) -> str:

@@ -2,7 +2,7 @@
 that ``mdarts train --params`` and ``mdarts experiment`` share (docs/design.md 2.2).
 
 An architecture is ``"transformer"`` or ``"evolved"`` (the baselines of
-:data:`mdarts.checkpoint.BASELINES`) or a :class:`~mdarts.genotype.Genotype` (a
+:data:`BASELINES`) or a :class:`~mdarts.genotype.Genotype` (a
 :class:`~mdarts.model.DerivedNet` in the reversible skeleton). :func:`sized_config` gives a
 network ``params`` parameters (within 2%) by its d_model, in steps of :func:`d_step`, and
 then its embedding width e; every other field of the base :class:`ModelConfig` (depth, heads,
@@ -18,14 +18,17 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
-from .checkpoint import BASELINES
 from .config import ModelConfig
+from .evolved import EvolvedTransformer
 from .genotype import Genotype
-from .model import DerivedNet
+from .model import DerivedNet, TransformerBaseline
 
 Architecture = Union[str, Genotype]
 """``"transformer"``, ``"evolved"`` or a genotype."""
 SIZE_TOLERANCE = 0.02  # a sized network is within 2% of the parameter count asked for
+
+BASELINES = {"transformer": TransformerBaseline, "evolved": EvolvedTransformer}
+"""The baselines by ``--arch`` name: built from a ModelConfig and a vocabulary size alone."""
 
 
 def load_architecture(arch: Union[Architecture, "os.PathLike[str]"]) -> Architecture:

@@ -23,7 +23,7 @@ import sentencepiece as spm
 
 from mdarts.data import cache_root
 
-from .runs import write_atomic
+from .files import write_atomic
 
 PathLike = Union[str, "os.PathLike[str]"]
 

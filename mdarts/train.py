@@ -5,7 +5,7 @@ clipping, optional bf16 autocast, validation loss (and BLEU through a callback) 
 interval, early stopping, checkpoints written atomically and an exact resume: a run stopped
 at a checkpoint and resumed logs the same losses and ends with the same parameters as one
 that was never interrupted. The run machinery (seeding, device, schedule, logs, run
-directory, resume policy) is :mod:`mdarts.runs`; the settings are
+directory, resume policy) is :mod:`mdarts.runloop`; the settings are
 :class:`~mdarts.config.TrainConfig`.
 
 A run directory holds:
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import io
 import math
-import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -45,27 +44,13 @@ from .checkpoint import (
     write_average_checkpoint,
 )
 from .config import TrainConfig
-from .loss import sequence_loss
+from .files import JsonLog, PathLike, RunDirectory, write_atomic
+from .loss import evaluate_loss, sequence_loss
 from .memory import peak_memory
 from .prepare import PreparedData
 from .progress import Progress
 from .reduction import BucketedReduce
-from .runs import (
-    SIGNAL_NAMES,
-    JsonLog,
-    PathLike,
-    Ranks,
-    RunClock,
-    RunDirectory,
-    StopSignals,
-    check_resume,
-    check_same_data,
-    evaluate_loss,
-    seed_everything,
-    spent_budget,
-    warn_if_slow_bf16,
-    write_atomic,
-)
+from .runloop import BatchStream, RunClock, RunLoop, RunResult, check_resume, check_same_data, spent_budget
 
 __all__ = ["Trainer", "TrainConfig", "plot_curves", "read_log", "LOG_FILE", "LAST_FILE", "BEST_FILE", "CURVES_FILE"]
 
@@ -112,16 +97,18 @@ def plot_curves(out_dir: PathLike) -> Path:
     return write_atomic(Path(out_dir) / CURVES_FILE, image.getvalue())
 
 
-class Trainer:
-    """Trains ``model`` on ``data["train"]``, validating on ``data["val"]``, into ``out_dir``.
+class Trainer(RunLoop):
+    """Trains the model ``build()`` makes on ``data["train"]``, validating on ``data["val"]``,
+    into ``out_dir``.
 
     Args:
-        model: a freshly initialised model that :func:`~mdarts.checkpoint.model_spec` knows
-            (build it after :func:`~mdarts.runs.seed_everything`, so that the seed decides its
-            initialisation); with ``resume`` its weights are replaced by the checkpoint's.
-            Its spec, padding id and longest sequence are read from it.
+        build: makes a freshly initialised model that :func:`~mdarts.checkpoint.model_spec`
+            knows, e.g. ``lambda: DerivedNet(genotype, config, vocab)``; it is called once the
+            run is seeded with ``settings.seed`` (so that the seed decides the initialisation),
+            and the run seeds again after it. With ``resume`` the weights are replaced by the
+            checkpoint's. Its spec, padding id and longest sequence are read from it.
         data: the tokenizer (stored in every checkpoint) and the encoded splits.
-        config: the training settings.
+        settings: the training settings (``self.settings``; ``self.model.config`` is the model's).
         out_dir: the run directory (created when missing).
         validate_bleu: optional ``model -> BLEU`` called at each validation (in eval mode,
             without gradients); its value is logged but does not choose the best checkpoint.
@@ -136,11 +123,14 @@ class Trainer:
     corrupt checkpoint, other trajectory settings or another model.
     """
 
+    kind, label = "training", "train"
+    reseed_after_build = True
+
     def __init__(
         self,
-        model: nn.Module,
+        build: Callable[[], nn.Module],
         data: PreparedData,
-        config: TrainConfig,
+        settings: TrainConfig,
         out_dir: PathLike,
         *,
         validate_bleu: Optional[Callable[[nn.Module], float]] = None,
@@ -148,61 +138,65 @@ class Trainer:
         overwrite: bool = False,
         progress: Optional[bool] = None,
     ) -> None:
-        self.run_dir = RunDirectory(out_dir, "training")
-        self.run_dir.check(resume, overwrite)
-        self.config = config
-        self.ranks = Ranks.from_environment(config.device)
-        self.device = self.ranks.device(config.device)
-        warn_if_slow_bf16(config.bf16, self.device)
-        self.spec = model_spec(model)
-        self.pad_id = model.config.pad_id
+        if isinstance(build, nn.Module) or not callable(build):
+            raise TypeError("Trainer: give a function that builds the model (the run seeds it first), not a model")
+        super().__init__(out_dir, settings, resume=resume, overwrite=overwrite, progress=progress)
         self.tokenizer_bytes = data.tokenizer.to_bytes()
         self.data_identity = data.identity()
         self.validate_bleu = validate_bleu
-        self.show_progress = progress
-        self.model = model.to(self.device)
-        limits = dict(max_positions=model.config.max_positions, pad_id=self.pad_id)
+        self.model = self.build(build)
+        self.spec = model_spec(self.model)
+        self.pad_id = self.model.config.pad_id
+        limits = dict(max_positions=self.model.config.max_positions, pad_id=self.pad_id)
         warn_dropped(data, limits["max_positions"], "training")  # pairs too long for the model: left out
-        self.train_batches = TokenBatches(
-            *_ids(data, "train"), config.max_tokens, seed=config.seed, shuffle=True, **limits
+        train = data["train"]
+        self.stream = BatchStream(
+            train.src_ids,
+            train.tgt_ids,
+            settings.max_tokens,
+            settings.seed,
+            name="training",
+            ranks=self.ranks,
+            per_process=settings.update_freq,
+            **limits,
         )
-        if len(self.train_batches) == 0:
-            raise ValueError(
-                f"--max-tokens: no training pair fits max_tokens={config.max_tokens} "
-                f"and max_positions={limits['max_positions']}"
-            )
-        self.batches_per_step = self.ranks.world_size * config.update_freq
-        if len(self.train_batches) < self.batches_per_step:
-            raise ValueError(
-                f"--max-tokens: the training data makes {len(self.train_batches)} batch(es), fewer than the "
-                f"{self.batches_per_step} of a step ({self.ranks.world_size} processes x --update-freq "
-                f"{config.update_freq})"
-            )
-        self.ranks.check_same({**config.to_dict(), "device": None, "model": self.spec, "data": self.data_identity})
-        self.valid_batches = TokenBatches(*_ids(data, "val"), config.max_tokens, shuffle=False, **limits)
+        self.ranks.check_same({**settings.to_dict(), "device": None, "model": self.spec, "data": self.data_identity})
+        val = data["val"]
+        self.valid_batches = TokenBatches(val.src_ids, val.tgt_ids, settings.max_tokens, shuffle=False, **limits)
         self.optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+            self.model.parameters(), lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay
         )
         self.reduce = BucketedReduce(list(self.model.parameters()), self.ranks)
-        self.log = JsonLog(self.run_dir / LOG_FILE, writes=self.ranks.main)
-        # training state: updates done, epoch, batches of that epoch done, early stopping
-        self.step = self.epoch = self.position = 0
+        self.step_count = 0
         self.best_loss = math.inf
         self.bad_validations = 0
         self.validated_step = -1  # checkpoints are written right after a validation
         self.window = _Window()
-        self.clock = RunClock()
-        self.signals = StopSignals()
-        if resume:
-            self._resume()
-        else:
-            if self.ranks.main:
-                self.run_dir.claim(resume=False, overwrite=overwrite)
-            seed_everything(config.seed)
-        self.ranks.barrier()  # the others read the run directory once rank 0 has claimed it
+        checkpoint = self._checked_checkpoint() if resume else None
+        self.claim(resume, overwrite)
+        self.log = self.open_log("log", LOG_FILE)
+        if checkpoint is not None:
+            self._resume(checkpoint)
 
-    def _resume(self) -> None:
-        """Load the training state of ``checkpoint_last.pt`` and cut the log back to it."""
+    # the position in the training data, as the checkpoints and tests name it
+    @property
+    def steps(self) -> int:
+        return self.step_count
+
+    @property
+    def epoch(self) -> int:
+        return self.stream.epoch
+
+    @property
+    def position(self) -> int:
+        return self.stream.position
+
+    @property
+    def train_batches(self) -> TokenBatches:
+        return self.stream.batches
+
+    def _checked_checkpoint(self) -> dict[str, Any]:
+        """``checkpoint_last.pt``, checked to continue this run (data, model, settings)."""
         path = self.run_dir.checkpoint
         state = load_checkpoint(path, TRAIN_KIND)
         check_same_data(state.get("data"), self.data_identity, path)
@@ -210,113 +204,93 @@ class Trainer:
             raise ValueError(
                 f"cannot resume from {path}: it trained another model (spec {state['spec']} vs {self.spec})"
             )
-        check_resume(TrainConfig.from_dict(state["train_config"]), self.config, path)
+        check_resume(TrainConfig.from_dict(state["train_config"]), self.settings, path)
         check_state_dict(self.model, state["model"], f"checkpoint {path}")
+        return state
+
+    def _resume(self, state: dict[str, Any]) -> None:
+        """Load the training state of ``checkpoint_last.pt`` and cut the log back to it."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.step_count = state["step"]
+        self.stream.load_state({"epoch": state["epoch"], "position": state["position"]})
         self.best_loss, self.bad_validations = state["best_loss"], state["bad_validations"]
-        self.window = _Window(**state.get("window", {}))
-        self.clock = RunClock(state.get("train_seconds", 0.0))
-        self.validated_step = self.step
+        self.window = _Window(**state["window"])
+        self.clock = RunClock(state["train_seconds"])
+        self.validated_step = self.step_count
         set_rng_state(state["rng"])
-        if self.ranks.main:
-            self.run_dir.claim(resume=True, overwrite=False)  # removes what a killed write left
-        self.log.truncate(self.step)
+        self.rewind(state["log_bytes"])
 
-    def run(self) -> dict[str, Any]:
-        """Train until a budget ends or early stopping; validate and checkpoint every
-        ``valid_interval`` updates and at the end; write ``curves.png`` and, with
-        ``keep_last`` > 1, ``checkpoint_avg.pt``. Returns a summary: steps, epochs,
-        stopped_by ("max_steps", "max_epochs", "max_minutes", "patience", or "SIGINT" /
-        "SIGTERM": then only ``checkpoint_last.pt`` is written, at once, and the rest is left
-        to the resumed run), best / last validation loss, wall_s, tokens_per_s,
-        peak_memory_bytes, parameters and the checkpoint paths."""
-        self.clock = RunClock(self.clock.seconds())
-        started = time.perf_counter()
-        shown = self.show_progress if self.ranks.main else False
-        progress = Progress(self.config.max_steps, "train", self.device, initial=self.step, enabled=shown)
+    def budget_reason(self) -> Optional[str]:
+        """A spent budget (steps, epochs, minutes) or early stopping (rank 0 keeps its count)."""
+        settings = self.settings
+        reason = spent_budget(self.step_count, settings.max_steps, self.clock, settings.max_minutes)
+        if reason is None and settings.max_epochs is not None and self.epoch >= settings.max_epochs:
+            reason = "max_epochs"
+        if reason is None and settings.patience and self.bad_validations >= settings.patience:
+            reason = "patience"
+        return reason
+
+    def take_step(self, bar: Progress) -> None:
+        """One update on this process's batches of the step, logged every ``log_interval``,
+        validated and checkpointed every ``valid_interval`` updates."""
+        settings = self.settings
         self.model.train()
-        stopped_by = self._stop_reason()
-        with StopSignals() as self.signals:
-            try:
-                while stopped_by is None:
-                    stopped_by = self._train_epoch(progress)
-            finally:
-                progress.close()
-            if stopped_by in SIGNAL_NAMES:
-                if self.ranks.main:
-                    save_checkpoint(self.run_dir / LAST_FILE, self._payload())
-                return {"steps": self.step, "epochs": self.epoch, "stopped_by": stopped_by}
-        if self.validated_step != self.step:
+        loss, nll, tokens, grad_norm = self._train_step(self.stream.take())
+        self.window.add(loss, nll, tokens, grad_norm)
+        bar.update(tokens, loss / tokens, settings.learning_rate(self.step_count), epoch=str(self.epoch))
+        if self.step_count % settings.log_interval == 0:
+            self._log_window(bar)
+        if self.step_count % settings.valid_interval == 0:
+            self._validate_and_save()
+
+    def save(self) -> None:
+        """``checkpoint_last.pt`` (rank 0)."""
+        if self.ranks.main:
+            save_checkpoint(self.run_dir / LAST_FILE, self._payload())
+
+    def stopped(self, stopped_by: str) -> RunResult:
+        return RunResult(
+            self.step_count, stopped_by, self.run_dir.path, peak_memory(self.device), details={"epochs": self.epoch}
+        )
+
+    def finish(self, stopped_by: str, bar: Progress) -> RunResult:
+        """Validate and checkpoint the last step (unless just done), log the open window, write
+        ``curves.png`` and, with ``keep_last`` > 1, ``checkpoint_avg.pt``. The result's details:
+        epochs, best_valid_loss, last_valid (the last validation record), wall_s, parameters
+        and the checkpoint paths (rank 0; the other processes' hold the epochs only)."""
+        if self.validated_step != self.step_count:
             self._validate_and_save()  # the checkpoint keeps the open window, which a resume continues
         if self.window.steps:
-            self._log_window(progress, partial=True)
+            self._log_window(bar, partial=True)
+        result = self.stopped(stopped_by)
+        result.tokens_per_s = bar.tokens_per_second()
         if not self.ranks.main:
-            return {"steps": self.step, "epochs": self.epoch, "stopped_by": stopped_by}
-        average = (
-            write_average_checkpoint(self.run_dir.path, self.config.keep_last) if self.config.keep_last > 1 else None
-        )
+            return result
+        keep = self.settings.keep_last
+        average = write_average_checkpoint(self.run_dir.path, keep) if keep > 1 else None
         plot_curves(self.run_dir.path)
-        return {
-            "steps": self.step,
-            "epochs": self.epoch,
-            "stopped_by": stopped_by,
-            "best_valid_loss": self.best_loss,
-            "last_valid": self.log.read("valid")[-1],
-            "wall_s": time.perf_counter() - started,
-            "tokens_per_s": progress.tokens_per_second(),
-            "peak_memory_bytes": peak_memory(self.device),
-            "parameters": sum(p.numel() for p in self.model.parameters()),
-            "checkpoint_last": str(self.run_dir / LAST_FILE),
-            "checkpoint_best": str(self.run_dir / BEST_FILE),
-            "checkpoint_avg": None if average is None else str(average),
-        }
-
-    def _train_epoch(self, progress: Progress) -> Optional[str]:
-        """Train from the current position to the end of the epoch, or until a budget ends or
-        early stopping; returns why training stops (None: go on with the next epoch)."""
-        config, world = self.config, self.ranks.world_size
-        self.train_batches.set_epoch(self.epoch)
-        while self.position + self.batches_per_step <= len(self.train_batches):  # each process its batches
-            mine = range(self.position + self.ranks.rank, self.position + self.batches_per_step, world)
-            loss, nll, tokens, grad_norm = self._train_step([self.train_batches[i] for i in mine])
-            self.position += self.batches_per_step
-            self.window.add(loss, nll, tokens, grad_norm)
-            progress.update(tokens, loss / tokens, config.learning_rate(self.step), epoch=str(self.epoch))
-            if self.step % config.log_interval == 0:
-                self._log_window(progress)
-            if self.step % config.valid_interval == 0:
-                self._validate_and_save()
-            stopped_by = self._stop_reason()
-            if stopped_by is not None:
-                return stopped_by
-        self.epoch += 1
-        self.position = 0
-        return self._stop_reason()
-
-    def _stop_reason(self) -> Optional[str]:
-        """Why training stops now (None: it goes on), decided for all processes at once: a
-        signal to any of them, or a reason seen by any (rank 0 keeps the early-stopping count)."""
-        config = self.config
-        reason = spent_budget(self.step, config.max_steps, self.clock, config.max_minutes)
-        if reason is None and config.max_epochs is not None and self.epoch >= config.max_epochs:
-            reason = "max_epochs"
-        if reason is None and config.patience and self.bad_validations >= config.patience:
-            reason = "patience"
-        signalled, stopping = self.ranks.sum([float(bool(self.signals.requested)), float(reason is not None)])
-        if signalled:
-            return self.signals.requested or "SIGTERM"  # another process was signalled
-        return reason or ("another process" if stopping else None)
+        last = self.log.read("valid")[-1]
+        result.val_loss = last["loss"]
+        result.details.update(
+            best_valid_loss=self.best_loss,
+            last_valid=last,
+            wall_s=self.clock.seconds() - self.clock.before,
+            parameters=sum(p.numel() for p in self.model.parameters()),
+            checkpoint_last=str(self.run_dir / LAST_FILE),
+            checkpoint_best=str(self.run_dir / BEST_FILE),
+            checkpoint_avg=None if average is None else str(average),
+        )
+        return result
 
     def _train_step(self, batches: list) -> tuple[float, float, int, float]:
         """One update on ``batches`` (this process's share of the step, update_freq batches):
         (summed loss, summed NLL, target tokens, all over the processes, and the gradient norm
         before clipping)."""
-        config = self.config
-        self.step += 1
+        settings = self.settings
+        self.step_count += 1
         for group in self.optimizer.param_groups:
-            group["lr"] = config.learning_rate(self.step)
+            group["lr"] = settings.learning_rate(self.step_count)
         (all_tokens,) = self.ranks.sum([float(sum(int(b.tgt_out.ne(self.pad_id).sum()) for b in batches))])
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = nll_sum = 0.0
@@ -327,9 +301,9 @@ class Trainer:
                 batch.src,
                 batch.tgt_in,
                 batch.tgt_out,
-                config.label_smoothing,
-                config.loss_chunk_rows,
-                config.bf16,
+                settings.label_smoothing,
+                settings.loss_chunk_rows,
+                settings.bf16,
             )
             loss_sum, nll_sum = loss_sum + float(loss.detach()), nll_sum + float(nll.detach())
             if i == len(batches) - 1:  # the gradients are summed over the processes once, in the last backward
@@ -338,36 +312,36 @@ class Trainer:
         self.reduce.finish()
         loss_sum, nll_sum = self.ranks.sum([loss_sum, nll_sum])
         parameters = [p for p in self.model.parameters() if p.grad is not None]
-        if config.clip_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, config.clip_norm))
+        if settings.clip_norm > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, settings.clip_norm))
         else:
             grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in parameters]))
         self.optimizer.step()
         return loss_sum, nll_sum, int(all_tokens), grad_norm
 
-    def _log_window(self, progress: Progress, partial: bool = False) -> None:
+    def _log_window(self, bar: Progress, partial: bool = False) -> None:
         """Log the training summary of the updates since the last line (``partial``: a window
         cut short by the end of the run)."""
         extra = {"partial": True} if partial else {}
         self.log.append(
             "train",
-            self.step,
+            self.step_count,
             epoch=self.epoch,
-            lr=self.config.learning_rate(self.step),
+            lr=self.settings.learning_rate(self.step_count),
             **self.window.flush(),
-            tokens_per_s=progress.tokens_per_second(),
+            tokens_per_s=bar.tokens_per_second(),
             **extra,
         )
 
     def _validate_and_save(self) -> None:
         """Validation loss (and BLEU), log line, early-stopping bookkeeping, checkpoints: on
         rank 0 only (the others go on to the next step, which waits for it)."""
-        self.validated_step = self.step
+        self.validated_step = self.step_count
         if not self.ranks.main:
             return
-        config = self.config
+        settings = self.settings
         result = evaluate_loss(
-            self.model, self.valid_batches, self.pad_id, config.label_smoothing, self.device, config.bf16
+            self.model, self.valid_batches, self.pad_id, settings.label_smoothing, self.device, settings.bf16
         )
         if self.validate_bleu is not None:
             self.model.eval()
@@ -381,7 +355,7 @@ class Trainer:
             self.bad_validations += 1
         self.log.append(
             "valid",
-            self.step,
+            self.step_count,
             epoch=self.epoch,
             **result,
             best_loss=self.best_loss,
@@ -391,9 +365,9 @@ class Trainer:
         save_checkpoint(self.run_dir / LAST_FILE, payload)
         if improved:
             save_checkpoint(self.run_dir / BEST_FILE, payload)
-        if config.keep_last:
-            save_checkpoint(self.run_dir / f"checkpoint_step{self.step}.pt", payload)
-            for old in step_checkpoints(self.run_dir.path)[: -config.keep_last]:
+        if settings.keep_last:
+            save_checkpoint(self.run_dir / f"checkpoint_step{self.step_count}.pt", payload)
+            for old in step_checkpoints(self.run_dir.path)[: -settings.keep_last]:
                 old.unlink()
         plot_curves(self.run_dir.path)
 
@@ -403,24 +377,20 @@ class Trainer:
             "kind": TRAIN_KIND,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "step": self.step,
+            "step": self.step_count,
             "epoch": self.epoch,
             "position": self.position,
+            "log_bytes": self.log_sizes(),
             "rng": rng_state(),
             "best_loss": self.best_loss,
             "bad_validations": self.bad_validations,
             "window": self.window.state(),
             "train_seconds": self.clock.seconds(),
-            "train_config": self.config.to_dict(),
+            "train_config": self.settings.to_dict(),
             "spec": self.spec,
             "tokenizer": self.tokenizer_bytes,
             "data": self.data_identity,
         }
-
-
-def _ids(data: PreparedData, split: str) -> tuple[list[list[int]], list[list[int]]]:
-    encoded = data[split]
-    return encoded.src_ids, encoded.tgt_ids
 
 
 class _Window:

@@ -55,8 +55,8 @@ def gradient_worker(rank: int, port: int, out: str) -> None:
     from mdarts.batching import collate
     from mdarts.config import SearchSettings
     from mdarts.model import Supernet
+    from mdarts.processes import ONE_PROCESS, Ranks
     from mdarts.reduction import BucketedReduce
-    from mdarts.runs import ONE_PROCESS, Ranks
     from mdarts.search.darts import DartsSearcher, DartsSettings
 
     join(rank, port)
@@ -228,7 +228,7 @@ def dying_worker(rank: int, port: int, argv: list[str], die_at: int) -> None:
     step = train_module.Trainer._train_step
 
     def train_step(self, batch):
-        if rank == 1 and self.step + 1 == die_at:
+        if rank == 1 and self.steps + 1 == die_at:
             os.kill(os.getpid(), signal.SIGKILL)
         return step(self, batch)
 

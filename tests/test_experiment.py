@@ -19,8 +19,8 @@ from mdarts.cli import main
 from mdarts.config import preset
 from mdarts.experiment import Experiment, ExperimentSpec
 from mdarts.genotype import random_genotype
+from mdarts.processes import device_name
 from mdarts.report import targets
-from mdarts.runs import device_name
 from mdarts.search import searched_space
 from mdarts.sizing import builder, count_parameters, sized_config
 
@@ -188,9 +188,9 @@ def test_what_is_committed_of_an_experiment_is_enough_to_report_it_again(one_pro
 
 def test_records_name_the_code_the_process_started_with(tmp_path, monkeypatch):
     # a commit made while an experiment runs moves the checkout, not the code already loaded
-    monkeypatch.setattr("mdarts.runs.code_version", lambda: "loaded")
+    monkeypatch.setattr("mdarts.experiment.code_version", lambda: "loaded")
     started = Experiment(ExperimentSpec.from_dict(SPEC), tmp_path / "out", device="cpu")
-    monkeypatch.setattr("mdarts.runs.code_version", lambda: "committed later")
+    monkeypatch.setattr("mdarts.experiment.code_version", lambda: "committed later")
     assert started.machine["code"] == "loaded"
 
 

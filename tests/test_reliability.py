@@ -34,17 +34,16 @@ import pytest
 import torch
 from helpers import REPO_ROOT, TINY, head, search_config, short_training
 
-import mdarts.runs as runs_module
-import mdarts.train as train_module
+import mdarts.runloop as runs_module
 from mdarts.batching import TokenBatches, warn_dropped
 from mdarts.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from mdarts.cli import main
 from mdarts.config import SearchSettings, TrainConfig
 from mdarts.data import load_pair
+from mdarts.files import RunDirectory, exclusive
 from mdarts.genotype import Genotype
 from mdarts.model import TransformerBaseline
 from mdarts.prepare import FileCorpus, PreparedData, prepare_data
-from mdarts.runs import RunDirectory
 from mdarts.search import Searcher
 from mdarts.train import Trainer
 
@@ -166,7 +165,7 @@ def swapped(data: PreparedData, **changes) -> PreparedData:
 
 
 class StopAt:
-    """A stand-in for :class:`mdarts.runs.StopSignals` that "receives" SIGINT once ``when()`` is
+    """A stand-in for :class:`mdarts.runloop.StopSignals` that "receives" SIGINT once ``when()`` is
     true, and calls ``each()`` at every check (once per step): a signal at an exact step."""
 
     def __init__(self, when=lambda: False, each=lambda: None) -> None:
@@ -191,17 +190,21 @@ class StopAt:
 
 
 def test_training_resume_refuses_other_data_or_direction(data, tmp_path):
-    Trainer(tiny_model(data), data, train_config(max_steps=2), tmp_path, progress=False).run()
+    Trainer(lambda: tiny_model(data), data, train_config(max_steps=2), tmp_path, progress=False).run()
     path = tmp_path / "checkpoint_last.pt"
     assert load_checkpoint(path, "train")["data"] == data.identity()
     fewer = swapped(data, splits={"train": head(data["train"], 200), "val": data["val"]})
     with pytest.raises(ValueError, match="training data") as info:
-        Trainer(tiny_model(data), fewer, train_config(), tmp_path, resume=True, progress=False)
+        Trainer(lambda: tiny_model(data), fewer, train_config(), tmp_path, resume=True, progress=False)
     assert str(path) in str(info.value)
     with pytest.raises(ValueError, match="translation direction") as info:
-        Trainer(tiny_model(data), swapped(data, src_lang="de", tgt_lang="en"), train_config(), tmp_path, resume=True)
+        Trainer(
+            lambda: tiny_model(data), swapped(data, src_lang="de", tgt_lang="en"), train_config(), tmp_path, resume=True
+        )
     assert "en-de" in str(info.value) and "de-en" in str(info.value)
-    Trainer(tiny_model(data), data, train_config(), tmp_path, resume=True, progress=False).run()  # the same data: fine
+    Trainer(
+        lambda: tiny_model(data), data, train_config(), tmp_path, resume=True, progress=False
+    ).run()  # the same data: fine
 
 
 def test_search_resume_refuses_other_data_or_direction(data, tmp_path):
@@ -221,7 +224,7 @@ def test_search_resume_refuses_other_data_or_direction(data, tmp_path):
 def en_de_checkpoint(data, tmp_path_factory) -> Path:
     """checkpoint_last.pt of a 3-step En-De training of the tiny model."""
     out = tmp_path_factory.mktemp("en-de")
-    Trainer(tiny_model(data), data, train_config(max_steps=3, valid_interval=3), out, progress=False).run()
+    Trainer(lambda: tiny_model(data), data, train_config(max_steps=3, valid_interval=3), out, progress=False).run()
     return out / "checkpoint_last.pt"
 
 
@@ -245,7 +248,7 @@ def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
 def test_overwrite_with_a_refused_setting_leaves_the_old_run(data, corpus_args, tmp_path, capsys):
     search_dir, train_dir = tmp_path / "search", tmp_path / "train"
     Searcher(SEARCH_CONFIG, data, search_settings(max_steps=1), search_dir, progress=False).run()
-    Trainer(tiny_model(data), data, train_config(max_steps=2), train_dir, progress=False).run()
+    Trainer(lambda: tiny_model(data), data, train_config(max_steps=2), train_dir, progress=False).run()
     before = {folder: snapshot(folder) for folder in (search_dir, train_dir)}
     search = ["search", "--out", str(search_dir), "--max-steps", "2", "--overwrite", "--max-tokens", "5", *corpus_args]
     with pytest.warns(UserWarning, match="max_tokens=5"):
@@ -262,7 +265,7 @@ def test_pairs_longer_than_max_positions_are_reported_with_their_lines(data, tmp
     too_long = [i + 1 for i, (s, t) in enumerate(zip(train.src_ids, train.tgt_ids)) if max(len(s), len(t)) + 1 > 24]
     assert 5 < len(too_long) < len(train)
     with pytest.warns(UserWarning) as record:
-        trainer = Trainer(tiny_model(data, longest), data, train_config(), tmp_path, progress=False)
+        trainer = Trainer(lambda: tiny_model(data, longest), data, train_config(), tmp_path, progress=False)
     messages = [str(w.message) for w in record if "max_positions=24" in str(w.message)]
     assert len(messages) == 2  # training and validation split
     shown = ", ".join(map(str, too_long[:5]))
@@ -326,7 +329,9 @@ def test_pairs_with_an_empty_side_are_left_out_of_training_splits(multi30k_corpu
     assert train.corpus.src[2] == src[3] and train.line_number(2) == 4
     assert len(prepared["test"]) == 30  # a test split is scored whole
     with pytest.warns(UserWarning, match=r"left out 1 of 27 train pair\(s\) .*: line 10$"):
-        Trainer(tiny_model(prepared, MODEL.replace(max_positions=64)), prepared, train_config(), tmp_path / "run")
+        Trainer(
+            lambda: tiny_model(prepared, MODEL.replace(max_positions=64)), prepared, train_config(), tmp_path / "run"
+        )
 
 
 # ----------------------------------------------------------------------------- 4. real signals
@@ -473,10 +478,10 @@ def test_the_same_search_gives_the_same_run(data, tmp_path):
 
 def test_training_stopped_inside_a_log_window_logs_the_same_lines(data, tmp_path):
     config = train_config(max_steps=10, log_interval=2, valid_interval=3)
-    Trainer(tiny_model(data), data, config, tmp_path / "straight", progress=False).run()
-    Trainer(tiny_model(data), data, config.replace(max_steps=5), tmp_path / "parted", progress=False).run()
+    Trainer(lambda: tiny_model(data), data, config, tmp_path / "straight", progress=False).run()
+    Trainer(lambda: tiny_model(data), data, config.replace(max_steps=5), tmp_path / "parted", progress=False).run()
     assert [r["step"] for r in read_jsonl(tmp_path / "parted" / "log.jsonl") if r["event"] == "train"] == [2, 4, 5]
-    Trainer(tiny_model(data), data, config, tmp_path / "parted", resume=True, progress=False).run()
+    Trainer(lambda: tiny_model(data), data, config, tmp_path / "parted", resume=True, progress=False).run()
     train_lines = [
         [r for r in comparable(read_jsonl(tmp_path / name / "log.jsonl")) if r["event"] == "train"]
         for name in ("straight", "parted")
@@ -488,12 +493,12 @@ def test_training_stopped_inside_a_log_window_logs_the_same_lines(data, tmp_path
 
 def test_training_stopped_by_a_signal_logs_what_an_uninterrupted_run_logs(data, tmp_path, monkeypatch):
     config = train_config(max_steps=10, log_interval=2, valid_interval=3)
-    Trainer(tiny_model(data), data, config, tmp_path / "straight", progress=False).run()
-    parted = Trainer(tiny_model(data), data, config, tmp_path / "parted", progress=False)
-    monkeypatch.setattr(train_module, "StopSignals", StopAt(when=lambda: parted.step >= 5))
-    assert parted.run()["stopped_by"] == "SIGINT" and parted.step == 5
+    Trainer(lambda: tiny_model(data), data, config, tmp_path / "straight", progress=False).run()
+    parted = Trainer(lambda: tiny_model(data), data, config, tmp_path / "parted", progress=False)
+    monkeypatch.setattr(runs_module, "StopSignals", StopAt(when=lambda: parted.steps >= 5))
+    assert parted.run().stopped_by == "SIGINT" and parted.steps == 5
     monkeypatch.undo()
-    Trainer(tiny_model(data), data, config, tmp_path / "parted", resume=True, progress=False).run()
+    Trainer(lambda: tiny_model(data), data, config, tmp_path / "parted", resume=True, progress=False).run()
     assert_same_training_run(tmp_path / "parted", tmp_path / "straight")
 
 
@@ -535,9 +540,10 @@ def test_search_killed_after_its_last_checkpoint_resumes_exactly(data, tmp_path,
 
     def copy_then_evaluate(self, final=False):
         if final and not killed.exists():
+            size = self.history.size()
             self.history.append("alpha", self.steps, **self.model.arch_weights())  # killed after this line
             shutil.copytree(straight, killed)
-            self.history.truncate(self.steps - 1)
+            self.history.cut(size)
         return evaluate(self, final)
 
     monkeypatch.setattr(Searcher, "_evaluate", copy_then_evaluate)
@@ -658,7 +664,7 @@ def test_a_run_of_another_kind_is_refused_whatever_the_options(data, corpus_args
         assert f"--out {search_dir} holds a search run (search_checkpoint.pt, genotype.json" in message
         assert "not a training run" in message
     assert snapshot(search_dir) == before
-    Trainer(tiny_model(data), data, train_config(max_steps=2), train_dir, progress=False).run()
+    Trainer(lambda: tiny_model(data), data, train_config(max_steps=2), train_dir, progress=False).run()
     with pytest.raises(FileExistsError, match="holds a training run .*not a search run"):
         Searcher(SEARCH_CONFIG, data, search_settings(), train_dir, overwrite=True, progress=False)
 
@@ -700,7 +706,7 @@ def test_a_lock_is_held_by_one_process_and_freed_when_its_holder_is_killed(tmp_p
         [
             sys.executable,
             "-c",
-            f"from mdarts import runs\nwith runs.exclusive({str(lock)!r}) as mine:\n"
+            f"from mdarts.files import exclusive\nwith exclusive({str(lock)!r}) as mine:\n"
             "    print(mine, flush=True)\n    input()",
         ],
         stdin=subprocess.PIPE,
@@ -709,12 +715,12 @@ def test_a_lock_is_held_by_one_process_and_freed_when_its_holder_is_killed(tmp_p
     )
     try:
         assert holder.stdout.readline().strip() == "True"
-        with runs_module.exclusive(lock) as mine:
+        with exclusive(lock) as mine:
             assert not mine
     finally:
         holder.kill()
         holder.wait()
-    with runs_module.exclusive(lock) as mine:  # the killed holder's lock went with it
+    with exclusive(lock) as mine:  # the killed holder's lock went with it
         assert mine
-        with runs_module.exclusive(lock) as again:  # one holder at a time, even within a process
+        with exclusive(lock) as again:  # one holder at a time, even within a process
             assert not again

@@ -18,7 +18,8 @@ from mdarts.config import SearchSettings
 from mdarts.genotype import Genotype
 from mdarts.model import Node, Supernet
 from mdarts.prepare import PreparedData
-from mdarts.search import BatchStream, Searcher, argmax_stability, collapse_message, split_corpus, split_values
+from mdarts.runloop import BatchStream
+from mdarts.search import Searcher, argmax_stability, collapse_message, split_corpus, split_values
 from mdarts.search.darts import (
     DartsSearcher,
     DartsSettings,
@@ -73,7 +74,7 @@ def test_tiny_search_writes_genotype_history_and_heatmap(data, tmp_path):
     result = search(data, tiny_settings(max_steps=10, valid_interval=8), out)
     assert result.steps == 10 and result.peak_memory_bytes > 0
     genotype = Genotype.load(out / "genotype.json").validate(CONFIG)
-    assert genotype == result.genotype
+    assert genotype == result.details["genotype"]
     history = [json.loads(line) for line in (out / "alpha_history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [4, 8, 10]  # every eval_interval, and at the end
     for record in history:
@@ -100,14 +101,14 @@ def test_resume_gives_the_same_losses_and_alphas_as_an_uninterrupted_run(
     darts = DartsSettings(second_order=second_order, shrink_to=shrink_to, weights_only_fraction=0.1)
     search(data, settings, straight, method=darts)
     with monkeypatch.context() as patch:  # a crash right after the checkpoint of step 4
-        save = Searcher._save
+        save = Searcher.save
 
         def save_then_crash(searcher: Searcher) -> None:
             save(searcher)
             if searcher.steps == 4:
                 raise KeyboardInterrupt
 
-        patch.setattr(Searcher, "_save", save_then_crash)
+        patch.setattr(Searcher, "save", save_then_crash)
         with pytest.raises(KeyboardInterrupt):
             search(data, settings, parted, method=darts)
     with pytest.raises(FileExistsError, match="another search run"):
@@ -130,8 +131,23 @@ def make_searcher(
     torch.manual_seed(0)
     settings = tiny_settings(**changes)
     theta_idx, alpha_idx = split_corpus(len(data["train"]), settings.split_ratio, settings.seed)
-    theta = BatchStream(data["train"], theta_idx, settings.max_tokens, 0, CONFIG, "theta")
-    alpha = BatchStream(data["train"], alpha_idx, settings.max_tokens, 1, CONFIG, "alpha")
+    train, limits = data["train"], {"max_positions": CONFIG.max_positions, "pad_id": CONFIG.pad_id}
+    theta = BatchStream(
+        [train.src_ids[i] for i in theta_idx],
+        [train.tgt_ids[i] for i in theta_idx],
+        settings.max_tokens,
+        0,
+        name="theta",
+        **limits,
+    )
+    alpha = BatchStream(
+        [train.src_ids[i] for i in alpha_idx],
+        [train.tgt_ids[i] for i in alpha_idx],
+        settings.max_tokens,
+        1,
+        name="alpha",
+        **limits,
+    )
     return DartsSearcher(Supernet(CONFIG, data.tokenizer.vocab_size), settings, darts or DartsSettings()), theta, alpha
 
 
@@ -142,12 +158,12 @@ def test_theta_steps_change_no_alpha_and_alpha_steps_no_theta(data, second_order
     held = list(searcher.model.parameters())
     weights = [p.detach().clone() for p in searcher.weights]
     arch = [p.detach().clone() for p in searcher.arch]
-    theta_batch = theta.next()
+    theta_batch = theta.take()[0]
     searcher.theta_step(theta_batch)
     assert all(torch.equal(p, q) for p, q in zip(searcher.arch, arch))
     assert sum(not torch.equal(p, q) for p, q in zip(searcher.weights, weights)) > len(weights) // 2
     weights = [p.detach().clone() for p in searcher.weights]
-    searcher.alpha_step(alpha.next(), theta_batch)
+    searcher.alpha_step(alpha.take()[0], theta_batch)
     assert all(torch.equal(p, q) for p, q in zip(searcher.weights, weights))
     assert all(not torch.equal(p, q) for p, q in zip(searcher.arch, arch))
     assert all(p.grad is None for p in [*searcher.weights, *searcher.arch])
@@ -171,7 +187,7 @@ def test_split_is_disjoint_and_deterministic():
 def test_functional_call_gradients_match_the_reversible_model_with_those_weights(data):
     """The reversible backward recomputes ops: it must see the tensors functional_call put in place."""
     searcher, theta, _ = make_searcher(data)
-    model, batch = searcher.model, theta.next()
+    model, batch = searcher.model, theta.take()[0]
     params = dict(model.named_parameters())
     moved = {name: (p.detach() + 0.05 * torch.randn_like(p)).requires_grad_() for name, p in params.items()}
     state = torch.get_rng_state()
@@ -329,7 +345,7 @@ def test_alpha_is_frozen_in_the_weights_only_phase(data, tmp_path):
 
 def test_the_chunked_loss_gives_the_full_logits_gradients(data):
     _, theta, alpha = make_searcher(data)
-    theta_batch, alpha_batch = theta.next(), alpha.next()
+    theta_batch, alpha_batch = theta.take()[0], alpha.take()[0]
     results = []
     for chunk_rows in (0, 7):
         searcher, _, _ = make_searcher(data, loss_chunk_rows=chunk_rows)
@@ -349,7 +365,7 @@ def test_the_chunked_loss_gives_the_full_logits_gradients(data):
 
 def test_alpha_step_computes_no_weight_gradient_and_drops_nothing(data):
     searcher, theta, alpha = make_searcher(data)
-    batch = alpha.next()
+    batch = alpha.take()[0]
     before = [p.detach().clone() for p in searcher.weights]
     state = torch.get_rng_state()
     searcher.alpha_optimizer.param_groups[0]["lr"] = 0.0  # the loss must not depend on the RNG: no dropout
@@ -405,13 +421,13 @@ def test_weight_sharing_search_ranks_random_paths(data, tmp_path):
     ranking = [r for r in records if r["event"] == "ranking"]
     assert len(ranking) == 4 and not any(r["alpha_loss"] for r in records if r["event"] == "step")
     best = min(ranking, key=lambda r: r["val_loss"])
-    assert result.genotype.summary() == best["genotype"]
+    assert result.details["genotype"].summary() == best["genotype"]
 
 
 def test_a_minutes_budget_is_planned_in_steps(data, tmp_path, monkeypatch):
     """Timed on its first steps, a minutes budget gets a step plan (weights-only phase, warm-up,
     alpha_lr), re-fitted once the alternating steps have been timed; the run ends on time."""
-    import mdarts.runs as runs_module
+    import mdarts.runloop as runs_module
 
     clock = iter(range(0, 1_000_000))  # every reading of the clock: one second later
     monkeypatch.setattr(runs_module, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
@@ -429,7 +445,7 @@ def test_a_minutes_budget_is_planned_in_steps(data, tmp_path, monkeypatch):
 
 
 def test_a_resume_with_another_minutes_budget_plans_it_again(data, tmp_path, monkeypatch):
-    import mdarts.runs as runs_module
+    import mdarts.runloop as runs_module
 
     clock = iter(range(0, 1_000_000))
     monkeypatch.setattr(runs_module, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))

@@ -13,6 +13,7 @@ from mdarts.cli import main
 from mdarts.config import preset
 from mdarts.experiment import Experiment, ExperimentSpec
 from mdarts.genotype import Genotype, random_genotype
+from mdarts.runloop import RunResult
 from mdarts.search import searched_space
 from mdarts.sizing import builder, count_parameters, d_step, load_architecture, sized_config
 
@@ -70,12 +71,13 @@ class _Trainer:
 
     built = []
 
-    def __init__(self, model, *args, **kwargs) -> None:
-        self.built.append(model)
+    def __init__(self, build, *args, **kwargs) -> None:
+        self.model = build()
+        self.built.append(self.model)
         self.ranks = type("Ranks", (), {"main": True})()
 
-    def run(self) -> dict:
-        return {"stopped_by": "max_steps", "steps": 0}
+    def run(self) -> RunResult:
+        return RunResult(steps=0, stopped_by="max_steps", out_dir=Path("."), peak_memory_bytes=0)
 
 
 class _Tokenizer:

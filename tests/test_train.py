@@ -18,7 +18,7 @@ import torch
 from helpers import TINY as BASE
 from helpers import head, short_training
 
-import mdarts.runs as runs_module
+import mdarts.runloop as runs_module
 import mdarts.train as train_module
 from mdarts.checkpoint import (
     average_checkpoints,
@@ -31,9 +31,9 @@ from mdarts.checkpoint import (
 )
 from mdarts.config import ModelConfig, TrainConfig
 from mdarts.genotype import Genotype
+from mdarts.loss import evaluate_loss
 from mdarts.model import DerivedNet, TransformerBaseline
 from mdarts.prepare import PreparedData
-from mdarts.runs import evaluate_loss
 from mdarts.tokenizer import Tokenizer
 from mdarts.train import Trainer, read_log
 
@@ -66,7 +66,7 @@ def _trainer(
 ) -> Trainer:
     train, valid, tokenizer = data
     model = _model(tokenizer, seed)
-    return Trainer(model, _prepared(data, n_train, n_valid), config, out_dir, progress=False, **kwargs)
+    return Trainer(lambda: model, _prepared(data, n_train, n_valid), config, out_dir, progress=False, **kwargs)
 
 
 _short = short_training
@@ -89,9 +89,9 @@ def test_resume_equals_uninterrupted(data, tmp_path):
     _trainer(data, tmp_path / "split", dataclasses.replace(config, max_steps=n)).run()
     # another initialisation: everything must come from the checkpoint
     resumed = _trainer(data, tmp_path / "split", config, seed=123, resume=True)
-    assert (resumed.step, resumed.position) == (n, n)
+    assert (resumed.steps, resumed.position) == (n, n)
     summary = resumed.run()
-    assert summary["epochs"] == 1 and summary["steps"] == 2 * n
+    assert summary.details["epochs"] == 1 and summary.steps == 2 * n
 
     fields = ("event", "step", "epoch", "loss", "nll", "grad_norm", "lr", "tokens")
     strip = lambda entries: [{k: e[k] for k in fields if k in e} for e in entries]
@@ -127,16 +127,16 @@ def test_max_minutes_stops_and_counts_across_resumes(data, tmp_path, monkeypatch
     monkeypatch.setattr(runs_module, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
     config = _short(max_steps=None, max_minutes=0.5, valid_interval=100)
     summary = _trainer(data, tmp_path, config).run()
-    assert summary["stopped_by"] == "max_minutes"
-    steps = summary["steps"]
+    assert summary.stopped_by == "max_minutes"
+    steps = summary.steps
     assert 1 <= steps < 6
     state = load_checkpoint(tmp_path / "checkpoint_last.pt", "train")
     assert state["train_seconds"] >= 30.0
     resumed = _trainer(data, tmp_path, config, resume=True)
     assert resumed.clock.before == state["train_seconds"]
-    assert resumed.run()["steps"] == steps
+    assert resumed.run().steps == steps
     more = _trainer(data, tmp_path, dataclasses.replace(config, max_minutes=5.0), resume=True).run()
-    assert more["stopped_by"] == "max_minutes" and more["steps"] > steps
+    assert more.stopped_by == "max_minutes" and more.steps > steps
 
 
 def test_resume_refuses_other_settings_or_model(data, tmp_path):
@@ -146,7 +146,7 @@ def test_resume_refuses_other_settings_or_model(data, tmp_path):
     train, valid, tokenizer = data
     other = TransformerBaseline(TINY.replace(d_model=12), tokenizer.vocab_size)
     with pytest.raises(ValueError, match="another model"):
-        Trainer(other, _prepared(data, 300, 60), _short(), tmp_path, resume=True)
+        Trainer(lambda: other, _prepared(data, 300, 60), _short(), tmp_path, resume=True)
     with pytest.raises(FileNotFoundError, match="no run to continue"):
         _trainer(data, tmp_path / "empty", _short(), resume=True)
 
@@ -161,14 +161,14 @@ def test_a_few_hundred_steps_lower_the_validation_loss(data, tmp_path):
     train, valid, tokenizer = data
     config = _short(lr=1e-2, warmup_steps=30, max_tokens=1024, max_steps=250, valid_interval=125, log_interval=25)
     model = _model(tokenizer, config=TINY.replace(d_model=48, embed_dim=32))
-    trainer = Trainer(model, _prepared(data, len(train), len(valid)), config, tmp_path, progress=False)
+    trainer = Trainer(lambda: model, _prepared(data, len(train), len(valid)), config, tmp_path, progress=False)
     initial = evaluate_loss(model, trainer.valid_batches, TINY.pad_id, 0.1, trainer.device)
     summary = trainer.run()
 
-    final = summary["last_valid"]
+    final = summary.details["last_valid"]
     assert final["loss"] < 0.7 * initial["loss"], (initial, final)
     assert final["nll"] < 0.6 * initial["nll"], (initial, final)
-    assert summary["stopped_by"] == "max_steps" and summary["steps"] == 250
+    assert summary.stopped_by == "max_steps" and summary.steps == 250
     log = read_log(tmp_path)
     assert [e["step"] for e in log if e["event"] == "valid"] == [125, 250]
     assert len([e for e in log if e["event"] == "train"]) == 10
@@ -185,7 +185,7 @@ def test_a_few_hundred_steps_lower_the_validation_loss(data, tmp_path):
     assert trained_on["pair"] == "en-de"
     assert loaded_tokenizer.to_bytes() == tokenizer.to_bytes() and spec["kind"] == "transformer"
     again = evaluate_loss(model, trainer.valid_batches, TINY.pad_id, 0.1, torch.device("cpu"))["loss"]
-    assert again == pytest.approx(summary["best_valid_loss"], rel=1e-6)
+    assert again == pytest.approx(summary.details["best_valid_loss"], rel=1e-6)
 
 
 def test_early_stopping_and_best_checkpoint(data, tmp_path, monkeypatch):
@@ -200,8 +200,8 @@ def test_early_stopping_and_best_checkpoint(data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_module, "evaluate_loss", scripted)
     summary = _trainer(data, tmp_path, _short(max_steps=100, valid_interval=2, patience=2), validate_bleu=bleu).run()
-    assert summary["stopped_by"] == "patience" and summary["steps"] == 8
-    assert summary["best_valid_loss"] == 2.0
+    assert summary.stopped_by == "patience" and summary.steps == 8
+    assert summary.details["best_valid_loss"] == 2.0
     valid = [e for e in read_log(tmp_path) if e["event"] == "valid"]
     assert [(e["step"], e["bad_validations"], e["bleu"]) for e in valid] == [
         (2, 0, 12.5),
@@ -215,12 +215,12 @@ def test_early_stopping_and_best_checkpoint(data, tmp_path, monkeypatch):
 def test_bf16_autocast_trains_and_warns_where_the_cpu_would_emulate_it(data, tmp_path):
     import warnings
 
-    from mdarts.runs import cpu_supports_bf16
+    from mdarts.processes import cpu_supports_bf16
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         summary = _trainer(data, tmp_path, _short(max_steps=2, valid_interval=2, bf16=True)).run()
-    assert summary["steps"] == 2 and torch.isfinite(torch.tensor(summary["last_valid"]["loss"]))
+    assert summary.steps == 2 and torch.isfinite(torch.tensor(summary.details["last_valid"]["loss"]))
     slow = [w for w in caught if "has no fast bfloat16" in str(w.message)]
     assert len(slow) == (0 if cpu_supports_bf16() else 1)  # this machine's answer either way
 
@@ -234,7 +234,9 @@ def test_the_chunked_loss_trains_as_the_full_logits_do(data, tmp_path):
             _trainer(data, tmp_path / str(rows), _short(max_steps=3, valid_interval=3, loss_chunk_rows=rows))
         )
         summaries.append(trainers[-1].run())
-    assert summaries[0]["last_valid"]["loss"] == pytest.approx(summaries[1]["last_valid"]["loss"], rel=1e-5)
+    assert summaries[0].details["last_valid"]["loss"] == pytest.approx(
+        summaries[1].details["last_valid"]["loss"], rel=1e-5
+    )
     for full, chunked in zip(trainers[0].model.parameters(), trainers[1].model.parameters(), strict=True):
         torch.testing.assert_close(chunked, full, rtol=1e-4, atol=1e-5)
 
@@ -385,6 +387,6 @@ def test_existing_run_is_refused_without_resume_or_overwrite(data, tmp_path):
         _trainer(data, tmp_path, _short(max_steps=3))
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing lost
     summary = _trainer(data, tmp_path, _short(max_steps=2, valid_interval=2), overwrite=True).run()
-    assert summary["steps"] == 2
+    assert summary.steps == 2
     assert not (tmp_path / "checkpoint_step3.pt").exists()
     assert [e["step"] for e in read_log(tmp_path) if e["event"] == "valid"] == [2]

@@ -22,13 +22,11 @@ from .parts import (
     split_values,
 )
 from .reporting import argmax_stability, collapse_message, plot_alpha_history
-from .run import BatchStream, Searcher, SearchResult, searched_space, selection_context, split_corpus
+from .run import Searcher, searched_space, selection_context, split_corpus
 
 __all__ = [
     "METHODS",
     "SELECTORS",
-    "BatchStream",
-    "SearchResult",
     "Searcher",
     "SelectionContext",
     "Selector",

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..batching import Batch
 from ..config import SearchSettings, Settings, setting
 from ..model import Supernet
-from ..runs import ONE_PROCESS, Ranks
+from ..processes import ONE_PROCESS, Ranks
 from .parts import METHODS
 from .weights import Schedule, WeightTraining, set_grads
 
@@ -158,9 +158,7 @@ class DartsSettings(Settings):
     weights_only_fraction: float = setting(
         0.3, "first fraction of the budget in which only the weights train, alpha frozen (as PC-DARTS does)"
     )
-    alpha_lr: Optional[float] = setting(
-        None, "fixed learning rate of the architecture logits (none: alpha_travel / the number of alpha steps)"
-    )
+    alpha_lr: Optional[float] = setting(None, "fixed learning rate of alpha (none: alpha_travel / the alpha steps)")
     alpha_travel: float = setting(
         3.0,
         "logit distance Adam can move a logit over the alpha phase if its gradient keeps its sign (one alpha_lr a "

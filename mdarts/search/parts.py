@@ -28,9 +28,9 @@ import torch
 from ..batching import Batch, TokenBatches
 from ..config import SearchSettings, Settings
 from ..genotype import Genotype
+from ..loss import evaluate_loss
 from ..model import Supernet
 from ..prepare import EncodedSplit
-from ..runs import evaluate_loss
 
 Part = TypeVar("Part")
 

@@ -28,8 +28,7 @@ class RankedPaths(Selector):
     name = "ranked_paths"
     Settings = RankedPathsSettings
     needs_validation = True
-    score_name = "val_loss"
-    higher_is_better = False
+    score_name = "val_loss"  # lower is better
 
     def propose(self, context: SelectionContext) -> list[Genotype]:
         """Random genotypes from streams no training path uses (negative seeds)."""

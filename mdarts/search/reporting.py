@@ -11,9 +11,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..config import ModelConfig
+from ..files import write_atomic
 from ..genotype import Genotype
 from ..ops import parameter_free_ops
-from ..runs import write_atomic
 
 
 def argmax_ops(weights: dict[str, list[list[list[float]]]], config: ModelConfig) -> list[str]:

@@ -16,10 +16,10 @@ import torch
 
 from ..checkpoint import load_checkpoint
 from ..config import ModelConfig, SearchSettings, Settings
+from ..files import RunDirectory, write_atomic
 from ..genotype import Genotype
 from ..model import Supernet
 from ..prepare import PreparedData
-from ..runs import RunDirectory, write_atomic
 from .parts import SELECTORS, check_parts
 from .run import selection_context
 

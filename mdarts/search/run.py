@@ -4,8 +4,8 @@
 corpus split into two disjoint parts (the weights on the first, ``split_ratio`` of the pairs;
 the architecture logits, if the method trains them, on the rest), then chooses the genotype
 with a selector (:mod:`mdarts.search.parts`). It knows neither part: it plans the budget,
-draws the batches, evaluates, logs, checkpoints and resumes. It is shaped like
-:class:`~mdarts.train.Trainer` and shares its run layer (:mod:`mdarts.runs`).
+draws the batches, evaluates, logs, checkpoints and resumes, on the run loop it shares with
+:class:`~mdarts.train.Trainer` (:class:`mdarts.runloop.RunLoop`).
 
 A run directory receives, at every evaluation: ``genotype.json`` (the argmax genotype while
 the search runs; the selector's choice at the end), one line of ``alpha_history.jsonl``,
@@ -20,28 +20,28 @@ from __future__ import annotations
 import dataclasses
 import random
 import warnings
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
-from .. import runs
 from ..batching import Batch, TokenBatches, warn_dropped
 from ..checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..config import ModelConfig, SearchSettings, Settings
+from ..files import PathLike, RunDirectory
 from ..genotype import Genotype
+from ..loss import evaluate_loss
 from ..memory import peak_memory
 from ..model import Supernet, iter_nodes
 from ..ops import parameter_free_ops
 from ..plan import choose_memory_mode, default_memory_budget
 from ..prepare import EncodedSplit, PreparedData
 from ..progress import Progress
+from ..runloop import BatchStream, RunClock, RunLoop, RunResult, check_resume, check_same_data, spent_budget
 from .parts import METHODS, SELECTORS, SelectionContext, SupernetMethod, check_parts
 from .reporting import argmax_ops, argmax_stability, collapse_message, plot_alpha_history, short_summary
 from .weights import Schedule
 
-CHECKPOINT_FILE, GENOTYPE_FILE, HISTORY_FILE, HEATMAP_FILE, LOG_FILE = RUN_FILES = runs.RunDirectory.KINDS["search"][1]
+CHECKPOINT_FILE, GENOTYPE_FILE, HISTORY_FILE, HEATMAP_FILE, LOG_FILE = RUN_FILES = RunDirectory.KINDS["search"][1]
 CALIBRATION_STEPS = 5  # steps timed before a minutes budget is planned in steps, and again when the step cost changes
 
 
@@ -60,60 +60,6 @@ def split_corpus(num_pairs: int, ratio: float, seed: int) -> tuple[list[int], li
     random.Random(f"{seed}:theta-alpha-split").shuffle(order)
     cut = min(max(round(ratio * num_pairs), 1), num_pairs - 1)
     return sorted(order[:cut]), sorted(order[cut:])
-
-
-class BatchStream:
-    """Endless batches over some pairs of a split, epoch after epoch, resumable, shared out
-    among the processes of a run: each step takes the next ``ranks.world_size`` batches of the
-    epoch, this process the one at its rank (an epoch's last batches that do not fill a step
-    are left out), so the processes see disjoint parts of every epoch.
-
-    Batch order is a function of (seed, epoch) (see :class:`~mdarts.batching.TokenBatches`),
-    so :meth:`state` (epoch, batches of it taken by all processes) is all a resumed run needs,
-    with any number of processes."""
-
-    def __init__(
-        self,
-        split: EncodedSplit,
-        indices: Sequence[int],
-        max_tokens: int,
-        seed: int,
-        config: ModelConfig,
-        name: str,
-        ranks: runs.Ranks = runs.ONE_PROCESS,
-    ) -> None:
-        self.name, self.ranks = name, ranks
-        self.batches = TokenBatches(
-            [split.src_ids[i] for i in indices],
-            [split.tgt_ids[i] for i in indices],
-            max_tokens,
-            seed=seed,
-            shuffle=True,
-            max_positions=config.max_positions,
-            pad_id=config.pad_id,
-        )
-        if len(self.batches) < ranks.world_size:
-            raise ValueError(
-                f"the {name} part yields {len(self.batches)} batch(es), fewer than the {ranks.world_size} processes: "
-                f"every pair longer than max_tokens={max_tokens} or max_positions={config.max_positions} is left out"
-            )
-        self.epoch, self.position = 0, 0
-
-    def next(self) -> Batch:
-        """This process's batch of the next step (CPU tensors), starting a new epoch when one ends."""
-        if self.position + self.ranks.world_size > len(self.batches):
-            self.load_state({"epoch": self.epoch + 1, "position": 0})
-        batch = self.batches[self.position + self.ranks.rank]
-        self.position += self.ranks.world_size
-        return batch
-
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state(self, state: dict[str, int]) -> None:
-        """Continue at batch ``position`` of epoch ``epoch``."""
-        self.epoch, self.position = state["epoch"], state["position"]
-        self.batches.set_epoch(self.epoch)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -142,24 +88,7 @@ def part_settings(registry, name: str, given: Optional[Settings]) -> Settings:
     return given
 
 
-@dataclass
-class SearchResult:
-    """What a search produced: the genotype, the steps done in all, the peak memory (bytes;
-    CUDA max allocated or CPU peak resident set), the last validation loss (None without a
-    "val" split), the run directory, which holds the files named in the module docstring
-    (``out_dir / GENOTYPE_FILE`` and so on), and why it stopped: "max_steps", "max_minutes",
-    "stable" (see ``SearchSettings.stable_evals``), or a signal, "SIGINT" or "SIGTERM" (then
-    only the checkpoint is written, and ``resume`` continues)."""
-
-    genotype: Genotype
-    steps: int
-    peak_memory_bytes: int
-    val_loss: Optional[float]
-    out_dir: Path
-    stopped_by: str
-
-
-class Searcher:
+class Searcher(RunLoop):
     """Searches an architecture on ``data["train"]`` into ``out_dir``: the supernet method
     ``settings.method`` trains the supernet, the selector ``settings.select`` chooses the genotype.
 
@@ -178,12 +107,14 @@ class Searcher:
         progress: show the progress bar (None: when stderr is a terminal).
     """
 
+    kind = label = "search"
+
     def __init__(
         self,
         config: ModelConfig,
         data: PreparedData,
         settings: SearchSettings,
-        out_dir: runs.PathLike,
+        out_dir: PathLike,
         *,
         method: Optional[Settings] = None,
         selector: Optional[Settings] = None,
@@ -191,16 +122,12 @@ class Searcher:
         overwrite: bool = False,
         progress: Optional[bool] = None,
     ) -> None:
-        self.run_dir = runs.RunDirectory(out_dir, "search")
-        self.run_dir.check(resume, overwrite)
+        super().__init__(out_dir, settings, resume=resume, overwrite=overwrite, progress=progress)
         self.method_settings = part_settings(METHODS, settings.method, method)
         self.select_settings = part_settings(SELECTORS, settings.select, selector)
         check_parts(settings.method, settings.select, "val" in data.splits)
-        self.data, self.settings, self.show_progress = data, settings, progress
+        self.data = data
         self.data_identity = data.identity()  # recorded in every checkpoint, checked on resume
-        self.ranks = runs.Ranks.from_environment(settings.device)
-        self.device = self.ranks.device(settings.device)
-        runs.warn_if_slow_bf16(settings.bf16, self.device)
         checkpoint = load_checkpoint(self.run_dir.checkpoint, kind="search") if resume else None
         self.config, self.memory_reason = self._searched_config(config, checkpoint)
         if checkpoint is not None:
@@ -215,21 +142,18 @@ class Searcher:
                 "data": self.data_identity,
             }
         )
-        runs.seed_everything(settings.seed)
-        self.model = self._supernet()
+        self.model = self.build(self._supernet)
         self.method: SupernetMethod = METHODS[settings.method](self.model, settings, self.method_settings, self.ranks)
-        if self.ranks.main:
-            self.run_dir.claim(resume, overwrite)
-        self.ranks.barrier()  # the others read the run directory once rank 0 has claimed it
-        self.log = runs.JsonLog(self.run_dir / LOG_FILE, writes=self.ranks.main)
-        self.history = runs.JsonLog(self.run_dir / HISTORY_FILE, writes=self.ranks.main)
+        self.claim(resume, overwrite)
+        self.log = self.open_log("log", LOG_FILE)
+        self.history = self.open_log("history", HISTORY_FILE)
+        self.refit_due: Optional[tuple[int, float]] = None  # a minutes budget: (step, clock) of the next re-plan
         self.recent_losses: list[float] = []  # theta losses since the last evaluation
         self.last_ops: Optional[list[str]] = None
         self.stable_evals = 0  # evaluations of the alpha phase in a row with the same genotype
         self.last_eval_step = -1
         self.val_loss: Optional[float] = None
         self.val_step = -1  # the step of val_loss
-        self.clock = runs.RunClock()
         if checkpoint is not None:
             self._resume(checkpoint)
         else:
@@ -242,7 +166,7 @@ class Searcher:
         return self.method.steps
 
     def _supernet(self) -> Supernet:
-        model = Supernet(self.config, self.data.tokenizer.vocab_size).to(self.device)
+        model = Supernet(self.config, self.data.tokenizer.vocab_size)
         if self.settings.affine_free:
             for node in iter_nodes(model):
                 if node.parametric:
@@ -317,7 +241,14 @@ class Searcher:
         offsets = {"theta": 0, "alpha": 1}  # each part's batch order: a stream of its own
         self.streams = {
             name: BatchStream(
-                train, indices[name], settings.max_tokens, settings.seed + offsets[name], config, name, self.ranks
+                [train.src_ids[i] for i in indices[name]],
+                [train.tgt_ids[i] for i in indices[name]],
+                settings.max_tokens,
+                settings.seed + offsets[name],
+                max_positions=config.max_positions,
+                pad_id=config.pad_id,
+                name=name,
+                ranks=self.ranks,
             )
             for name in METHODS[settings.method].parts
         }
@@ -339,23 +270,22 @@ class Searcher:
         if checkpoint["config"] != self.config.to_dict():
             changed = sorted(k for k, v in self.config.to_dict().items() if checkpoint["config"].get(k) != v)
             raise ValueError(f"cannot resume from {path}: the model config differs in {', '.join(changed)}")
-        runs.check_same_data(checkpoint.get("data"), self.data_identity, path)
+        check_same_data(checkpoint.get("data"), self.data_identity, path)
         if checkpoint["tokenizer"] != self.data.tokenizer.to_bytes():
             raise ValueError(
                 f"cannot resume from {path}: the data was prepared with another tokenizer than the checkpoint's"
             )
-        runs.check_resume(SearchSettings.from_dict(checkpoint["settings"]), self.settings, path)
+        check_resume(SearchSettings.from_dict(checkpoint["settings"]), self.settings, path)
         saved_method = type(self.method_settings).from_dict(checkpoint["method_settings"])
-        runs.check_resume(saved_method, self.method_settings, path)
+        check_resume(saved_method, self.method_settings, path)
 
     def _resume(self, checkpoint: dict) -> None:
         self.method.load_state_dict(checkpoint["searcher"])
         for name, stream in self.streams.items():
             stream.load_state(checkpoint["streams"][name])
         set_rng_state(checkpoint["rng"])
-        for name, log in (("log", self.log), ("history", self.history)):
-            log.cut(checkpoint["log_bytes"][name])  # what was logged after the checkpoint goes
-        self.clock = runs.RunClock(checkpoint["elapsed_s"])
+        self.rewind(checkpoint["log_bytes"])  # what was logged after the checkpoint goes
+        self.clock = RunClock(checkpoint["elapsed_s"])
         self.recent_losses = list(checkpoint["recent_losses"])
         self.stable_evals = checkpoint["stable_evals"]
         saved = SearchSettings.from_dict(checkpoint["settings"])
@@ -371,43 +301,74 @@ class Searcher:
         self.val_loss = checkpoint["val_loss"]
         self.log.append("resume", self.steps, settings=self.settings.to_dict())
 
-    def run(self) -> SearchResult:
-        """Search until the planned steps are done, ``max_minutes`` have passed or the genotype
-        is stable (see :meth:`_stop_reason`), evaluating every ``eval_interval`` and
-        checkpointing every ``checkpoint_interval`` steps and at the end, then choose the
-        genotype with the selector. SIGINT or SIGTERM stops it after the current step with the
-        checkpoint (and nothing else) written."""
-        self.clock = runs.RunClock(self.clock.seconds())
-        shown = self.show_progress if self.ranks.main else False
-        bar = Progress(self.settings.max_steps, "search", self.device, initial=self.steps, enabled=shown)
-        with runs.StopSignals() as signals:
-            try:
-                stopped_by = self._loop(bar, signals)
-            finally:
-                bar.close()
-        if stopped_by in runs.SIGNAL_NAMES:
-            self._save()
-            genotype = self.model.genotype()
-            return SearchResult(
-                genotype, self.steps, peak_memory(self.device), self.val_loss, self.run_dir.path, stopped_by
-            )
+    def budget_reason(self) -> Optional[str]:
+        """ "max_steps" (the planned steps are done), "max_minutes", "stable" (the argmax genotype
+        has not changed for ``stable_evals`` evaluations), or None."""
+        settings = self.settings
+        reason = spent_budget(self.steps, self.method.schedule.steps or None, self.clock, settings.max_minutes)
+        if reason is None and settings.stable_evals and self.stable_evals >= settings.stable_evals:
+            reason = "stable"
+        return reason
+
+    def take_step(self, bar: Progress) -> None:
+        """One step of the method, logged; a minutes budget planned or re-fitted when due; an
+        evaluation every ``eval_interval`` and a checkpoint every ``checkpoint_interval`` steps."""
+        settings, method = self.settings, self.method
+        lr = method.theta_lr()
+        record = method.step(self._next_batch)
+        events = record.pop("events", [])
+        self.recent_losses.append(record["theta_loss"])
+        self.log.append("step", self.steps, **record, lr=lr)
+        for event, fields in events:
+            self.log.append(event, self.steps, **fields)
+        if self.steps == CALIBRATION_STEPS and method.schedule.steps == 0:
+            self._plan_minutes()
+        if settings.max_steps is None and method.cost_changed:  # measure the step time anew
+            self.refit_due = (self.steps + CALIBRATION_STEPS, self._mean_seconds())
+        if self.refit_due is not None and self.steps == self.refit_due[0]:
+            self._refit(self.refit_due[1])
+            self.refit_due = None
+        if self.steps % settings.eval_interval == 0:
+            self._evaluate(final=self.stop_reason(signals=False) is not None)
+        if self.steps % settings.checkpoint_interval == 0:
+            self.save()
+        alpha_loss = record["alpha_loss"]
+        shown = "frozen" if alpha_loss is None else f"{alpha_loss:.3f}"
+        arch = short_summary(self.model.genotype())
+        bar.update(record["tokens"], record["theta_loss"], lr, alpha_loss=shown, arch=arch)
+
+    def _next_batch(self, part: str) -> Batch:
+        return self.streams[part].take()[0].to(self.device)
+
+    def stopped(self, stopped_by: str) -> RunResult:
+        """The result of a search stopped by a signal: its checkpoint is written, nothing else."""
+        details = {"genotype": self.model.genotype()}
+        return RunResult(
+            self.steps, stopped_by, self.run_dir.path, peak_memory(self.device), self.val_loss, details=details
+        )
+
+    def finish(self, stopped_by: str, bar: Progress) -> RunResult:
+        """The last evaluation (unless just done), the checkpoint, then the selector's choice
+        (genotype.json) and the "end" record. The result's details: the genotype."""
         if self.last_eval_step != self.steps or (self.valid_batches is not None and self.val_step != self.steps):
             self._evaluate(final=True)
-        self._save()  # before the choice, which a resume of a finished run makes again (logged once)
+        self.save()  # before the choice, which a resume of a finished run makes again (logged once)
         if self.ranks.main:
             self._select()
         genotype = Genotype.load(self.run_dir / GENOTYPE_FILE) if self.ranks.main else self.model.genotype()
-        peak = peak_memory(self.device)
+        result = self.stopped(stopped_by)
+        result.details["genotype"] = genotype
+        result.tokens_per_s = bar.tokens_per_second()
         self.log.append(
             "end",
             self.steps,
             stopped_by=stopped_by,
             elapsed_s=round(self.clock.seconds(), 3),
-            peak_memory_bytes=peak,
-            tokens_per_s=bar.tokens_per_second(),
+            peak_memory_bytes=result.peak_memory_bytes,
+            tokens_per_s=result.tokens_per_s,
             genotype=genotype.summary(),
         )
-        return SearchResult(genotype, self.steps, peak, self.val_loss, self.run_dir.path, stopped_by)
+        return result
 
     def _select(self) -> None:
         """Choose the genotype with the selector: genotype.json, and a "ranking" record a genotype scored."""
@@ -416,53 +377,6 @@ class Searcher:
         for record in records:
             self.log.append("ranking", self.steps, **record)
         genotype.save(self.run_dir / GENOTYPE_FILE)
-
-    def _next_batch(self, part: str) -> Batch:
-        return self.streams[part].next().to(self.device)
-
-    def _loop(self, bar: Progress, signals: runs.StopSignals) -> str:
-        """Search steps until the budget is spent or a signal asks to stop; why it stopped."""
-        settings, method = self.settings, self.method
-        refit = None  # with a minutes budget: (step, clock seconds CALIBRATION_STEPS before it) of the next re-plan
-        while (stopped_by := self._stop_reason(signals)) is None:
-            lr = method.theta_lr()
-            record = method.step(self._next_batch)
-            events = record.pop("events", [])
-            self.recent_losses.append(record["theta_loss"])
-            self.log.append("step", self.steps, **record, lr=lr)
-            for event, fields in events:
-                self.log.append(event, self.steps, **fields)
-            if self.steps == CALIBRATION_STEPS and method.schedule.steps == 0:
-                self._plan_minutes()
-            if settings.max_steps is None and method.cost_changed:  # measure the step time anew
-                refit = (self.steps + CALIBRATION_STEPS, self._mean_seconds())
-            if refit is not None and self.steps == refit[0]:
-                self._refit(refit[1])
-                refit = None
-            if self.steps % settings.eval_interval == 0:
-                self._evaluate(final=self._stop_reason() is not None)
-            if self.steps % settings.checkpoint_interval == 0:
-                self._save()
-            alpha_loss = record["alpha_loss"]
-            shown = "frozen" if alpha_loss is None else f"{alpha_loss:.3f}"
-            bar.update(
-                record["tokens"], record["theta_loss"], lr, alpha_loss=shown, arch=short_summary(self.model.genotype())
-            )
-        return stopped_by
-
-    def _stop_reason(self, signals: Optional[runs.StopSignals] = None) -> Optional[str]:
-        """Why the search stops now: "SIGINT" or "SIGTERM" (to any process), "max_steps" (the
-        planned steps are done), "max_minutes", "stable" (the genotype has not changed for
-        ``stable_evals`` evaluations), or None; decided for all processes at once."""
-        settings = self.settings
-        reason = runs.spent_budget(self.steps, self.method.schedule.steps or None, self.clock, settings.max_minutes)
-        if reason is None and settings.stable_evals and self.stable_evals >= settings.stable_evals:
-            reason = "stable"
-        signal = signals.requested if signals is not None else None
-        signalled, stopping = self.ranks.sum([float(signal is not None), float(reason is not None)])
-        if signalled:
-            return signal or "SIGTERM"  # another process was signalled
-        return reason or ("another process" if stopping else None)
 
     def _evaluate(self, final: bool = False) -> Genotype:
         """Write genotype.json, the alpha history line, the heatmap and an "eval" log record, with
@@ -488,7 +402,7 @@ class Searcher:
         self.last_ops, self.last_eval_step, self.recent_losses = ops, step, []
         if self.valid_batches is not None and (step % self.settings.valid_interval == 0 or final):
             settings = self.settings
-            scores = runs.evaluate_loss(
+            scores = evaluate_loss(
                 self.model, self.valid_batches, self.config.pad_id, settings.label_smoothing, self.device, settings.bf16
             )
             self.val_loss, self.val_step = scores["loss"], step
@@ -500,7 +414,7 @@ class Searcher:
             self.log.append("warning", step, message=message)
         return genotype
 
-    def _save(self) -> None:
+    def save(self) -> None:
         if not self.ranks.main:
             return
         save_checkpoint(
@@ -512,7 +426,7 @@ class Searcher:
                 "rng": rng_state(),
                 "elapsed_s": self.clock.seconds(),
                 "recent_losses": list(self.recent_losses),
-                "log_bytes": {"log": self.log.size(), "history": self.history.size()},
+                "log_bytes": self.log_sizes(),
                 "last_eval_step": self.last_eval_step,
                 "val_step": self.val_step,
                 "val_loss": self.val_loss,

@@ -13,7 +13,7 @@ from ..batching import Batch
 from ..config import SearchSettings, Settings
 from ..genotype import random_genotype
 from ..model import Supernet
-from ..runs import ONE_PROCESS, Ranks
+from ..processes import ONE_PROCESS, Ranks
 from .parts import METHODS
 from .weights import WeightTraining
 

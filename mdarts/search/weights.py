@@ -17,11 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from ..batching import Batch
-from ..config import SearchSettings
+from ..config import SearchSettings, inverse_sqrt_lr
 from ..loss import sequence_loss
 from ..model import Supernet
+from ..processes import ONE_PROCESS, Ranks
 from ..reduction import BucketedReduce
-from ..runs import ONE_PROCESS, Ranks, inverse_sqrt_lr
 from .parts import SupernetMethod
 
 

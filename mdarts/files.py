@@ -1,0 +1,214 @@
+"""Files of a run: one atomic write for every file mdarts writes (:func:`write_atomic`),
+JSON-lines logs with one schema (:class:`JsonLog`), a run directory claimed by one run of one
+kind (:class:`RunDirectory`), and locks that share work out between processes (:func:`exclusive`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Callable, Iterable, Iterator, Optional, Union
+
+PathLike = Union[str, "os.PathLike[str]"]
+Content = Union[bytes, str, Callable[[IO[bytes]], None]]
+
+
+def write_atomic(path: PathLike, content: Content) -> Path:
+    """Write ``content`` (bytes, text, or a function writing to a binary file) to ``path``
+    atomically: into a temporary file beside it, flushed to disk, then renamed over it. A crash
+    or an exception (raised by the function, say a check of what it wrote: ``out.name`` is the
+    temporary file's path) leaves any previous
+    file intact and no temporary behind. The file gets the usual mode (0666 less the umask)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.close(fd)
+        with open(tmp_name, "wb") as out:
+            if callable(content):
+                content(out)
+            else:
+                out.write(content.encode() if isinstance(content, str) else content)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp_name, 0o666 & ~_umask())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class JsonLog:
+    """A JSON-lines log: one record a line, each with ``"event"`` (what happened) and ``"step"``.
+    With ``writes`` False (a process of a run other than rank 0) it reads but never writes."""
+
+    def __init__(self, path: PathLike, writes: bool = True) -> None:
+        self.path = Path(path)
+        self.writes = writes
+
+    def append(self, event: str, step: int, **fields: Any) -> dict[str, Any]:
+        """Append ``{"event": event, "step": step, **fields}``; returns the record."""
+        record = {"event": event, "step": step, **fields}
+        if self.writes:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        return record
+
+    def read(self, event: Optional[str] = None) -> list[dict[str, Any]]:
+        """The records (only those of ``event`` when given); empty when there is no log."""
+        if not self.path.is_file():
+            return []
+        records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return records if event is None else [r for r in records if r["event"] == event]
+
+    def size(self) -> int:
+        """Bytes logged so far (a checkpoint records it; :meth:`cut` goes back to it)."""
+        return self.path.stat().st_size if self.path.is_file() else 0
+
+    def cut(self, size: int) -> None:
+        """Keep the first ``size`` bytes (what was logged when a checkpoint recorded :meth:`size`),
+        atomically: a resume drops what its run logged after that checkpoint."""
+        if self.writes and self.size() > size:
+            with self.path.open("rb") as handle:
+                write_atomic(self.path, handle.read(size))
+
+
+class RunDirectory:
+    """A run's directory: the files a run of this ``kind`` ("training", "search") writes and the
+    one checkpoint a resume starts from, as :attr:`KINDS` lists them.
+
+    A directory holding a run of another kind (any file of :attr:`KINDS` other than this
+    kind's) is refused whatever the options: resuming or overwriting it would mix two runs.
+    """
+
+    KINDS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+        "training": (
+            "checkpoint_last.pt",
+            ("log.jsonl", "curves.png", "checkpoint_last.pt", "checkpoint_best.pt", "checkpoint_avg.pt"),
+            ("checkpoint_step*.pt",),
+        ),
+        "search": (
+            "search_checkpoint.pt",
+            ("search_checkpoint.pt", "genotype.json", "alpha_history.jsonl", "alpha_heatmap.png", "search_log.jsonl"),
+            (),
+        ),
+    }
+    """Every kind of mdarts run: its resumable checkpoint, the files it writes and the glob
+    patterns of further files (numbered checkpoints). One table, so that each kind can refuse a
+    directory holding another kind's run without importing the other's module."""
+
+    def __init__(self, path: PathLike, kind: str) -> None:
+        self.path = Path(path)
+        self.kind = kind
+        checkpoint, self.files, self.patterns = self.KINDS[kind]
+        self.checkpoint = self.path / checkpoint
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def existing(self) -> list[Path]:
+        """The run files present now."""
+        return self._present(self.files, self.patterns)
+
+    def foreign(self) -> dict[str, list[Path]]:
+        """The files of runs of other kinds (:attr:`KINDS`) present now, by kind; a name this
+        kind writes too is not counted."""
+        own = set(self.existing())
+        found = {
+            kind: [p for p in self._present(*names) if p not in own]
+            for kind, (_, *names) in self.KINDS.items()
+            if kind != self.kind
+        }
+        return {kind: paths for kind, paths in found.items() if paths}
+
+    def _present(self, files: Iterable[str], patterns: Iterable[str]) -> list[Path]:
+        if not self.path.is_dir():
+            return []
+        found = [self.path / name for name in files if (self.path / name).exists()]
+        return found + sorted(p for pattern in patterns for p in self.path.glob(pattern))
+
+    @staticmethod
+    def _names(paths: list[Path], shown: int = 4) -> str:
+        return ", ".join(p.name for p in paths[:shown]) + (", ..." if len(paths) > shown else "")
+
+    def check(self, resume: bool, overwrite: bool) -> None:
+        """Check, changing nothing, that the directory can be claimed: one holding a run is
+        refused (FileExistsError) unless ``resume`` (its checkpoint must exist:
+        FileNotFoundError) or ``overwrite``; one holding a run of another kind is refused
+        (FileExistsError) in every case; a path that is a file: NotADirectoryError."""
+        if resume and overwrite:
+            raise ValueError("--resume and --overwrite exclude each other")
+        if self.path.exists() and not self.path.is_dir():
+            raise NotADirectoryError(f"--out {self.path}: exists and is not a directory")
+        for kind, paths in self.foreign().items():
+            raise FileExistsError(
+                f"--out {self.path} holds a {kind} run ({self._names(paths)}), not a {self.kind} run; choose another "
+                f"directory (--overwrite deletes only a {self.kind} run's files)"
+            )
+        if resume:
+            if not self.checkpoint.is_file():
+                raise FileNotFoundError(
+                    f"nothing to resume: {self.checkpoint} does not exist (no run to continue in {self.path})"
+                )
+            return
+        present = self.existing()
+        if present and not overwrite:
+            raise FileExistsError(
+                f"{self.path} already holds another {self.kind} run ({self._names(present)}); resume it (--resume), "
+                "start afresh with --overwrite (deletes it) or choose another directory"
+            )
+
+    def claim(self, resume: bool, overwrite: bool) -> None:
+        """:meth:`check`, then create the directory; with ``overwrite`` (and not ``resume``)
+        delete the old run's files (only those); in every case delete the temporary files that a
+        process killed while writing one of them left behind (see :meth:`stale_temporaries`).
+        Call it after every setting has been checked, so that a refused setting deletes nothing."""
+        self.check(resume, overwrite)
+        self.path.mkdir(parents=True, exist_ok=True)
+        for stale in self.stale_temporaries():
+            stale.unlink(missing_ok=True)
+        if not resume:
+            for old in self.existing():
+                old.unlink()
+
+    def stale_temporaries(self) -> list[Path]:
+        """The temporary files of :func:`write_atomic` (``.NAME.XXXX.tmp``) for this kind's run
+        files, left by a process killed (SIGKILL, power cut) in the middle of a write."""
+        if not self.path.is_dir():
+            return []
+        names = (*self.files, *self.patterns)
+        return sorted({p for name in names for p in self.path.glob(f".{name}.*.tmp")})
+
+
+@contextlib.contextmanager
+def exclusive(path: PathLike) -> Iterator[bool]:
+    """Hold the lock file ``path`` while the body runs: yields True when this process holds it,
+    False when another process does. The operating system releases the lock when its holder
+    exits, killed or not, so a lock never outlives its process. The file itself stays (removing
+    it would let two processes lock two different files of one name)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+    finally:
+        os.close(descriptor)
