@@ -242,7 +242,7 @@ def test_a_bad_specification_names_the_entry_before_anything_runs(change, messag
 
 
 def test_status_says_what_is_done_running_and_left(one_process_run, tmp_path, capsys):
-    from mdarts import runs
+    from mdarts.files import exclusive
 
     out, argv = one_process_run
     copy = tmp_path / "copy"
@@ -263,7 +263,7 @@ def test_status_says_what_is_done_running_and_left(one_process_run, tmp_path, ca
     assert "| control | 2 | " in table  # the arm's two trainings, averaged
     (copy / "train" / "control" / "control-seed2" / "record.json").unlink()  # as if still training
     (copy / "train" / "random" / "g0-seed1" / "record.json").unlink()  # as if killed after a checkpoint
-    with runs.exclusive(copy / "locks" / "train--control--control-seed2.lock") as mine:
+    with exclusive(copy / "locks" / "train--control--control-seed2.lock") as mine:
         assert mine
         assert main(status) == 0
     lines, table = capsys.readouterr().out.split("\n\n", 1)
