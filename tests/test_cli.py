@@ -47,8 +47,14 @@ def test_data_dir_has_one_help_text_in_every_command():
         (["search", "--out", "x", "--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
         (["search", "--out", "x", "--memory-mode", "fast"], "invalid choice: 'fast'"),
         (["search", "--out", "x", "--method", "gdas"], "invalid choice: 'gdas' (choose from 'darts', 'single_path')"),
-        (["search", "--out", "x", "--select", "best"], "invalid choice: 'best' (choose from 'argmax', 'ranked_paths')"),
-        (["derive", "x", "--select", "best"], "invalid choice: 'best' (choose from 'argmax', 'ranked_paths')"),
+        (
+            ["search", "--out", "x", "--select", "best"],
+            "invalid choice: 'best' (choose from 'argmax', 'perturbation', 'ranked_paths')",
+        ),
+        (
+            ["derive", "x", "--select", "best"],
+            "invalid choice: 'best' (choose from 'argmax', 'perturbation', 'ranked_paths')",
+        ),
         (
             ["search", "--out", "x", "--method", "single_path"],
             "--select argmax reads the architecture logits, which --method single_path does not train",

@@ -511,3 +511,36 @@ def test_shrinking_happens_at_the_stage_boundaries_of_the_alpha_phase(data, tmp_
     for node in (n for side in ("encoder", "decoder") for layer in history[-1][side] for n in layer):
         assert sum(w > 0 for w in node) == 2
     assert result.steps == 8
+
+
+def test_perturbation_keeps_the_op_whose_removal_hurts_the_trained_mixture_most(data, tmp_path):
+    from mdarts.genotype import random_genotype
+    from mdarts.search import selection_context
+    from mdarts.search.perturbation import Perturbation, PerturbationSettings
+
+    settings = tiny_settings(max_steps=6)
+    searcher = Searcher(CONFIG, data, settings, tmp_path, progress=False)
+    searcher.run()
+    model, config = searcher.model, searcher.config
+    context = selection_context(model, settings, data, searcher.device)
+    selector = Perturbation(PerturbationSettings(perturbation_pairs=20))
+    table = selector.effects(context)
+    sides = ["encoder"] * len(model.alpha_encoder) + ["decoder"] * len(model.alpha_decoder)
+    assert [sorted(node) for node in table] == [sorted(getattr(config, f"{s}_candidates")) for s in sides]
+    assert all(model_dropped == [] for model_dropped in model.dropped)  # every removal undone
+    batches = context.validation_batches(20)
+    whole = context.loss(batches)
+    model.dropped[-1].append(0)  # the last node without its first candidate, by hand
+    try:
+        by_hand = context.loss(batches) - whole
+    finally:
+        model.dropped[-1].clear()
+    assert table[-1][config.decoder_candidates[0]] == pytest.approx(by_hand, abs=1e-9)
+    assert len({round(v, 9) for node in table for v in node.values()}) > 1  # removals differ
+
+    (chosen,) = selector.propose(context)
+    flat = [op for side in ("encoder", "decoder") for layer in getattr(chosen, side) for op in layer]
+    assert flat == [max(node, key=node.get) for node in table]
+    others = [random_genotype(config, seed) for seed in range(3)]
+    best, *rest = selector.score(context, [chosen, *others])
+    assert best == pytest.approx(sum(max(node.values()) for node in table)) and all(best >= r for r in rest)

@@ -1,16 +1,16 @@
-"""Architecture search (docs/design.md 1.1, 2.3): a supernet method trains the supernet, a
+"""Architecture search (docs/design.md 1.1, 2.4): a supernet method trains the supernet, a
 selector chooses the genotype, and :class:`Searcher` runs the two.
 
 Modules: :mod:`~mdarts.search.run` (the run of a search), :mod:`~mdarts.search.parts` (the
 method and selector interfaces and their registries), :mod:`~mdarts.search.weights` (the
 weights' update every method shares), the methods :mod:`~mdarts.search.darts` and
-:mod:`~mdarts.search.single_path`, the selectors :mod:`~mdarts.search.argmax` and
-:mod:`~mdarts.search.ranked_paths`, :mod:`~mdarts.search.reselect` (choosing again from a
-finished search) and :mod:`~mdarts.search.reporting`. Importing this package registers the
-built-in parts.
+:mod:`~mdarts.search.single_path`, the selectors :mod:`~mdarts.search.argmax`,
+:mod:`~mdarts.search.ranked_paths` and :mod:`~mdarts.search.perturbation`,
+:mod:`~mdarts.search.reselect` (choosing again from a finished search) and
+:mod:`~mdarts.search.reporting`. Importing this package registers the built-in parts.
 """
 
-from . import argmax, darts, ranked_paths, single_path  # noqa: F401  (registers the built-in parts)
+from . import argmax, darts, perturbation, ranked_paths, single_path  # noqa: F401  (registers the built-in parts)
 from .parts import (
     METHODS,
     SELECTORS,

@@ -141,14 +141,15 @@ class SelectionContext:
             pad_id=config.pad_id,
         )
 
+    def loss(self, batches: Iterable[Batch]) -> float:
+        """The validation loss (label-smoothed, nats per token) of the supernet as it computes now."""
+        config = self.model.config
+        return evaluate_loss(self.model, batches, config.pad_id, self.label_smoothing, self.device, self.bf16)["loss"]
+
     def path_loss(self, genotype: Genotype, batches: Iterable[Batch]) -> float:
-        """The shared-weight validation loss (label-smoothed, nats per token) of the single path
-        ``genotype`` names in the supernet."""
+        """The shared-weight validation loss of the single path ``genotype`` names in the supernet."""
         with self.model.use_path(genotype):
-            scores = evaluate_loss(
-                self.model, batches, self.model.config.pad_id, self.label_smoothing, self.device, self.bf16
-            )
-        return scores["loss"]
+            return self.loss(batches)
 
 
 class Selector:
