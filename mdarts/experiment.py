@@ -22,6 +22,8 @@ The specification is TOML (or JSON)::
     train_seeds = [1, 2, 3]
     random_finalists = 2
     search_preset = "tiny"
+    search_network = "retrain"  # optional: search the retrained networks' settings at their width
+                                # (default "preset": the search preset's supernet)
     [search]                # SearchSettings fields over the search preset's (and the parts')
     max_minutes = 60
     [train]                 # TrainConfig fields of every retrain
@@ -89,6 +91,9 @@ from .translate import translate_lines
 ARM_KINDS = ("searched", "weight_sharing", "random", "control", "transformer", "evolved")
 
 
+SEARCH_NETWORKS = ("preset", "retrain")
+"""What an experiment searches (``search_network``): the search preset's supernet, or the
+retrained networks' settings at their width (:meth:`ExperimentSpec.search_model_config`)."""
 SEARCH_PARTS = {"searched": ("darts", "argmax"), "weight_sharing": ("single_path", "ranked_paths")}
 """The supernet method and selector of each searching arm kind, unless the arm names others."""
 
@@ -134,6 +139,7 @@ class ExperimentSpec:
     train_seeds: tuple[int, ...] = (1,)
     random_finalists: int = 2
     search_preset: str = "tiny"
+    search_network: str = "preset"  # the supernet: the search preset's, or "retrain": the retrained networks'
     search: dict = field(default_factory=dict)
     train_preset: str = "multi30k-base"
     train: dict = field(default_factory=dict)
@@ -171,6 +177,8 @@ class ExperimentSpec:
                 fail(key, "missing")
         if values["pair"] not in PAIRS:
             fail("pair", f"expected one of {', '.join(PAIRS)}, got {values['pair']!r}")
+        if values.get("search_network", "preset") not in SEARCH_NETWORKS:
+            fail("search_network", f"expected one of {', '.join(SEARCH_NETWORKS)}, got {values['search_network']!r}")
         for key in ("params", "random_finalists", "vocab_size", "beam"):
             value = values.get(key, 1)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "random_finalists" else 1):
@@ -207,8 +215,12 @@ class ExperimentSpec:
         return spec
 
     def to_dict(self) -> dict:
-        """The specification as spec.json records it."""
-        return {**dataclasses.asdict(self), "arms": [arm.to_dict() for arm in self.arms]}
+        """The specification as spec.json records it (``search_network`` only when not the
+        default, so that specifications written before it read the same)."""
+        values = {**dataclasses.asdict(self), "arms": [arm.to_dict() for arm in self.arms]}
+        if self.search_network == "preset":
+            del values["search_network"]
+        return values
 
     def search_settings(self, seed: int = 0) -> SearchSettings:
         """The ``[search]`` table's SearchSettings fields over the search preset's."""
@@ -236,6 +248,19 @@ class ExperimentSpec:
 
     def train_config(self, seed: int) -> TrainConfig:
         return build_settings(TrainConfig, {**self.train, "seed": seed})
+
+    def search_model_config(self) -> ModelConfig:
+        """The supernet of the searches. ``search_network = "preset"``: the search preset's.
+        ``"retrain"``: the network that is retrained: :meth:`model_config` (the training
+        preset's depth, heads, FFN width, dropout) at the width sizing gives the control genotype
+        at ``params`` (d 192, e 213 for the Multi30k Transformer's 2,349,568), in the memory mode
+        the search finds to fit."""
+        if self.search_network == "preset":
+            return preset(self.search_preset)
+        retrain = self.model_config()
+        control = control_genotype(retrain)
+        sized = sized_config(control, retrain, self.params, self.vocab_size)
+        return sized.replace(memory_mode="auto")
 
     def model_config(self) -> ModelConfig:
         """The retrained networks' sizes before sizing: the search preset's space with the
@@ -483,7 +508,7 @@ class Experiment:
         member, run_dir = task.member(), self._run_dir(task)
         settings, method, selector = self.spec.search_parts(member.arm, task.seed)
         resume = (run_dir / SEARCH_CHECKPOINT).is_file()  # else what a kill left goes
-        config = preset(self.spec.search_preset)
+        config = self.spec.search_model_config()
         result = Searcher(
             config, data, settings, run_dir, method=method, selector=selector, resume=resume, overwrite=not resume
         ).run()

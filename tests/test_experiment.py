@@ -232,6 +232,7 @@ def test_the_targets_compare_searched_with_random_at_the_first_seed_and_with_the
         ({"search": {"max_minutes": -5}}, r"\[search\]: --max-minutes: expected a positive"),
         ({"params": 0}, "params: expected a positive integer"),
         ({"colour": "red"}, "colour: unknown entry"),
+        ({"search_network": "wide"}, "search_network: expected one of preset, retrain"),
     ],
 )
 def test_a_bad_specification_names_the_entry_before_anything_runs(change, message, tmp_path):
@@ -239,6 +240,28 @@ def test_a_bad_specification_names_the_entry_before_anything_runs(change, messag
     values = {key: value for key, value in values.items() if value is not None}
     with pytest.raises(ValueError, match=message):
         ExperimentSpec.from_dict(values)
+
+
+def test_the_retrained_networks_supernet_has_their_settings_and_width():
+    """search_network = "retrain": the supernet of the searches is the retrain's op settings at
+    the width sizing gives the control genotype; the default (the search preset's) is left out
+    of spec.json, so specifications written before the option read the same."""
+    from mdarts.genotype import control_genotype
+    from mdarts.sizing import sized_config
+
+    default = ExperimentSpec.from_dict(SPEC)
+    assert "search_network" not in default.to_dict() and default.search_model_config() == preset("tiny")
+    spec = ExperimentSpec.from_dict({**SPEC, "search_network": "retrain"})
+    assert spec.to_dict()["search_network"] == "retrain"
+    retrain, supernet = spec.model_config(), spec.search_model_config()
+    sized = sized_config(control_genotype(retrain), retrain, SPEC["params"], SPEC["vocab_size"])
+    assert (
+        (supernet.d_model, supernet.embed_dim)
+        == (sized.d_model, sized.embed_dim)
+        != (retrain.d_model, retrain.embed_dim)
+    )
+    assert supernet.replace(d_model=retrain.d_model, embed_dim=retrain.embed_dim, memory_mode="store") == retrain
+    assert supernet.memory_mode == "auto"
 
 
 def test_status_says_what_is_done_running_and_left(one_process_run, tmp_path, capsys):
