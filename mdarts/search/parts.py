@@ -25,6 +25,7 @@ from typing import Any, Callable, ClassVar, Generic, Iterable, Mapping, Optional
 
 import torch
 
+from ..arguments import option
 from ..batching import Batch, TokenBatches
 from ..config import SearchSettings, Settings
 from ..genotype import Genotype
@@ -56,9 +57,6 @@ class Registry(Generic[Part]):
         self._parts[name] = part
         return part
 
-    def unregister(self, name: str) -> None:
-        self._parts.pop(name, None)
-
     def names(self) -> list[str]:
         return list(self._parts)
 
@@ -70,10 +68,6 @@ class Registry(Generic[Part]):
         if name not in self._parts:
             raise ValueError(f"{self.option}: unknown {self.kind} {name!r}; known: {', '.join(self._parts)}")
         return self._parts[name]
-
-    def settings(self, name: str, values: Optional[Mapping[str, Any]] = None) -> Settings:
-        """The settings of part ``name`` with ``values`` over their defaults (validated)."""
-        return self[name].Settings(**dict(values or {}))
 
 
 class SupernetMethod:
@@ -118,8 +112,6 @@ class SelectionContext:
     validation split (None when there is none), and how the run scores a batch."""
 
     model: Supernet
-    method: str
-    trains_alpha: bool
     val: Optional[EncodedSplit]
     max_tokens: int
     label_smoothing: float
@@ -220,7 +212,7 @@ def split_values(
     for name, value in values.items():
         owner = next((kind for kind, names in owners.items() if name in names), None)
         if owner is None:
-            raise ValueError(f"{source}: {_option(name)} {_owner_of(name, method, select)}")
+            raise ValueError(f"{source}: {option(name)} {_owner_of(name, method, select)}")
         shared[owner][name] = value
     return shared["search"], shared["method"], shared["select"]
 
@@ -246,7 +238,3 @@ def _owner_of(name: str, method: str, select: str) -> str:
             if name in {f.name for f in dataclasses.fields(part.Settings)}:
                 return f"is a setting of {registry.kind} {part.name}, not of {chosen} ({registry.option} {part.name})"
     return "is not a search setting"
-
-
-def _option(name: str) -> str:
-    return "--" + name.replace("_", "-")

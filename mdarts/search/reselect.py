@@ -63,9 +63,8 @@ class TrainedSupernet:
         self, name: str, settings: Optional[Settings], genotypes: list[Genotype], data: Optional[PreparedData]
     ) -> tuple[Any, list[float]]:
         """Selector ``name``'s score of each of ``genotypes`` (and the selector, which says the
-        score's name and direction). A genotype of ops the supernet lacks: ValueError."""
+                score's name and direction). The genotypes must be of this supernet's space (the caller checks,
+        ``Genotype.validate(self.config)``)."""
         selector = self.selector(name, settings, data is not None and "val" in data.splits)
-        for genotype in genotypes:
-            genotype.validate(self.config)
         context = selection_context(self.model, self.settings, data, self.device)
         return selector, selector.score(context, genotypes)

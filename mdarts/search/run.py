@@ -451,8 +451,6 @@ def selection_context(
     val: Optional[EncodedSplit] = data["val"] if data is not None and "val" in data.splits else None
     return SelectionContext(
         model=model,
-        method=settings.method,
-        trains_alpha=METHODS[settings.method].trains_alpha,
         val=val,
         max_tokens=settings.max_tokens,
         label_smoothing=settings.label_smoothing,
