@@ -1,0 +1,121 @@
+"""Does a longer retrain rank the networks of an experiment as its 1,000 updates do?
+
+Trains networks of a finished experiment again, each as the experiment trained it (its
+specification's training settings and seed, the size its record gives), for ``--steps``
+updates with validation every ``--valid-interval``. The learning-rate schedule (inverse square
+root after the warm-up) does not depend on the budget, so the first 1,000 updates are the
+experiment's run: its validation loss there is printed beside the committed one as a check.
+Checkpoints stay in ``--runs`` (a longer budget continues them); the log and a record of each
+finished network go to ``--out``. ``--report`` prints the validation loss of every network at
+every validation and the ranks at the experiment's budget against the longest.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.budget results/en-de-2.35M "Transformer/transformer" \\
+        --data-dir ../shared/data/multi30k --out results/budget-en-de
+    python -m benchmarks.budget results/en-de-2.35M --report --out results/budget-en-de
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from mdarts.config import preset
+from mdarts.experiment import TRAIN_DONE, ExperimentSpec
+from mdarts.genotype import Genotype
+from mdarts.prepare import prepare_data
+from mdarts.sizing import BASELINES, builder
+from mdarts.train import CURVES_FILE, LOG_FILE, Trainer, read_log
+
+from .selectors import spearman
+
+
+def network(experiment: Path, spec: ExperimentSpec, name: str, seed: int):
+    """``(build, config, committed record)`` of network ``ARM/MEMBER`` as the experiment trained it."""
+    arm_name, member = name.split("/", 1)
+    arms = {arm.name: arm for arm in spec.arms}
+    if arm_name not in arms:
+        raise SystemExit(f"network {name!r}: no arm {arm_name!r} in {experiment} (arms: {', '.join(arms)})")
+    record_file = experiment / "train" / arm_name / f"{member}-seed{seed}" / TRAIN_DONE
+    if not record_file.is_file():
+        raise SystemExit(f"network {name!r}: {record_file} not found (a finished training at seed {seed})")
+    record = json.loads(record_file.read_text())
+    kind = arms[arm_name].kind
+    if kind in BASELINES:
+        arch, base = kind, preset(spec.train_preset, training=True)
+    else:
+        arch, base = Genotype.load(experiment / "genotypes" / f"{arm_name}-{member}.json"), spec.model_config()
+    config = base.replace(d_model=record["d_model"], embed_dim=record["embed_dim"])
+    return builder(arch, spec.vocab_size), config, record
+
+
+def train(args: argparse.Namespace, spec: ExperimentSpec) -> None:
+    data = prepare_data(spec.pair, ("train", "val"), args.data_dir, vocab_size=spec.vocab_size)
+    for name in args.networks:
+        build, config, record = network(args.experiment, spec, name, args.seed)
+        run_dir = args.runs / name
+        settings = spec.train_config(args.seed).replace(
+            max_steps=args.steps, valid_interval=args.valid_interval, device="cpu"
+        )
+        resume = (run_dir / "checkpoint_last.pt").is_file()
+        result = Trainer(lambda: build(config), data, settings, run_dir, resume=resume, overwrite=not resume).run()
+        if result.stopped_by != "max_steps":
+            raise SystemExit(f"{name}: stopped by {result.stopped_by}; run the command again to continue")
+        out = args.out / name
+        out.mkdir(parents=True, exist_ok=True)
+        for file in (LOG_FILE, CURVES_FILE):
+            shutil.copyfile(run_dir / file, out / file)
+        valid = {e["step"]: e["loss"] for e in read_log(run_dir) if e["event"] == "valid"}
+        summary = {"network": name, "seed": args.seed, "steps": args.steps, "valid_loss": valid}
+        summary["committed_valid_loss"] = {spec.train["max_steps"]: record["valid_loss"]}
+        (out / "record.json").write_text(json.dumps(summary, indent=1) + "\n")
+        print(f"{name}: validation loss {valid}")
+
+
+def report(args: argparse.Namespace, spec: ExperimentSpec) -> None:
+    records = [json.loads(p.read_text()) for p in sorted(args.out.glob("*/*/record.json"))]
+    if not records:
+        raise SystemExit(f"--out {args.out}: no finished network (*/*/record.json)")
+    steps = sorted({int(s) for r in records for s in r["valid_loss"]})
+    short = spec.train["max_steps"]
+    print("validation loss (label-smoothed nats/token) after N updates, training seed", records[0]["seed"])
+    print("| network | " + " | ".join(str(s) for s in steps) + f" | committed at {short} |")
+    print("|---|" + "---|" * (len(steps) + 1))
+    for r in records:
+        cells = [f"{r['valid_loss'].get(str(s), float('nan')):.3f}" for s in steps]
+        print(f"| {r['network']} | " + " | ".join(cells) + f" | {r['committed_valid_loss'][str(short)]:.3f} |")
+    longest = max(steps)
+    whole = [r for r in records if str(longest) in r["valid_loss"]]
+    if len(whole) >= 2:
+        at_short = [r["valid_loss"][str(short)] for r in whole]
+        at_long = [r["valid_loss"][str(longest)] for r in whole]
+        order = lambda losses: [r["network"] for _, r in sorted(zip(losses, whole), key=lambda x: x[0])]  # noqa: E731
+        print(f"best first at {short}: {order(at_short)}")
+        print(f"best first at {longest}: {order(at_long)}")
+        print(f"Spearman of the validation losses at {short} and {longest}: {spearman(at_short, at_long):+.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("experiment", type=Path, help="a finished experiment directory (spec.json, train/)")
+    parser.add_argument("networks", nargs="*", help="networks to train, as ARM/MEMBER (e.g. Transformer/transformer)")
+    parser.add_argument("--data-dir", type=Path, help="folder of the raw Multi30k files")
+    parser.add_argument("--steps", type=int, default=4000, help="updates per network (default 4000)")
+    parser.add_argument("--valid-interval", type=int, default=500, help="updates between validations (default 500)")
+    parser.add_argument("--seed", type=int, default=1, help="training seed (default 1, the experiment's first)")
+    parser.add_argument("--runs", type=Path, default=Path("runs/budget"), help="run directories (checkpoints)")
+    parser.add_argument("--out", type=Path, required=True, help="where each finished network's log and record go")
+    parser.add_argument("--report", action="store_true", help="print the table of the finished networks")
+    args = parser.parse_args()
+    spec = ExperimentSpec.load(args.experiment / "spec.json")
+    if args.steps < spec.train["max_steps"] or args.steps % args.valid_interval:
+        raise SystemExit(f"--steps {args.steps}: expected a multiple of --valid-interval at least the experiment's")
+    if args.report:
+        report(args, spec)
+    else:
+        train(args, spec)
+
+
+if __name__ == "__main__":
+    main()
