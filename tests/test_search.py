@@ -544,3 +544,32 @@ def test_perturbation_keeps_the_op_whose_removal_hurts_the_trained_mixture_most(
     others = [random_genotype(config, seed) for seed in range(3)]
     best, *rest = selector.score(context, [chosen, *others])
     assert best == pytest.approx(sum(max(node.values()) for node in table)) and all(best >= r for r in rest)
+
+
+def test_evolution_breeds_new_genotypes_from_the_best_and_keeps_the_lowest_shared_weight_loss(data, tmp_path):
+    from mdarts.search import selection_context
+    from mdarts.search.evolution import Evolution, EvolutionSettings
+
+    settings = tiny_settings(max_steps=2, method="single_path", select="evolution")
+    evolution = EvolutionSettings(population=4, generations=3, parents=2, evolution_pairs=20)
+    searcher = Searcher(CONFIG, data, settings, tmp_path, progress=False, selector=evolution)
+    result = searcher.run()
+    records = [json.loads(line) for line in (tmp_path / "search_log.jsonl").read_text().splitlines()]
+    ranking = [r for r in records if r["event"] == "ranking"]
+    assert len(ranking) == 12 and len({r["genotype"] for r in ranking}) == 12  # three populations, none twice
+    assert result.details["genotype"].summary() == min(ranking, key=lambda r: r["val_loss"])["genotype"]
+
+    context = selection_context(searcher.model, settings, data, searcher.device)
+    selector = Evolution(evolution)
+    scored = selector.propose(context)
+    assert [g.summary() for g in scored] == [r["genotype"] for r in ranking]  # a function of the seed
+    losses = selector.score(context, scored)
+    assert losses == pytest.approx([r["val_loss"] for r in ranking], abs=1e-9)
+    assert losses[7] == pytest.approx(context.path_loss(scored[7], context.validation_batches(20)), abs=1e-9)
+    parents = sorted(scored[:4], key=lambda g: losses[scored.index(g)])[:2]
+    nodes = lambda g: [op for side in ("encoder", "decoder") for layer in getattr(g, side) for op in layer]  # noqa: E731
+    for child in scored[4:8]:  # each node of a child comes from a parent or from a mutation
+        shared = max(sum(a == b for a, b in zip(nodes(child), nodes(p))) for p in parents)
+        assert shared >= 1
+    with pytest.raises(ValueError, match="--mutation must lie in"):
+        EvolutionSettings(mutation=0.0)

@@ -10,7 +10,7 @@ weights' update every method shares), the methods :mod:`~mdarts.search.darts` an
 :mod:`~mdarts.search.reporting`. Importing this package registers the built-in parts.
 """
 
-from . import argmax, darts, perturbation, ranked_paths, single_path  # noqa: F401  (registers the built-in parts)
+from . import argmax, darts, evolution, perturbation, ranked_paths, single_path  # noqa: F401  (registers the built-in parts)
 from .parts import (
     METHODS,
     SELECTORS,
