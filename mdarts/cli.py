@@ -8,6 +8,7 @@ what is wrong and exit with status 2; set ``MDARTS_DEBUG=1`` for the traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import os
 import shlex
@@ -139,11 +140,18 @@ def _search_parser(sub) -> None:
 
 
 def _add_part_settings(parser: argparse.ArgumentParser, *registries) -> None:
-    """The options of every registered part of ``registries`` (one group a part), and the
-    registered names as the choices of ``--method`` and ``--select``."""
+    """The options of every registered part of ``registries`` (one group a part; a setting that a
+    part shares with an earlier one, e.g. by subclassing its settings, is declared once, there),
+    and the registered names as the choices of ``--method`` and ``--select``."""
+    declared: dict[str, str] = {}
     for registry in registries:
         for part in registry.classes():
-            add_settings(parser, part.Settings, f"{registry.kind} {part.name} ({registry.option} {part.name})")
+            names = [f.name for f in dataclasses.fields(part.Settings)]
+            shared = sorted({declared[name] for name in names if name in declared})
+            title = f"{registry.kind} {part.name} ({registry.option} {part.name})"
+            title += f"; also takes the options of {', '.join(shared)}" if shared else ""
+            add_settings(parser, part.Settings, title, only=[name for name in names if name not in declared])
+            declared.update({name: part.name for name in names if name not in declared})
         for action in parser._actions:
             if action.option_strings == [registry.option]:
                 action.choices = registry.names()

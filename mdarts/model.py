@@ -79,6 +79,7 @@ class Node(nn.Module):
             raise ValueError(f"Node: alpha must have shape ({len(self.candidates)},), got {tuple(alpha.shape)}")
         self.alpha = alpha
         self.path: Optional[int] = None  # a single path (weight sharing): the one candidate used, see Supernet.use_path
+        self.gumbel: Optional[tuple[Tensor, float]] = None  # (noise, tau) of a path sampled from alpha (GDAS)
         specs = [op_spec(name) for name in self.candidates]
         self.parametric = [i for i, spec in enumerate(specs) if spec.parametric]
         skips = [i for i, spec in enumerate(specs) if spec.skip]
@@ -127,15 +128,27 @@ class Node(nn.Module):
         return mk.mixed_ln_sum(h, outs, chosen, ln_weight, ln_bias, residual=residual, sign=sign)
 
     def _single_path(self, x: Optional[Tensor], h: Tensor, sign: float, op_ctx: Optional[OpContext]) -> Tensor:
-        """x + sign * op~(h) for the one candidate ``self.path``, computing that op alone."""
+        """x + sign * g op~(h) for the one candidate ``self.path``, computing that op alone; g is
+        1, and with :attr:`gumbel` set it carries the gradient of the path's sampled weight."""
+        gate = self._path_gate(h.device)
         if self.path in self.parametric:
             j = self.parametric.index(self.path)
             out = self.ops[j](h, op_ctx).to(h.dtype)
-            one = torch.ones(1, device=h.device)
             weight, bias = self.ln_weight[j : j + 1], self.ln_bias[j : j + 1]
-            return mk.mixed_ln_sum(h, [out], one, weight, bias, residual=x, sign=sign)
-        update = sign * h if self.path == self.identity else torch.zeros_like(h)
+            return mk.mixed_ln_sum(h, [out], gate, weight, bias, residual=x, sign=sign)
+        update = sign * (gate.to(h.dtype) * h) if self.path == self.identity else torch.zeros_like(h)
         return update if x is None else x + update
+
+    def _path_gate(self, device: torch.device) -> Tensor:
+        """(1,): 1 on a fixed path; on a path sampled by Gumbel-softmax (GDAS) the straight-through
+        weight s_path + (1 - s_path).detach(), s = softmax((alpha + noise) / tau) over the kept
+        candidates: 1 forward, the gradient of s_path backward (computed here from alpha, so
+        that a reversible layer's recomputation gives it again)."""
+        if self.gumbel is None:
+            return torch.ones(1, device=device)
+        noise, tau = self.gumbel
+        soft = masked_softmax((self.alpha + noise.to(self.alpha.device)) / tau, self.dropped)[self.path]
+        return (soft + (1.0 - soft).detach()).reshape(1).to(device)
 
 
 def masked_softmax(alpha: Tensor, dropped: Sequence[int]) -> Tensor:
@@ -422,6 +435,44 @@ class Supernet(_ReversibleNet):
         finally:
             for node in nodes:
                 node.path = None
+
+    @contextlib.contextmanager
+    def sample_path(self, tau: float, generator: torch.Generator) -> Iterator[Genotype]:
+        """Within: the single path drawn by the Gumbel-max trick from softmax(alpha) (GDAS, Dong
+        and Yang 2019): every node computes only op argmax(alpha + g), g Gumbel noise from
+        ``generator`` (CPU), scaled by the straight-through weight of softmax((alpha + g) / tau)
+        so that the loss has a gradient for alpha. The op that cuts the connection (zero) and the
+        candidates shrinking removed are never drawn. Yields the path's genotype; run the
+        backward within."""
+        noises = [
+            -torch.log(-torch.log(torch.rand(a.shape, generator=generator).clamp_min(1e-20)))
+            for a in self.arch_parameters()
+        ]
+        chosen = {}
+        for side, alphas in (("encoder", self.alpha_encoder), ("decoder", self.alpha_decoder)):
+            candidates = getattr(self.config, f"{side}_candidates")
+            offset = 0 if side == "encoder" else len(self.alpha_encoder)
+            ops = []
+            for i, alpha in enumerate(alphas):
+                dropped = self.dropped[offset + i]
+                allowed = [k for k, op in enumerate(candidates) if op_spec(op).connects and k not in dropped]
+                scores = alpha.detach().float().cpu() + noises[offset + i]
+                ops.append(candidates[max(allowed, key=lambda k: scores[k].item())])
+            splits = len(ops) // self.config.unit_layers
+            chosen[side] = [ops[k : k + splits] for k in range(0, len(ops), splits)]
+        path = Genotype(
+            chosen["encoder"], chosen["decoder"], self.config.encoder_candidates, self.config.decoder_candidates
+        )
+        noise_of = {id(alpha): noise for alpha, noise in zip(self.arch_parameters(), noises)}
+        nodes = [node for node in iter_nodes(self) if node.alpha is not None]
+        with self.use_path(path):
+            for node in nodes:
+                node.gumbel = (noise_of[id(node.alpha)], tau)
+            try:
+                yield path
+            finally:
+                for node in nodes:
+                    node.gumbel = None
 
     def genotype(self, exclude_zero: bool = True) -> Genotype:
         """The argmax op of every node; the op that cuts the connection (zero, see

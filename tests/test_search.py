@@ -571,5 +571,76 @@ def test_evolution_breeds_new_genotypes_from_the_best_and_keeps_the_lowest_share
     for child in scored[4:8]:  # each node of a child comes from a parent or from a mutation
         shared = max(sum(a == b for a, b in zip(nodes(child), nodes(p))) for p in parents)
         assert shared >= 1
-    with pytest.raises(ValueError, match="--mutation must lie in"):
+    with pytest.raises(ValueError, match=r"mutation: expected a probability in \(0, 1\]"):
         EvolutionSettings(mutation=0.0)
+
+
+def _sampled_loss_and_alpha_grads(model: Supernet, batch, tau: float, seed: int):
+    from mdarts.loss import sequence_loss
+
+    with model.sample_path(tau, torch.Generator().manual_seed(seed)) as path:
+        loss = sequence_loss(model, batch.src, batch.tgt_in, batch.tgt_out, 0.1, 0, False)[0]
+        grads = torch.autograd.grad(loss, model.arch_parameters())
+    return path, loss.detach(), grads
+
+
+@pytest.mark.parametrize("memory_mode", ["store", "reconstruct"])
+def test_a_gumbel_sampled_path_computes_that_path_and_gives_alpha_the_straight_through_gradient(data, memory_mode):
+    """GDAS's forward is the drawn single path (its gate is 1); the gradient of a node's logits
+    is c * s_path * (e_path - s) / tau, s = softmax((alpha + g) / tau): parallel to e_path - s."""
+    torch.manual_seed(0)
+    model = Supernet(CONFIG.replace(dropout=0.0, memory_mode=memory_mode), data.tokenizer.vocab_size)
+    with torch.no_grad():
+        for alpha in model.arch_parameters():
+            alpha.normal_()
+    batch = make_searcher(data)[1].take()[0]
+    path, loss, grads = _sampled_loss_and_alpha_grads(model, batch, 2.0, seed=7)
+    assert "zero" not in path.summary()
+    again, loss_again, _ = _sampled_loss_and_alpha_grads(model, batch, 2.0, seed=7)
+    assert again.summary() == path.summary() and torch.equal(loss, loss_again)
+    from mdarts.loss import sequence_loss
+
+    with model.use_path(path):
+        plain = sequence_loss(model, batch.src, batch.tgt_in, batch.tgt_out, 0.1, 0, False)[0].detach()
+    assert loss.item() == pytest.approx(plain.item(), rel=1e-6)
+    config = model.config
+    chosen = [config.encoder_candidates.index(op) for layer in path.encoder for op in layer]
+    chosen += [config.decoder_candidates.index(op) for layer in path.decoder for op in layer]
+    noises = torch.Generator().manual_seed(7)
+    for alpha, grad, k in zip(model.arch_parameters(), grads, chosen, strict=True):
+        noise = -torch.log(-torch.log(torch.rand(alpha.shape, generator=noises).clamp_min(1e-20)))
+        direction = -torch.softmax((alpha.detach() + noise) / 2.0, dim=0)
+        direction[k] += 1.0
+        assert grad.abs().sum() > 0
+        assert torch.allclose(grad, grad[k] / direction[k] * direction, atol=1e-6 * grad.abs().max().item())
+
+
+def test_gdas_search_moves_alpha_resumes_exactly_and_refuses_what_it_cannot_do(data, tmp_path, monkeypatch):
+    from mdarts.search.gdas import GdasSettings
+
+    gdas = GdasSettings(weights_only_fraction=0.25)
+    settings = tiny_settings(max_steps=8, method="gdas")
+    straight, parted = tmp_path / "straight", tmp_path / "parted"
+    search(data, settings, straight, method=gdas)
+    records = step_losses(straight)
+    assert [a is None for _, _, a in records] == [True, True] + [False] * 6
+    start = torch.zeros_like(saved_alphas(straight)[0])
+    assert all(not torch.equal(a, start) for a in saved_alphas(straight))
+    with monkeypatch.context() as patch:
+        save = Searcher.save
+
+        def save_then_crash(searcher: Searcher) -> None:
+            save(searcher)
+            if searcher.steps == 4:
+                raise KeyboardInterrupt
+
+        patch.setattr(Searcher, "save", save_then_crash)
+        with pytest.raises(KeyboardInterrupt):
+            search(data, settings, parted, method=gdas)
+    search(data, settings, parted, resume=True, method=gdas)
+    assert step_losses(parted) == records
+    for a, b in zip(saved_alphas(parted), saved_alphas(straight), strict=True):
+        assert torch.equal(a, b)
+    for bad, field in (({"second_order": True}, "second_order"), ({"tau_min": 20.0}, "tau_min")):
+        with pytest.raises(ValueError, match=f"GdasSettings.{field}: expected"):
+            GdasSettings(**bad)

@@ -35,8 +35,8 @@ class EvolutionSettings(Settings):
 
     def __post_init__(self) -> None:
         self._check_ints(("population", "generations", "parents", "evolution_pairs"), 1)
-        if not 0.0 < self.mutation <= 1.0:
-            raise ValueError(f"--mutation must lie in (0, 1], got {self.mutation}")
+        if not (isinstance(self.mutation, (int, float)) and 0.0 < self.mutation <= 1.0):
+            self._fail("mutation", "a probability in (0, 1]")
 
 
 def _nodes(genotype: Genotype) -> list[tuple[str, int, int]]:

@@ -2,12 +2,13 @@
 
 * A **supernet method** (:class:`SupernetMethod`) says how the supernet's weights and
   architecture logits are trained: one :meth:`~SupernetMethod.step` a search step, its schedule
-  over the budget, its state in the checkpoint. ``darts`` (:mod:`mdarts.search.darts`) and
-  ``single_path`` (:mod:`mdarts.search.single_path`) are built in.
+  over the budget, its state in the checkpoint. ``darts`` (:mod:`mdarts.search.darts`),
+  ``gdas`` (:mod:`mdarts.search.gdas`) and ``single_path`` (:mod:`mdarts.search.single_path`)
+  are built in.
 * A **selector** (:class:`Selector`) says how a genotype is chosen from a trained supernet: a
   scoring function over genotypes (:meth:`~Selector.score`) plus a rule proposing the
-  genotypes to score (:meth:`~Selector.propose`). ``argmax`` (:mod:`mdarts.search.argmax`) and
-  ``ranked_paths`` (:mod:`mdarts.search.ranked_paths`) are built in.
+  genotypes to score (:meth:`~Selector.propose`). ``argmax``, ``ranked_paths``, ``evolution`` and
+  ``perturbation`` (modules of those names in :mod:`mdarts.search`) are built in.
 
 Each part is a class with a ``name`` and a ``Settings`` dataclass (a
 :class:`~mdarts.config.Settings`, whose fields become command-line options), registered with
