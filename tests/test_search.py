@@ -644,3 +644,26 @@ def test_gdas_search_moves_alpha_resumes_exactly_and_refuses_what_it_cannot_do(d
     for bad, field in (({"second_order": True}, "second_order"), ({"tau_min": 20.0}, "tau_min")):
         with pytest.raises(ValueError, match=f"GdasSettings.{field}: expected"):
             GdasSettings(**bad)
+
+
+def test_a_parameter_cost_moves_alpha_towards_smaller_ops(data, tmp_path):
+    from mdarts.search.darts import relative_op_sizes
+
+    searcher, theta, alpha = make_searcher(data)
+    sizes = relative_op_sizes(searcher.model)
+    candidates = CONFIG.encoder_candidates
+    first = sizes[0]
+    assert first.mean().item() == pytest.approx(1.0)
+    assert first[candidates.index("zero")] == 0 and first[candidates.index("identity")] == 0
+    assert first[candidates.index("ffn")] > first[candidates.index("conv3")] > 0
+    assert searcher.param_cost().item() == pytest.approx(1.0, abs=1e-2)  # near-uniform weights at the start
+
+    costs = {}
+    for weight in (0.0, 3.0):
+        searcher, theta, alpha = make_searcher(data, DartsSettings(param_cost=weight, weights_only_fraction=0.0))
+        for _ in range(4):
+            searcher.alpha_step(alpha.take()[0])
+        costs[weight] = searcher.param_cost().item()
+    assert costs[3.0] < costs[0.0] - 0.01
+    with pytest.raises(ValueError, match="param_cost: expected a non-negative"):
+        DartsSettings(param_cost=-0.1)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..batching import Batch
 from ..config import SearchSettings, Settings, setting
-from ..model import Supernet
+from ..model import Supernet, iter_nodes, masked_softmax
 from ..processes import ONE_PROCESS, Ranks
 from .parts import METHODS
 from .weights import Schedule, WeightTraining, set_grads
@@ -172,6 +172,12 @@ class DartsSettings(Settings):
         "progressive shrinking (P-DARTS): the alpha phase is cut into len + 1 equal stages and after stage i every "
         "node keeps only its shrink_to[i] best candidates, the only ones computed from then on (none: off)",
     )
+    param_cost: float = setting(
+        0.0,
+        "weight of the parameter cost in the architecture loss: per node the expected parameter count of its op under "
+        "softmax(alpha) over the mean of its candidates', averaged over the nodes (0: off). The retrain spends a fixed "
+        "parameter budget, so an op's parameters cost the network width (as latency terms do in ProxylessNAS, FBNet)",
+    )
     second_order: bool = setting(False, "unrolled (second-order) DARTS")
     unrolled_lr: Optional[float] = setting(None, "xi of the unrolled step (none: the current weight learning rate)")
 
@@ -180,7 +186,7 @@ class DartsSettings(Settings):
         self._check_positive(("alpha_travel",))
         self._check_fraction(("weights_only_fraction",))
         self._check_positive(("unrolled_lr",), optional=True, zero=True)
-        self._check_positive(("alpha_weight_decay",), zero=True)
+        self._check_positive(("alpha_weight_decay", "param_cost"), zero=True)
         self._check_betas(("alpha_betas",))
         object.__setattr__(self, "shrink_to", tuple(self.shrink_to))
         keep = self.shrink_to
@@ -253,6 +259,7 @@ class DartsSearcher(WeightTraining):
         self.weight_names = [names[id(p)] for p in self.weights]
         self.arch_names = [names[id(p)] for p in self.arch]
         self.shrinks = 0  # shrinking stages done (settings.shrink_to)
+        self.op_sizes = relative_op_sizes(model)
 
     # -- the budget
 
@@ -309,9 +316,24 @@ class DartsSearcher(WeightTraining):
             self.model.train()
         set_grads(self.arch, grads)
         self.ranks.reduce([p.grad for p in self.arch])
+        if self.settings.param_cost:  # after the sum over processes: the term is every process's
+            cost_grads = torch.autograd.grad(self.settings.param_cost * self.param_cost(), self.arch)
+            for p, g in zip(self.arch, cost_grads):
+                p.grad += g
         self.alpha_optimizer.step()
         self.alpha_optimizer.zero_grad(set_to_none=True)
         return self.ranks.sum([loss.item()])[0]
+
+    def param_cost(self) -> Tensor:
+        """The parameter cost of the architecture (see ``DartsSettings.param_cost``): the mean over
+        the nodes of sum_k softmax(alpha)_k * size_k, size_k the parameter count of candidate k
+        over the mean of the node's candidates (:func:`relative_op_sizes`). 1 at uniform weights."""
+        model = self.model
+        terms = [
+            masked_softmax(alpha, dropped) @ sizes.to(alpha.device)
+            for alpha, dropped, sizes in zip(self.arch, model.dropped, self.op_sizes)
+        ]
+        return torch.stack(terms).mean()
 
     def step(self, next_batch: Callable[[str], Batch]) -> dict[str, Any]:
         """One search step: theta update, then the alpha update when :meth:`alpha_active`, then
@@ -345,6 +367,24 @@ class DartsSearcher(WeightTraining):
         self.alpha_optimizer.load_state_dict(state["alpha_optimizer"])
         self.shrinks = state.get("shrinks", 0)  # checkpoints from before progressive shrinking lack both
         self.model.set_dropped(state.get("dropped", [[] for _ in self.model.dropped]))
+
+
+def relative_op_sizes(model: Supernet) -> list[Tensor]:
+    """Per architecture logit (``model.arch_parameters()`` order): (K,) the parameter count of
+    each candidate op of its node (its LayerNorm included; 0 for identity and zero) over the
+    mean of the node's candidates."""
+    nodes = {}
+    for node in iter_nodes(model):
+        if node.alpha is not None:
+            nodes.setdefault(id(node.alpha), node)
+    sizes = []
+    for alpha in model.arch_parameters():
+        node = nodes[id(alpha)]
+        counts = torch.zeros(len(node.candidates))
+        for j, k in enumerate(node.parametric):
+            counts[k] = sum(p.numel() for p in node.ops[j].parameters()) + 2 * node.ln_weight.shape[1]
+        sizes.append(counts / counts.mean().clamp_min(1.0))
+    return sizes
 
 
 @contextlib.contextmanager
