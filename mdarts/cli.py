@@ -194,7 +194,7 @@ def _run_search(args: argparse.Namespace) -> int:
     )
     result = searcher.run()
     if result.stopped_by in SIGNAL_NAMES:
-        return _stopped_by_signal(args, result.stopped_by, result.steps)
+        return _stopped_by_signal(args, result.stopped_by, result.steps, searcher.ranks.main)
     if not searcher.ranks.main:  # of several processes, rank 0 reports
         return 0
     print(
@@ -406,7 +406,7 @@ def _run_train(args: argparse.Namespace) -> int:
         )
     result = trainer.run()
     if result.stopped_by in SIGNAL_NAMES:
-        return _stopped_by_signal(args, result.stopped_by, result.steps)
+        return _stopped_by_signal(args, result.stopped_by, result.steps, trainer.ranks.main)
     if not trainer.ranks.main:  # of several processes, rank 0 reports
         return 0
     shown = {"steps": result.steps, "stopped_by": result.stopped_by, "peak_memory_bytes": result.peak_memory_bytes}
@@ -680,14 +680,28 @@ def _resume_command(args: argparse.Namespace) -> str:
     return shlex.join(["mdarts", *words, *([] if "--resume" in words else ["--resume"])])
 
 
-def _stopped_by_signal(args: argparse.Namespace, name: str, step: int) -> int:
-    """Report a run stopped by signal ``name`` after ``step`` (its checkpoint written); the exit status."""
-    print(
-        f"mdarts {args.command}: stopped by {name} after step {step}; checkpoint written. Resume with:\n"
-        f"  {_resume_command(args)}",
-        file=sys.stderr,
-    )
+def _stopped_by_signal(args: argparse.Namespace, name: str, step: int, main: bool) -> int:
+    """Report a run stopped by signal ``name`` after ``step`` (its checkpoint written) when this
+    process is its ``main`` one (rank 0 of several); the exit status."""
+    if main:
+        print(
+            f"mdarts {args.command}: stopped by {name} after step {step}; checkpoint written. Resume with:\n"
+            f"  {_resume_command(args)}",
+            file=sys.stderr,
+        )
     return 128 + signal.Signals[name].value
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """What to say of a ``train`` or ``search`` interrupted at once (KeyboardInterrupt): the
+    command that resumes it when its checkpoint exists; else that nothing was saved, and the
+    command that starts it again (with --overwrite when it left files in --out)."""
+    run_dir = RunDirectory(args.out, {"train": "training", "search": "search"}[args.command])
+    if run_dir.checkpoint.is_file():
+        return f"every file written so far is whole. Resume with:\n  {_resume_command(args)}"
+    words = [word for word in args.argv if word not in ("--resume", "--overwrite")]
+    again = shlex.join(["mdarts", *words, *(["--overwrite"] if run_dir.existing() else [])])
+    return f"nothing was saved (no checkpoint yet); start again with:\n  {again}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -702,9 +716,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"mdarts {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"mdarts {args.command}: interrupted; every file written so far is whole", file=sys.stderr)
-        if args.command in ("train", "search"):
-            print(f"  resume with: {_resume_command(args)}", file=sys.stderr)
+        if args.command not in ("train", "search"):
+            print(f"mdarts {args.command}: interrupted; every file written so far is whole", file=sys.stderr)
+        elif os.environ.get("RANK", "0") == "0":  # of several processes (torchrun), rank 0 says how to go on
+            print(f"mdarts {args.command}: interrupted; {_interrupted(args)}", file=sys.stderr)
         return 130
 
 

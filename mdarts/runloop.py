@@ -46,12 +46,14 @@ class StopSignals:
     """While active (a context manager), SIGINT and SIGTERM ask the run to stop: the first sets
     :attr:`requested` to the signal's name, and the loop finishes its step, writes a checkpoint
     and returns; a second raises KeyboardInterrupt at once (every file is written atomically, so
-    nothing is left half-written). Outside the main thread it does nothing."""
+    nothing is left half-written). Outside the main thread it does nothing. Only a process that
+    ``announces`` (rank 0 of several) says on stderr that it is stopping."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, announces: bool = True) -> None:
         self.requested: Optional[str] = None
+        self.announces = announces
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopSignals":
@@ -68,6 +70,8 @@ class StopSignals:
         if self.requested is not None:
             raise KeyboardInterrupt
         self.requested = signal.Signals(number).name
+        if not self.announces:
+            return
         print(
             f"\nmdarts: {self.requested} received: finishing the current step and writing a checkpoint "
             "(send it again to stop at once)",
@@ -289,7 +293,7 @@ class RunLoop:
         self.clock = RunClock(self.clock.seconds())
         shown = self.show_progress if self.ranks.main else False
         bar = Progress(self.settings.max_steps, self.label, self.device, initial=self.steps, enabled=shown)
-        with StopSignals() as self.signals:
+        with StopSignals(announces=self.ranks.main) as self.signals:
             try:
                 while (stopped_by := self.stop_reason()) is None:
                     self.take_step(bar)
