@@ -245,3 +245,34 @@ def test_of_two_processes_stopped_by_a_signal_only_rank_zero_prints_the_resume_c
     assert "stopped by SIGTERM after step 2; checkpoint written. Resume with:" in first["stderr"]
     assert printed_command(first["stderr"]) == [*argv, "--resume"]
     assert "SIGTERM" not in second["stderr"] and "resume" not in second["stderr"].lower()
+
+
+# ----------------------------------------------------------------------------- evaluate on files
+
+
+@pytest.fixture(scope="module")
+def files_checkpoint(corpus_args, tmp_path_factory) -> Path:
+    """checkpoint_last.pt of a 2-update training on generic files (it records the pair src-tgt)."""
+    out = tmp_path_factory.mktemp("files") / "run"
+    assert main(train_argv(out, corpus_args, steps=2)) == 0
+    return out / "checkpoint_last.pt"
+
+
+def test_a_model_trained_on_files_is_evaluated_on_files(files_checkpoint, corpus_args, tmp_path, capsys):
+    src, tgt = (corpus_args[corpus_args.index(f"--valid-{side}") + 1] for side in ("src", "tgt"))
+    hypotheses = tmp_path / "hyps.txt"
+    argv = ["evaluate", "--checkpoint", str(files_checkpoint), "--beam", "1", "--limit", "3", "--device", "cpu"]
+    assert main([*argv, "--test-src", src, "--test-tgt", tgt, "--hypotheses", str(hypotheses)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"src-tgt {src}: 3 sentences, beam 1"
+    assert out[1].startswith("BLEU (sacreBLEU, detokenised, cased) = ") and "tok:13a" in out[1]
+    assert len(hypotheses.read_text().splitlines()) == 3
+
+    # a Multi30k split is refused in one line that names the options to use
+    assert main(argv) == 2
+    line = one_error_line(capsys, "evaluate")
+    assert "translates src-tgt" in line and "--test-src and --test-tgt" in line
+    assert main([*argv, "--test-src", src]) == 2
+    assert "--test-src and --test-tgt go together" in one_error_line(capsys, "evaluate")
+    assert main([*argv, "--test-src", src, "--test-tgt", tgt, "--split", "val"]) == 2
+    assert "either --split" in one_error_line(capsys, "evaluate")
