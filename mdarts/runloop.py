@@ -46,14 +46,14 @@ class StopSignals:
     """While active (a context manager), SIGINT and SIGTERM ask the run to stop: the first sets
     :attr:`requested` to the signal's name, and the loop finishes its step, writes a checkpoint
     and returns; a second raises KeyboardInterrupt at once (every file is written atomically, so
-    nothing is left half-written). Outside the main thread it does nothing. Only a process that
-    ``announces`` (rank 0 of several) says on stderr that it is stopping."""
+    nothing is left half-written). Outside the main thread it does nothing. It says on stderr
+    that the run is stopping while :attr:`announces` (set it False in all but rank 0)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, announces: bool = True) -> None:
+    def __init__(self) -> None:
         self.requested: Optional[str] = None
-        self.announces = announces
+        self.announces = True
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopSignals":
@@ -293,7 +293,9 @@ class RunLoop:
         self.clock = RunClock(self.clock.seconds())
         shown = self.show_progress if self.ranks.main else False
         bar = Progress(self.settings.max_steps, self.label, self.device, initial=self.steps, enabled=shown)
-        with StopSignals(announces=self.ranks.main) as self.signals:
+        signals = StopSignals()
+        signals.announces = self.ranks.main  # of several processes, rank 0 says it is stopping
+        with signals as self.signals:
             try:
                 while (stopped_by := self.stop_reason()) is None:
                     self.take_step(bar)
