@@ -202,7 +202,7 @@ def _run_search(args: argparse.Namespace) -> int:
     )
     result = searcher.run()
     if result.stopped_by in SIGNAL_NAMES:
-        return _stopped_by_signal(args, result.stopped_by, result.steps)
+        return _stopped_by_signal(args, result.stopped_by, result.steps, searcher.ranks.main)
     if not searcher.ranks.main:  # of several processes, rank 0 reports
         return 0
     print(
@@ -414,7 +414,7 @@ def _run_train(args: argparse.Namespace) -> int:
         )
     result = trainer.run()
     if result.stopped_by in SIGNAL_NAMES:
-        return _stopped_by_signal(args, result.stopped_by, result.steps)
+        return _stopped_by_signal(args, result.stopped_by, result.steps, trainer.ranks.main)
     if not trainer.ranks.main:  # of several processes, rank 0 reports
         return 0
     shown = {"steps": result.steps, "stopped_by": result.stopped_by, "peak_memory_bytes": result.peak_memory_bytes}
@@ -529,37 +529,65 @@ def _evaluate_parser(sub) -> None:
     _add_decoding(parser)
     splits = list(SPLIT_LANGUAGES)
     parser.add_argument(
-        "--split", default="test_2016_flickr", choices=splits, help="split to score (default %(default)s)"
+        "--split", choices=splits, help="Multi30k split to score (default test_2016_flickr; not with --test-src)"
     )
     _add_data_dir(parser)
+    parser.add_argument(
+        "--test-src", type=Path, help="generic corpus: test source file (instead of --split; a model trained on files)"
+    )
+    parser.add_argument("--test-tgt", type=Path, help="generic corpus: its reference translations, line by line")
     parser.add_argument("--limit", type=_positive_int, help="score only the first N sentences")
     parser.add_argument("--hypotheses", type=Path, help="also write the translations to this file")
 
 
-def _run_evaluate(args: argparse.Namespace) -> int:
-    """Translate a test split and print sacreBLEU, chrF and lowercased BLEU with signatures.
+def _test_corpus(args: argparse.Namespace, pair: Optional[str]):
+    """The sentences to score with their references (a :class:`~mdarts.data.ParallelCorpus`) and
+    the lowercased, tokenised references when the data folder has them: --test-src/--test-tgt,
+    or --split of Multi30k in the checkpoint's direction ``pair``. ValueError naming the option
+    when they are mixed or the checkpoint's direction is not a Multi30k one."""
+    from .data import load_pair, load_parallel_files, resolve_data_dir
+    from .evaluate import load_tok_references
 
-    Translate --split of Multi30k in the checkpoint's direction and score it: detokenised cased
-    sacreBLEU and chrF (with their signatures), and lowercased Moses-tokenised BLEU as in Multi30k
-    papers.
+    if (args.test_src is None) != (args.test_tgt is None):
+        raise ValueError("--test-src and --test-tgt go together; give both or neither")
+    if args.test_src is not None:
+        if args.split is not None:
+            raise ValueError("give either --split (Multi30k) or --test-src/--test-tgt (generic files), not both")
+        src_lang, _, tgt_lang = (pair or "src-tgt").partition("-")
+        return load_parallel_files(args.test_src, args.test_tgt, src_lang, tgt_lang, "test"), None
+    split = args.split or "test_2016_flickr"
+    if pair is None:
+        raise ValueError(f"--pair: {args.checkpoint} records no direction (an older checkpoint): give it with --pair")
+    if pair not in PAIRS:
+        raise ValueError(
+            f"--split: {args.checkpoint} translates {pair}, not a Multi30k direction (a model trained on files): "
+            "score it on files with --test-src and --test-tgt"
+        )
+    corpus = load_pair(pair, split, args.data_dir)
+    folder = resolve_data_dir(args.data_dir)
+    return corpus, load_tok_references(folder, split, corpus.tgt_lang) if folder else None
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    """Translate a test set and print sacreBLEU, chrF and lowercased BLEU with signatures.
+
+    Translate --split of Multi30k in the checkpoint's direction, or the generic files
+    --test-src/--test-tgt (a model trained from --train-src files), and score it: detokenised
+    cased sacreBLEU and chrF (with their signatures), and lowercased Moses-tokenised BLEU as in
+    Multi30k papers.
     """
-    from .data import load_pair, resolve_data_dir
-    from .evaluate import format_scores, load_tok_references, score
+    from .evaluate import format_scores, score
 
     loaded, pair = _load_for_decoding(args)
-    if pair not in PAIRS:
-        recorded = "records none (an older checkpoint)" if pair is None else f"records {pair}, not a Multi30k one"
-        raise ValueError(f"--pair: {args.checkpoint} {recorded}: give the direction with --pair")
-    corpus = load_pair(pair, args.split, args.data_dir)
+    corpus, tok_refs = _test_corpus(args, pair)
     src, refs = corpus.src[: args.limit], corpus.tgt[: args.limit]
-    hyps = _translate_lines(args, loaded, src, progress=True)
-    folder = resolve_data_dir(args.data_dir)
-    tok_refs = load_tok_references(folder, args.split, corpus.tgt_lang) if folder else None
     if tok_refs is not None:
         tok_refs = tok_refs[: args.limit]
+    hyps = _translate_lines(args, loaded, src, progress=True)
     if args.hypotheses:
         args.hypotheses.write_text("\n".join(hyps) + "\n")
-    print(f"{pair} {args.split}: {len(hyps)} sentences, beam {args.beam}")
+    name = args.test_src if args.test_src is not None else corpus.split
+    print(f"{corpus.src_lang}-{corpus.tgt_lang} {name}: {len(hyps)} sentences, beam {args.beam}")
     print(format_scores(score(hyps, refs, corpus.tgt_lang, tok_refs)))
     return 0
 
@@ -688,14 +716,28 @@ def _resume_command(args: argparse.Namespace) -> str:
     return shlex.join(["mdarts", *words, *([] if "--resume" in words else ["--resume"])])
 
 
-def _stopped_by_signal(args: argparse.Namespace, name: str, step: int) -> int:
-    """Report a run stopped by signal ``name`` after ``step`` (its checkpoint written); the exit status."""
-    print(
-        f"mdarts {args.command}: stopped by {name} after step {step}; checkpoint written. Resume with:\n"
-        f"  {_resume_command(args)}",
-        file=sys.stderr,
-    )
+def _stopped_by_signal(args: argparse.Namespace, name: str, step: int, main: bool) -> int:
+    """Report a run stopped by signal ``name`` after ``step`` (its checkpoint written) when this
+    process is its ``main`` one (rank 0 of several); the exit status."""
+    if main:
+        print(
+            f"mdarts {args.command}: stopped by {name} after step {step}; checkpoint written. Resume with:\n"
+            f"  {_resume_command(args)}",
+            file=sys.stderr,
+        )
     return 128 + signal.Signals[name].value
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """What to say of a ``train`` or ``search`` interrupted at once (KeyboardInterrupt): the
+    command that resumes it when its checkpoint exists; else that nothing was saved, and the
+    command that starts it again (with --overwrite when it left files in --out)."""
+    run_dir = RunDirectory(args.out, {"train": "training", "search": "search"}[args.command])
+    if run_dir.checkpoint.is_file():
+        return f"every file written so far is whole. Resume with:\n  {_resume_command(args)}"
+    words = [word for word in args.argv if word not in ("--resume", "--overwrite")]
+    again = shlex.join(["mdarts", *words, *(["--overwrite"] if run_dir.existing() else [])])
+    return f"nothing was saved (no checkpoint yet); start again with:\n  {again}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -710,9 +752,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"mdarts {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"mdarts {args.command}: interrupted; every file written so far is whole", file=sys.stderr)
-        if args.command in ("train", "search"):
-            print(f"  resume with: {_resume_command(args)}", file=sys.stderr)
+        if args.command not in ("train", "search"):
+            print(f"mdarts {args.command}: interrupted; every file written so far is whole", file=sys.stderr)
+        elif os.environ.get("RANK", "0") == "0":  # of several processes (torchrun), rank 0 says how to go on
+            print(f"mdarts {args.command}: interrupted; {_interrupted(args)}", file=sys.stderr)
         return 130
 
 

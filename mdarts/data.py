@@ -7,8 +7,10 @@ line across languages). The directory holding them comes from the ``data_dir`` a
 Multi30k repository on first use.
 
 Every reader accepts gzip (recognised by its magic bytes, whatever the file name) and
-plain UTF-8 text. Bad input raises ``FileNotFoundError`` or ``ValueError`` naming the
-file; a failed download raises :class:`DownloadError` and leaves the cache untouched.
+plain UTF-8 text. A file that cannot be read gives one line naming it: missing
+(``FileNotFoundError``), a directory (``IsADirectoryError``), unreadable
+(``PermissionError``), corrupt gzip data or a line that is not UTF-8 (``ValueError``); a
+failed download raises :class:`DownloadError` and leaves the cache untouched.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import gzip
 import os
 import sys
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Optional, Union
@@ -77,11 +80,15 @@ def read_lines(path: PathLike) -> list[str]:
     Lines are split on ``\\n`` only, so Unicode line separators inside a sentence stay
     inside it and line numbers match ``wc -l``.
 
-    Raises:
+    Raises (each naming the file):
         FileNotFoundError: the file does not exist.
-        ValueError: corrupt gzip data, or a line that is not UTF-8 (names file and line).
+        IsADirectoryError: the path is a directory.
+        PermissionError: the file cannot be read.
+        ValueError: corrupt gzip data, or a line that is not UTF-8 (names the line too).
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a directory, not a text file")
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     raw = _read_bytes(path)
@@ -92,14 +99,21 @@ def read_lines(path: PathLike) -> list[str]:
 
 
 def _read_bytes(path: Path) -> bytes:
-    """Whole file contents, decompressed when the file starts with the gzip magic."""
-    with open(path, "rb") as handle:
-        data = handle.read()
+    """Whole file contents, decompressed when the file starts with the gzip magic. Errors name
+    ``path``: PermissionError when it may not be read, ValueError for another I/O error or for
+    corrupt gzip data (truncated, a bad checksum, or deflate data that zlib rejects)."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except PermissionError as error:
+        raise PermissionError(f"{path}: cannot be read ({error.strerror})") from error
+    except OSError as error:  # an I/O error of the disk or file system
+        raise ValueError(f"{path}: cannot be read ({error.strerror or error})") from error
     if not data.startswith(_GZIP_MAGIC):
         return data
     try:
         return gzip.decompress(data)
-    except (OSError, EOFError) as error:
+    except (OSError, EOFError, zlib.error) as error:
         raise ValueError(f"{path}: corrupt gzip data ({error})") from error
 
 
@@ -127,6 +141,8 @@ def load_parallel_files(
     """
     src_path, tgt_path = Path(src_path), Path(tgt_path)
     for side, lang, path in (("source", src_lang, src_path), ("target", tgt_lang, tgt_path)):
+        if path.is_dir():
+            raise IsADirectoryError(f"{side} file {path}: is a directory (expected the {lang} side of split {split!r})")
         if not path.is_file():
             raise FileNotFoundError(f"{side} file not found: {path} (expected the {lang} side of split {split!r})")
     src, tgt = read_lines(src_path), read_lines(tgt_path)

@@ -164,8 +164,9 @@ class RunDirectory:
             return
         present = self.existing()
         if present and not overwrite:
+            resumable = "resume it (--resume), " if self.checkpoint.is_file() else "it saved no checkpoint to resume; "
             raise FileExistsError(
-                f"{self.path} already holds another {self.kind} run ({self._names(present)}); resume it (--resume), "
+                f"{self.path} already holds another {self.kind} run ({self._names(present)}); {resumable}"
                 "start afresh with --overwrite (deletes it) or choose another directory"
             )
 

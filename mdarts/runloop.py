@@ -1,7 +1,8 @@
 """The run loop that training (:class:`mdarts.train.Trainer`) and search
 (:class:`mdarts.search.Searcher`) share (docs/design.md 2): the device and process group,
 seeding before anything random is built, batches shared out over the processes
-(:class:`BatchStream`), budgets and the one decision to stop (:meth:`RunLoop.stop_reason`),
+(:class:`BatchStream`), the random numbers of each batch (:func:`batch_randomness`), budgets
+and the one decision to stop (:meth:`RunLoop.stop_reason`),
 SIGINT and SIGTERM (:class:`StopSignals`), the checks of an exact resume
 (:func:`check_resume`, :func:`check_same_data`), the log rewound to the checkpoint, progress,
 and one result type (:class:`RunResult`). A run supplies its step, its evaluation and its
@@ -10,14 +11,17 @@ checkpoint.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Optional, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence
 
+import torch
 from torch import nn
 
 from .batching import Batch, TokenBatches
@@ -46,12 +50,14 @@ class StopSignals:
     """While active (a context manager), SIGINT and SIGTERM ask the run to stop: the first sets
     :attr:`requested` to the signal's name, and the loop finishes its step, writes a checkpoint
     and returns; a second raises KeyboardInterrupt at once (every file is written atomically, so
-    nothing is left half-written). Outside the main thread it does nothing."""
+    nothing is left half-written). Outside the main thread it does nothing. It says on stderr
+    that the run is stopping while :attr:`announces` (set it False in all but rank 0)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested: Optional[str] = None
+        self.announces = True
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopSignals":
@@ -68,6 +74,8 @@ class StopSignals:
         if self.requested is not None:
             raise KeyboardInterrupt
         self.requested = signal.Signals(number).name
+        if not self.announces:
+            return
         print(
             f"\nmdarts: {self.requested} received: finishing the current step and writing a checkpoint "
             "(send it again to stop at once)",
@@ -110,6 +118,27 @@ def check_resume(saved: Any, current: Any, path: PathLike) -> None:
     changed = current.changed_on_resume(saved)
     if changed:
         raise ValueError(f"cannot resume from {path} with different settings: {', '.join(changed)}")
+
+
+@contextlib.contextmanager
+def batch_randomness(seed: int, step: int, index: int, device: torch.device) -> Iterator[None]:
+    """While active, the random numbers drawn (the seeds of the dropout masks, from the CPU RNG;
+    on CUDA also the Philox state of attention dropout) are a function of (``seed``, update
+    ``step``, ``index``: the batch's place among the step's batches, :meth:`BatchStream.index`)
+    alone: the CPU RNG, and the CUDA one of ``device``, are seeded from their hash inside
+    ``torch.random.fork_rng``, so the run's own random stream is left as it was. A batch thus
+    gets the same masks whichever process takes it and at whichever place of that process's
+    share (docs/design.md 2.3). Seeding costs microseconds, once per batch."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{index}".encode(), digest_size=8).digest()
+    number = int.from_bytes(digest, "big") >> 1  # 63 bits
+    cuda = device.type == "cuda"
+    index_of_device = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
+    with torch.random.fork_rng(devices=[index_of_device] if cuda else [], device_type="cuda"):
+        torch.default_generator.manual_seed(number)
+        if cuda:
+            with torch.cuda.device(index_of_device):
+                torch.cuda.manual_seed(number)
+        yield
 
 
 class BatchStream:
@@ -162,6 +191,12 @@ class BatchStream:
         if self.position + self.per_step > len(self.batches):
             self.load_state({"epoch": self.epoch + 1, "position": 0})
         return mine
+
+    def index(self, j: int) -> int:
+        """The place among the step's batches of this process's ``j``-th batch of the step (as
+        :meth:`take` hands them out): the same batch has the same place however the step is
+        shared out, e.g. 2 processes of 1 batch or 1 process of 2."""
+        return self.ranks.rank + j * self.ranks.world_size
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}
@@ -289,7 +324,9 @@ class RunLoop:
         self.clock = RunClock(self.clock.seconds())
         shown = self.show_progress if self.ranks.main else False
         bar = Progress(self.settings.max_steps, self.label, self.device, initial=self.steps, enabled=shown)
-        with StopSignals() as self.signals:
+        signals = StopSignals()
+        signals.announces = self.ranks.main  # of several processes, rank 0 says it is stopping
+        with signals as self.signals:
             try:
                 while (stopped_by := self.stop_reason()) is None:
                     self.take_step(bar)

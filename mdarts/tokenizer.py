@@ -56,10 +56,14 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: PathLike) -> "Tokenizer":
-        """Load a ``.model`` file; raises ValueError naming it when it is not one."""
+        """Load a ``.model`` file; raises ValueError naming it when it is not one or cannot be read."""
         path = Path(path)
         try:
-            return cls(path.read_bytes(), path)
+            proto = path.read_bytes()
+        except OSError as error:
+            raise ValueError(f"{path}: cannot be read ({error.strerror or error})") from error
+        try:
+            return cls(proto, path)
         except RuntimeError as error:  # sentencepiece's parse failure
             raise ValueError(f"{path} is not a valid SentencePiece model ({error})") from error
 

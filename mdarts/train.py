@@ -50,7 +50,16 @@ from .memory import peak_memory
 from .prepare import PreparedData
 from .progress import Progress
 from .reduction import BucketedReduce
-from .runloop import BatchStream, RunClock, RunLoop, RunResult, check_resume, check_same_data, spent_budget
+from .runloop import (
+    BatchStream,
+    RunClock,
+    RunLoop,
+    RunResult,
+    batch_randomness,
+    check_resume,
+    check_same_data,
+    spent_budget,
+)
 
 __all__ = ["Trainer", "TrainConfig", "plot_curves", "read_log", "LOG_FILE", "LAST_FILE", "BEST_FILE", "CURVES_FILE"]
 
@@ -296,19 +305,21 @@ class Trainer(RunLoop):
         loss_sum = nll_sum = 0.0
         for i, batch in enumerate(batches):
             batch = batch.to(self.device)
-            loss, nll, _ = sequence_loss(
-                self.model,
-                batch.src,
-                batch.tgt_in,
-                batch.tgt_out,
-                settings.label_smoothing,
-                settings.loss_chunk_rows,
-                settings.bf16,
-            )
-            loss_sum, nll_sum = loss_sum + float(loss.detach()), nll_sum + float(nll.detach())
-            if i == len(batches) - 1:  # the gradients are summed over the processes once, in the last backward
-                self.reduce.start()
-            (loss / all_tokens).backward()  # over the step's tokens in all processes: the whole step's gradient
+            # the batch's dropout masks depend on its place in the step, not on the process layout
+            with batch_randomness(settings.seed, self.step_count, self.stream.index(i), self.device):
+                loss, nll, _ = sequence_loss(
+                    self.model,
+                    batch.src,
+                    batch.tgt_in,
+                    batch.tgt_out,
+                    settings.label_smoothing,
+                    settings.loss_chunk_rows,
+                    settings.bf16,
+                )
+                loss_sum, nll_sum = loss_sum + float(loss.detach()), nll_sum + float(nll.detach())
+                if i == len(batches) - 1:  # the gradients are summed over the processes once, in the last backward
+                    self.reduce.start()
+                (loss / all_tokens).backward()  # over the step's tokens in all processes: the whole step's gradient
         self.reduce.finish()
         loss_sum, nll_sum = self.ranks.sum([loss_sum, nll_sum])
         parameters = [p for p in self.model.parameters() if p.grad is not None]

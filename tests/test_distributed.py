@@ -185,25 +185,28 @@ def test_training_resumes_with_another_number_of_processes(corpus, tmp_path):
     assert [r["step"] for r in log if r["event"] == "valid"] == [2, 4, 6]
 
 
-def cli_worker_without_dropout(rank: int, port: int, argv: list[str], out: str) -> None:
-    """:func:`cli_worker` with the tiny preset's dropout off (masks drawn in another order would differ)."""
+def cli_worker_with_dropout(rank: int, port: int, argv: list[str], out: str, dropout: float) -> None:
+    """:func:`cli_worker` with the tiny preset's dropout set to ``dropout``."""
     from mdarts.config import TRAIN_PRESETS
 
-    TRAIN_PRESETS["tiny"] = TRAIN_PRESETS["tiny"].replace(dropout=0.0)
+    TRAIN_PRESETS["tiny"] = TRAIN_PRESETS["tiny"].replace(dropout=dropout)
     cli_worker(rank, port, argv, out)
 
 
-def test_two_processes_make_the_updates_of_one_process_accumulating_two_batches(corpus, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "dropout"])
+def test_two_processes_make_the_updates_of_one_process_accumulating_two_batches(corpus, tmp_path, monkeypatch, dropout):
+    """With dropout too: a batch's masks depend on its place in the step (mdarts.runloop.batch_randomness),
+    not on which process takes it."""
     from mdarts.checkpoint import load_checkpoint
     from mdarts.cli import main
     from mdarts.config import TRAIN_PRESETS
 
     def argv(run: Path) -> list[str]:
         common = ["train", "--arch", "transformer", "--preset", "tiny", "--out", str(run), "--warmup-steps", "2"]
-        return [*common, "--max-steps", "3", "--valid-interval", "3", "--log-interval", "1", "--max-tokens", "400"]
+        return [*common, "--max-steps", "4", "--valid-interval", "4", "--log-interval", "1", "--max-tokens", "400"]
 
-    start(cli_worker_without_dropout, [*argv(tmp_path / "two"), *corpus], str(tmp_path))
-    monkeypatch.setitem(TRAIN_PRESETS, "tiny", TRAIN_PRESETS["tiny"].replace(dropout=0.0))
+    start(cli_worker_with_dropout, [*argv(tmp_path / "two"), *corpus], str(tmp_path), dropout)
+    monkeypatch.setitem(TRAIN_PRESETS, "tiny", TRAIN_PRESETS["tiny"].replace(dropout=dropout))
     assert main([*argv(tmp_path / "one"), "--update-freq", "2", *corpus]) == 0
     two, one = (load_checkpoint(tmp_path / run / "checkpoint_last.pt")["model"] for run in ("two", "one"))
     assert two.keys() == one.keys()
@@ -214,7 +217,7 @@ def test_two_processes_make_the_updates_of_one_process_accumulating_two_batches(
     losses = [
         [r["loss"] for r in records(tmp_path / run / "log.jsonl") if r["event"] == "train"] for run in ("two", "one")
     ]
-    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
 def dying_worker(rank: int, port: int, argv: list[str], die_at: int) -> None:
