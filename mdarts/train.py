@@ -23,6 +23,7 @@ Every checkpoint carries the model spec and the SentencePiece model, so
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 from pathlib import Path
@@ -303,10 +304,14 @@ class Trainer(RunLoop):
         (all_tokens,) = self.ranks.sum([float(sum(int(b.tgt_out.ne(self.pad_id).sum()) for b in batches))])
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = nll_sum = 0.0
+        shared = self.ranks.world_size * len(batches) > 1
         for i, batch in enumerate(batches):
             batch = batch.to(self.device)
-            # the batch's dropout masks depend on its place in the step, not on the process layout
-            with batch_randomness(settings.seed, self.step_count, self.stream.index(i), self.device):
+            # a step of several batches: each batch's dropout masks depend on its place in the step,
+            # not on the process layout; a step of one batch draws from the run's stream (as runs
+            # made before this rule did, so that they are reproduced)
+            randomness = batch_randomness(settings.seed, self.step_count, self.stream.index(i), self.device)
+            with randomness if shared else contextlib.nullcontext():
                 loss, nll, _ = sequence_loss(
                     self.model,
                     batch.src,
