@@ -616,7 +616,9 @@ def test_a_gumbel_sampled_path_computes_that_path_and_gives_alpha_the_straight_t
 
 
 def test_gdas_search_moves_alpha_resumes_exactly_and_refuses_what_it_cannot_do(data, tmp_path, monkeypatch):
+    from mdarts.search import selection_context
     from mdarts.search.gdas import GdasSettings
+    from mdarts.search.reselect import TrainedSupernet
 
     gdas = GdasSettings(weights_only_fraction=0.25)
     settings = tiny_settings(max_steps=8, method="gdas")
@@ -624,6 +626,11 @@ def test_gdas_search_moves_alpha_resumes_exactly_and_refuses_what_it_cannot_do(d
     search(data, settings, straight, method=gdas)
     records = step_losses(straight)
     assert [a is None for _, _, a in records] == [True, True] + [False] * 6
+    model = TrainedSupernet(straight, torch.device("cpu")).model
+    final = load_checkpoint(straight / "search_checkpoint.pt", kind="search")
+    valid = selection_context(model, settings, data, torch.device("cpu"))
+    with model.use_path(model.genotype()):  # the search's validation loss is its argmax path's
+        assert final["val_loss"] == pytest.approx(valid.loss(valid.validation_batches(10**9)), abs=1e-6)
     start = torch.zeros_like(saved_alphas(straight)[0])
     assert all(not torch.equal(a, start) for a in saved_alphas(straight))
     with monkeypatch.context() as patch:

@@ -13,7 +13,7 @@ draws the same paths, and every process the same path).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, ContextManager, Optional
 
 import torch
 
@@ -58,6 +58,11 @@ class Gdas(DartsSearcher):
     def _draws(self, part: int) -> torch.Generator:
         """The random stream of the next step's path for data part ``part`` (0 theta, 1 alpha)."""
         return torch.Generator().manual_seed((self.run.seed * PATH_STRIDE + self.steps) * 2 + part)
+
+    def evaluated(self) -> ContextManager[Any]:
+        """The search's validation loss is that of the argmax path, the network GDAS trains
+        towards (the whole mixture is never trained as one)."""
+        return self.model.use_path(self.model.genotype())
 
     def theta_step(self, batch: Batch) -> float:
         with self.model.sample_path(self.tau(), self._draws(0)):

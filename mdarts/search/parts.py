@@ -19,10 +19,11 @@ one line, ``METHODS.register(MyMethod)`` or ``SELECTORS.register(MySelector)``. 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Generic, Iterable, Mapping, Optional, TypeVar
+from typing import Any, Callable, ClassVar, ContextManager, Generic, Iterable, Mapping, Optional, TypeVar
 
 import torch
 
@@ -105,6 +106,11 @@ class SupernetMethod:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         raise NotImplementedError
+
+    def evaluated(self) -> ContextManager[Any]:
+        """Within: the supernet as the search's validation loss measures it (default: as it is,
+        the whole mixture; a method that trains paths may measure one)."""
+        return contextlib.nullcontext()
 
 
 @dataclass

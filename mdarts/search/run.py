@@ -402,9 +402,15 @@ class Searcher(RunLoop):
         self.last_ops, self.last_eval_step, self.recent_losses = ops, step, []
         if self.valid_batches is not None and (step % self.settings.valid_interval == 0 or final):
             settings = self.settings
-            scores = evaluate_loss(
-                self.model, self.valid_batches, self.config.pad_id, settings.label_smoothing, self.device, settings.bf16
-            )
+            with self.method.evaluated():
+                scores = evaluate_loss(
+                    self.model,
+                    self.valid_batches,
+                    self.config.pad_id,
+                    settings.label_smoothing,
+                    self.device,
+                    settings.bf16,
+                )
             self.val_loss, self.val_step = scores["loss"], step
             record.update(val_loss=scores["loss"], val_nll=scores["nll"])
         message = collapse_message(ops) if self.method.trains_alpha else None
