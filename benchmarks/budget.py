@@ -17,6 +17,7 @@ every validation and the ranks at the experiment's budget against the longest.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -59,7 +60,8 @@ def train(args: argparse.Namespace, spec: ExperimentSpec) -> None:
             max_steps=args.steps, valid_interval=args.valid_interval, device="cpu"
         )
         resume = (run_dir / "checkpoint_last.pt").is_file()
-        result = Trainer(lambda: build(config), data, settings, run_dir, resume=resume, overwrite=not resume).run()
+        make = functools.partial(build, config)
+        result = Trainer(make, data, settings, run_dir, resume=resume, overwrite=not resume).run()
         if result.stopped_by != "max_steps":
             raise SystemExit(f"{name}: stopped by {result.stopped_by}; run the command again to continue")
         out = args.out / name

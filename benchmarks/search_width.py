@@ -1,5 +1,6 @@
 """What searching the network that is retrained costs: one DARTS search step (a weight update,
-then an architecture update), and one GDAS step (the same on one Gumbel-drawn path), of the ``tiny`` supernet the experiments searched (d 96, e 64,
+then an architecture update), and one GDAS step (the same on one Gumbel-drawn path), of the
+``tiny`` supernet the experiments searched (d 96, e 64,
 2 + 2 layers, FFN 4x, dropout 0.1) against the supernet of the retrained networks
 (``search_network = "retrain"`` of an experiment: d 192, e 213, 4 + 4 layers, FFN 2x, dropout
 0.3, 4 heads, at 2,349,568 parameters), both on the same real Multi30k En-De batches of the
@@ -77,7 +78,8 @@ def main(argv=None) -> None:
         "",
         f"Command: `{' '.join(['python -m benchmarks.search_width', *(argv if argv is not None else sys.argv[1:])])}`"
         f" on {device_name(torch.device('cpu'))}; a weight and an architecture update on real En-De batches of "
-        f"{run.max_tokens} padded positions (GDAS: each on one path drawn from alpha), medians of {args.repeats} round-robin steps (process CPU time).",
+        f"{run.max_tokens} padded positions (GDAS: each on one path drawn from alpha), "
+        f"medians of {args.repeats} round-robin steps (process CPU time).",
         "",
         f"| supernet, method | parameters | ms a step | steps a minute | CPU-hours for {BUDGET_STEPS:,} steps |",
         "|---|---:|---:|---:|---:|",

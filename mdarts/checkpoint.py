@@ -9,6 +9,7 @@ import os
 import pickle
 import random
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Sequence, Union
 
@@ -32,6 +33,7 @@ AVERAGE_KIND = "average"
 MODEL_KINDS = (*BASELINES, "derived")
 AVERAGE_FILE = "checkpoint_avg.pt"
 STEP_FILE_PATTERN = re.compile(r"^checkpoint_step(\d+)\.pt$")
+ZIP_MAGIC = b"PK\x03\x04"  # how a zip archive, thus every torch.save file, starts
 
 
 def save_checkpoint(path: os.PathLike, payload: dict[str, Any]) -> None:
@@ -40,29 +42,113 @@ def save_checkpoint(path: os.PathLike, payload: dict[str, Any]) -> None:
     write_atomic(path, lambda out: torch.save({"format": FORMAT, **payload}, out))
 
 
+class DamagedCheckpoint(ValueError):
+    """A checkpoint whose bytes are not those written (see :func:`verify_checkpoint`): the one
+    line ``"<file>: damaged (<reason>); <advice>"``."""
+
+    def __init__(self, path: PathLike, reason: str, advice: str = "load another checkpoint or write it again") -> None:
+        super().__init__(f"{path}: damaged ({reason}); {advice}")
+        self.path, self.reason = Path(path), reason
+
+
+def verify_checkpoint(path: PathLike) -> None:
+    """DamagedCheckpoint unless ``path`` holds the bytes that were written: torch.save writes a
+    zip archive that stores a CRC-32 of every record (the pickle, each tensor's data), which is
+    checked here (:meth:`zipfile.ZipFile.testzip` reads it all once, cheap beside loading it).
+    torch.load checks none of it: bytes overwritten inside a tensor load as other weights. So
+    this also verifies checkpoints written before mdarts checked them. A zip archive cut short
+    is damaged too; a file that does not even start as one is left to torch.load, which tells
+    what it is (another format, an unsafe pickle) or that it cannot read it."""
+    with open(path, "rb") as handle:
+        if handle.read(4) != ZIP_MAGIC:
+            return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except OSError:
+        raise
+    except Exception as error:  # BadZipFile, EOFError, ...: the archive's structure is broken
+        raise DamagedCheckpoint(path, f"not a whole zip archive as torch.save writes: {error}") from None
+    if bad is not None:
+        raise DamagedCheckpoint(path, f"its record {bad} does not match the CRC-32 stored when it was written")
+
+
 def load_checkpoint(path: os.PathLike, kind: Optional[str] = None) -> dict[str, Any]:
     """The payload saved at ``path``; ``kind`` ("train", "search"...) must match if given.
 
-    Loaded with ``weights_only=True``: tensors, numbers, strings, bytes and containers only, so
-    a checkpoint from elsewhere cannot run code. Raises FileNotFoundError for a missing file
-    and ValueError for a file that is not an mdarts checkpoint, is corrupt or truncated, holds
-    other objects, or is of another kind."""
+    Verified first (:func:`verify_checkpoint`), then loaded with ``weights_only=True``:
+    tensors, numbers, strings, bytes and containers only, so a checkpoint from elsewhere cannot
+    run code. Raises FileNotFoundError for a missing file, DamagedCheckpoint (a ValueError) for
+    a damaged one, and ValueError for a file that is not an mdarts checkpoint, holds other
+    objects, is of another kind, or holds non-finite weights (naming the first such tensor)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    verify_checkpoint(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise ValueError(
             f"checkpoint {path} holds objects other than tensors and plain data; refused: {error}"
         ) from None
-    except Exception as error:  # torch raises several types for damaged files
-        raise ValueError(f"checkpoint {path} is corrupt or truncated: {type(error).__name__}: {error}") from None
+    except Exception as error:  # torch raises several types for files it cannot read
+        raise ValueError(f"checkpoint {path} is unreadable: {type(error).__name__}: {error}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"checkpoint {path} is not an mdarts checkpoint (expected format {FORMAT!r})")
     if kind is not None and payload.get("kind") != kind:
         raise ValueError(f"checkpoint {path} is a {payload.get('kind')!r} checkpoint, expected a {kind!r} one")
+    check_finite(payload, path)
     return payload
+
+
+def check_finite(payload: dict[str, Any], path: PathLike) -> None:
+    """ValueError naming ``path`` and the first weight tensor (of the payload's ``model``, or
+    of a search's ``searcher.model``) holding NaN or infinity: a run that diverged before the
+    checkpoint was written."""
+    searcher = payload.get("searcher")
+    states = {
+        "model": payload.get("model"),
+        "searcher.model": searcher.get("model") if isinstance(searcher, dict) else None,
+    }
+    for prefix, state in states.items():
+        for key, value in state.items() if isinstance(state, dict) else ():
+            if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                bad = int((~torch.isfinite(value)).sum())
+                raise ValueError(
+                    f"{path}: non-finite weights: {prefix} {key} holds {bad} NaN or infinite value(s) of "
+                    f"{value.numel()} (the run diverged before this checkpoint); load an earlier checkpoint"
+                )
+
+
+def load_resumable(path: PathLike, kind: str, older: Sequence[Path]) -> dict[str, Any]:
+    """:func:`load_checkpoint` of the checkpoint a resume starts from; when it is damaged, the
+    DamagedCheckpoint says which of the run's ``older`` checkpoints (full training states too)
+    is whole, the newest by step, and how to continue from it (copy it over ``path``, remove the
+    damaged ones, which the run would read again), or that none is."""
+    path = Path(path)
+    try:
+        return load_checkpoint(path, kind)
+    except DamagedCheckpoint as error:
+        whole, damaged = [], []
+        for candidate in older:
+            try:
+                whole.append((load_checkpoint(candidate, kind)["step"], candidate))
+            except DamagedCheckpoint:
+                damaged.append(candidate)
+            except (ValueError, KeyError, OSError):
+                continue
+        if not whole:
+            raise DamagedCheckpoint(
+                path, error.reason, f"no other checkpoint in {path.parent} is whole: start afresh with --overwrite"
+            ) from None
+        step, newest = max(whole, key=lambda found: found[0])
+        remove = f" && rm {' '.join(str(p) for p in damaged)}" if damaged else ""
+        also = f" and remove the damaged {', '.join(p.name for p in damaged)}" if damaged else ""
+        advice = (
+            f"the newest whole checkpoint is {newest.name} (step {step}): to continue from it, copy it over "
+            f"{path.name}{also} (cp {newest} {path}{remove}) and resume again"
+        )
+        raise DamagedCheckpoint(path, error.reason, advice) from None
 
 
 def rng_state() -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Files of a run: one atomic write for every file mdarts writes (:func:`write_atomic`),
 JSON-lines logs with one schema (:class:`JsonLog`), a run directory claimed by one run of one
-kind (:class:`RunDirectory`), and locks that share work out between processes (:func:`exclusive`).
+kind (:class:`RunDirectory`) and written by one process at a time (:class:`RunLock`), and locks
+that share work out between processes (:func:`exclusive`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,10 @@ import contextlib
 import fcntl
 import json
 import os
+import socket
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, Optional, Union
 
@@ -113,6 +117,7 @@ class RunDirectory:
         self.kind = kind
         checkpoint, self.files, self.patterns = self.KINDS[kind]
         self.checkpoint = self.path / checkpoint
+        self.lock = RunLock(self.path)
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -171,17 +176,30 @@ class RunDirectory:
             )
 
     def claim(self, resume: bool, overwrite: bool) -> None:
-        """:meth:`check`, then create the directory; with ``overwrite`` (and not ``resume``)
-        delete the old run's files (only those); in every case delete the temporary files that a
-        process killed while writing one of them left behind (see :meth:`stale_temporaries`).
-        Call it after every setting has been checked, so that a refused setting deletes nothing."""
+        """Take the directory for this process: :meth:`check`, create the directory, take its
+        :class:`RunLock` (held until :meth:`release`; RunDirectoryBusy while another process
+        holds it), :meth:`check` again (another process may have written a run meanwhile), then
+        delete the temporary files that a process killed while writing left behind (see
+        :meth:`stale_temporaries`) and, with ``overwrite`` (and not ``resume``), the old run's
+        files (only those; never the lock). Call it after every setting has been checked, so
+        that a refused setting deletes nothing."""
         self.check(resume, overwrite)
         self.path.mkdir(parents=True, exist_ok=True)
-        for stale in self.stale_temporaries():
-            stale.unlink(missing_ok=True)
-        if not resume:
-            for old in self.existing():
-                old.unlink()
+        self.lock.acquire()
+        try:
+            self.check(resume, overwrite)
+            for stale in self.stale_temporaries():
+                stale.unlink(missing_ok=True)
+            if not resume:
+                for old in self.existing():
+                    old.unlink()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def release(self) -> None:
+        """Let the directory go (:meth:`RunLock.release`): the run has ended."""
+        self.lock.release()
 
     def stale_temporaries(self) -> list[Path]:
         """The temporary files of :func:`write_atomic` (``.NAME.XXXX.tmp``) for this kind's run
@@ -190,6 +208,93 @@ class RunDirectory:
             return []
         names = (*self.files, *self.patterns)
         return sorted({p for name in names for p in self.path.glob(f".{name}.*.tmp")})
+
+
+class RunDirectoryBusy(FileExistsError):
+    """A run directory whose :class:`RunLock` another live process holds."""
+
+
+class RunLock:
+    """The one writer of a run directory: the file :attr:`NAME` in it, locked (``flock``) by the
+    process that writes the run (rank 0 of its processes) for the run's life, and naming that
+    process (its pid, host and start) so that a process refused can say who holds it.
+
+    The operating system drops the lock when its holder exits, killed or not. The holder removes
+    the file when it lets go (:meth:`release`), so a file found unlocked is what a killed holder
+    left: it is taken over, with one line on stderr naming the process that held it. A process
+    that locked a file another has just removed locks the new one (the file's identity is
+    checked), so two processes never hold two files of one name. The lock file is none of the
+    run's files: a run directory holding only it is empty, and ``--overwrite`` leaves it."""
+
+    NAME = "run.lock"
+
+    def __init__(self, directory: PathLike) -> None:
+        self.path = Path(directory) / self.NAME
+        self._file: Optional[IO[str]] = None
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock."""
+        return self._file is not None
+
+    def acquire(self) -> None:
+        """Take the lock (the directory must exist); RunDirectoryBusy naming the directory and
+        the holder when another process (or another object of this one) holds it."""
+        if self.held:
+            return
+        while True:
+            handle = open(self.path, "a+")
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._holder(handle) or "a process that has just taken it"
+                handle.close()
+                raise RunDirectoryBusy(
+                    f"--out {self.path.parent}: another process is writing this run ({holder}); wait for it to "
+                    "end, stop it, or choose another directory"
+                ) from None
+            if self._same_file(handle):
+                break
+            handle.close()  # its holder removed it as we opened it: lock the one now there
+        previous = self._holder(handle)
+        if previous:
+            print(
+                f"mdarts: {self.path.parent}: taking over the lock of {previous}, which ended without letting it go",
+                file=sys.stderr,
+            )
+        handle.seek(0)
+        handle.truncate()
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}) + "\n")
+        handle.flush()
+        self._file = handle
+
+    def release(self) -> None:
+        """Remove the lock file, then unlock it (closing it); nothing when not held."""
+        if self._file is None:
+            return
+        self.path.unlink(missing_ok=True)
+        self._file.close()
+        self._file = None
+
+    def _same_file(self, handle: IO[str]) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            return False
+
+    @staticmethod
+    def _holder(handle: IO[str]) -> str:
+        """Who the lock file names: "pid N on host H since T" ("" for an empty file)."""
+        handle.seek(0)
+        text = handle.read().strip()
+        if not text:
+            return ""
+        try:
+            holder = json.loads(text)
+            return f"pid {holder['pid']} on host {holder['host']} since {holder['since']}"
+        except (ValueError, TypeError, KeyError):
+            return f"a process it names as {text[:80]!r}"
 
 
 @contextlib.contextmanager

@@ -171,10 +171,7 @@ class BatchStream:
             src_ids, tgt_ids, max_tokens, seed=seed, shuffle=True, max_positions=max_positions, pad_id=pad_id
         )
         self.per_step = ranks.world_size * per_process
-        if len(self.batches) == 0:
-            raise ValueError(
-                f"--max-tokens: no {name} pair fits max_tokens={max_tokens} and max_positions={max_positions}"
-            )
+        _check_some(self.batches, name, max_tokens, max_positions)
         if len(self.batches) < self.per_step:
             raise ValueError(
                 f"--max-tokens: the {name} data makes {len(self.batches)} batch(es), fewer than the {self.per_step} "
@@ -205,6 +202,19 @@ class BatchStream:
         """Continue at batch ``position`` of epoch ``epoch``."""
         self.epoch, self.position = state["epoch"], state["position"]
         self.batches.set_epoch(self.epoch)
+
+
+def validation_batches(src_ids, tgt_ids, max_tokens: int, *, max_positions: int, pad_id: int) -> TokenBatches:
+    """The validation batches of a run, in corpus order; ValueError naming --max-tokens when no
+    pair fits (checked before the run claims its directory, not at its first validation)."""
+    batches = TokenBatches(src_ids, tgt_ids, max_tokens, shuffle=False, max_positions=max_positions, pad_id=pad_id)
+    _check_some(batches, "validation", max_tokens, max_positions)
+    return batches
+
+
+def _check_some(batches: TokenBatches, name: str, max_tokens: int, max_positions: int) -> None:
+    if len(batches) == 0:
+        raise ValueError(f"--max-tokens: no {name} pair fits max_tokens={max_tokens} and max_positions={max_positions}")
 
 
 @dataclass
@@ -273,11 +283,21 @@ class RunLoop:
         return model
 
     def claim(self, resume: bool, overwrite: bool) -> None:
-        """Claim the run directory (rank 0; with ``overwrite``, the old run's files go), once
-        every setting has been checked; the other processes wait for it."""
+        """Claim the run directory (rank 0 takes its lock, held until :meth:`run` ends; with
+        ``overwrite``, the old run's files go), once every setting has been checked; the other
+        processes wait for it, and every process raises when rank 0 could not claim it."""
+        error: Optional[Exception] = None
         if self.ranks.main:
-            self.run_dir.claim(resume, overwrite)
-        self.ranks.barrier()
+            try:
+                self.run_dir.claim(resume, overwrite)
+            except Exception as caught:  # raised below, once every process knows
+                error = caught
+        if self.ranks.any(error is not None):
+            if error is not None:
+                raise error
+            raise FileExistsError(
+                f"--out {self.run_dir.path}: rank 0 could not claim the run directory (its error says why)"
+            )
 
     def open_log(self, name: str, file: str) -> JsonLog:
         """The JSON-lines log ``file`` of the run directory (written by rank 0), known as ``name``."""
@@ -320,19 +340,23 @@ class RunLoop:
 
     def run(self) -> RunResult:
         """Steps until a budget is spent or a signal asks to stop, then :meth:`finish`; after a
-        signal (SIGINT, SIGTERM: the step in progress ends first), only :meth:`save`."""
+        signal (SIGINT, SIGTERM: the step in progress ends first), only :meth:`save`. The run
+        directory's lock goes when it returns or raises."""
         self.clock = RunClock(self.clock.seconds())
         shown = self.show_progress if self.ranks.main else False
         bar = Progress(self.settings.max_steps, self.label, self.device, initial=self.steps, enabled=shown)
         signals = StopSignals()
         signals.announces = self.ranks.main  # of several processes, rank 0 says it is stopping
-        with signals as self.signals:
-            try:
-                while (stopped_by := self.stop_reason()) is None:
-                    self.take_step(bar)
-            finally:
-                bar.close()
-        if stopped_by in SIGNAL_NAMES:
-            self.save()
-            return self.stopped(stopped_by)
-        return self.finish(stopped_by, bar)
+        try:
+            with signals as self.signals:
+                try:
+                    while (stopped_by := self.stop_reason()) is None:
+                        self.take_step(bar)
+                finally:
+                    bar.close()
+            if stopped_by in SIGNAL_NAMES:
+                self.save()
+                return self.stopped(stopped_by)
+            return self.finish(stopped_by, bar)
+        finally:
+            self.run_dir.release()

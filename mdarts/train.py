@@ -35,13 +35,15 @@ from torch import nn
 from .batching import TokenBatches, warn_dropped
 from .checkpoint import (
     TRAIN_KIND,
+    DamagedCheckpoint,
     check_state_dict,
-    load_checkpoint,
+    load_resumable,
     model_spec,
     rng_state,
     save_checkpoint,
     set_rng_state,
     step_checkpoints,
+    verify_checkpoint,
     write_average_checkpoint,
 )
 from .config import TrainConfig
@@ -60,6 +62,7 @@ from .runloop import (
     check_resume,
     check_same_data,
     spent_budget,
+    validation_batches,
 )
 
 __all__ = ["Trainer", "TrainConfig", "plot_curves", "read_log", "LOG_FILE", "LAST_FILE", "BEST_FILE", "CURVES_FILE"]
@@ -172,7 +175,7 @@ class Trainer(RunLoop):
         )
         self.ranks.check_same({**settings.to_dict(), "device": None, "model": self.spec, "data": self.data_identity})
         val = data["val"]
-        self.valid_batches = TokenBatches(val.src_ids, val.tgt_ids, settings.max_tokens, shuffle=False, **limits)
+        self.valid_batches = validation_batches(val.src_ids, val.tgt_ids, settings.max_tokens, **limits)
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay
         )
@@ -182,11 +185,13 @@ class Trainer(RunLoop):
         self.bad_validations = 0
         self.validated_step = -1  # checkpoints are written right after a validation
         self.window = _Window()
-        checkpoint = self._checked_checkpoint() if resume else None
-        self.claim(resume, overwrite)
         self.log = self.open_log("log", LOG_FILE)
+        checkpoint = self._checked_checkpoint() if resume else None
         if checkpoint is not None:
             self._resume(checkpoint)
+        self.claim(resume, overwrite)  # every check is done: from here on the run writes
+        if checkpoint is not None:
+            self.rewind(checkpoint["log_bytes"])
 
     # the position in the training data, as the checkpoints and tests name it
     @property
@@ -207,8 +212,15 @@ class Trainer(RunLoop):
 
     def _checked_checkpoint(self) -> dict[str, Any]:
         """``checkpoint_last.pt``, checked to continue this run (data, model, settings)."""
-        path = self.run_dir.checkpoint
-        state = load_checkpoint(path, TRAIN_KIND)
+        path, steps = self.run_dir.checkpoint, step_checkpoints(self.run_dir.path)
+        state = load_resumable(path, TRAIN_KIND, [*steps, self.run_dir / BEST_FILE])
+        if self.settings.keep_last > 1:  # the run averages them at its end
+            for step_file in steps:
+                try:
+                    verify_checkpoint(step_file)
+                except DamagedCheckpoint as error:
+                    advice = f"the run would average it at its end: remove it (rm {step_file}) and resume again"
+                    raise DamagedCheckpoint(step_file, error.reason, advice) from None
         check_same_data(state.get("data"), self.data_identity, path)
         if state["spec"] != self.spec:
             raise ValueError(
@@ -219,7 +231,8 @@ class Trainer(RunLoop):
         return state
 
     def _resume(self, state: dict[str, Any]) -> None:
-        """Load the training state of ``checkpoint_last.pt`` and cut the log back to it."""
+        """Load the training state of ``checkpoint_last.pt`` (the log is cut back to it once the
+        directory is claimed)."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_count = state["step"]
@@ -229,7 +242,6 @@ class Trainer(RunLoop):
         self.clock = RunClock(state["train_seconds"])
         self.validated_step = self.step_count
         set_rng_state(state["rng"])
-        self.rewind(state["log_bytes"])
 
     def budget_reason(self) -> Optional[str]:
         """A spent budget (steps, epochs, minutes) or early stopping (rank 0 keeps its count)."""

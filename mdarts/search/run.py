@@ -24,8 +24,8 @@ from typing import Any, Optional
 
 import torch
 
-from ..batching import Batch, TokenBatches, warn_dropped
-from ..checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..batching import Batch, warn_dropped
+from ..checkpoint import load_resumable, rng_state, save_checkpoint, set_rng_state
 from ..config import ModelConfig, SearchSettings, Settings
 from ..files import PathLike, RunDirectory
 from ..genotype import Genotype
@@ -36,7 +36,16 @@ from ..ops import parameter_free_ops
 from ..plan import choose_memory_mode, default_memory_budget
 from ..prepare import EncodedSplit, PreparedData
 from ..progress import Progress
-from ..runloop import BatchStream, RunClock, RunLoop, RunResult, check_resume, check_same_data, spent_budget
+from ..runloop import (
+    BatchStream,
+    RunClock,
+    RunLoop,
+    RunResult,
+    check_resume,
+    check_same_data,
+    spent_budget,
+    validation_batches,
+)
 from .parts import METHODS, SELECTORS, SelectionContext, SupernetMethod, check_parts
 from .reporting import argmax_ops, argmax_stability, collapse_message, plot_alpha_history, short_summary
 from .weights import Schedule
@@ -128,7 +137,7 @@ class Searcher(RunLoop):
         check_parts(settings.method, settings.select, "val" in data.splits)
         self.data = data
         self.data_identity = data.identity()  # recorded in every checkpoint, checked on resume
-        checkpoint = load_checkpoint(self.run_dir.checkpoint, kind="search") if resume else None
+        checkpoint = load_resumable(self.run_dir.checkpoint, "search", []) if resume else None
         self.config, self.memory_reason = self._searched_config(config, checkpoint)
         if checkpoint is not None:
             self._check_resumable(checkpoint)
@@ -144,7 +153,6 @@ class Searcher(RunLoop):
         )
         self.model = self.build(self._supernet)
         self.method: SupernetMethod = METHODS[settings.method](self.model, settings, self.method_settings, self.ranks)
-        self.claim(resume, overwrite)
         self.log = self.open_log("log", LOG_FILE)
         self.history = self.open_log("history", HISTORY_FILE)
         self.refit_due: Optional[tuple[int, float]] = None  # a minutes budget: (step, clock) of the next re-plan
@@ -154,6 +162,9 @@ class Searcher(RunLoop):
         self.last_eval_step = -1
         self.val_loss: Optional[float] = None
         self.val_step = -1  # the step of val_loss
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        self.claim(resume, overwrite)  # every check is done: from here on the run writes
         if checkpoint is not None:
             self._resume(checkpoint)
         else:
@@ -255,13 +266,8 @@ class Searcher(RunLoop):
         self.valid_batches = None
         if "val" in data.splits:
             val = data["val"]
-            self.valid_batches = TokenBatches(
-                val.src_ids,
-                val.tgt_ids,
-                settings.max_tokens,
-                shuffle=False,
-                max_positions=config.max_positions,
-                pad_id=config.pad_id,
+            self.valid_batches = validation_batches(
+                val.src_ids, val.tgt_ids, settings.max_tokens, max_positions=config.max_positions, pad_id=config.pad_id
             )
 
     def _check_resumable(self, checkpoint: dict) -> None:
@@ -279,15 +285,22 @@ class Searcher(RunLoop):
         saved_method = type(self.method_settings).from_dict(checkpoint["method_settings"])
         check_resume(saved_method, self.method_settings, path)
 
-    def _resume(self, checkpoint: dict) -> None:
+    def _restore(self, checkpoint: dict) -> None:
+        """Load the search state of the checkpoint (before the directory is claimed: no file changes)."""
         self.method.load_state_dict(checkpoint["searcher"])
         for name, stream in self.streams.items():
             stream.load_state(checkpoint["streams"][name])
         set_rng_state(checkpoint["rng"])
-        self.rewind(checkpoint["log_bytes"])  # what was logged after the checkpoint goes
         self.clock = RunClock(checkpoint["elapsed_s"])
         self.recent_losses = list(checkpoint["recent_losses"])
         self.stable_evals = checkpoint["stable_evals"]
+        self.last_eval_step, self.val_step = checkpoint["last_eval_step"], checkpoint["val_step"]
+        self.val_loss = checkpoint["val_loss"]
+
+    def _resume(self, checkpoint: dict) -> None:
+        """Continue the restored search in its claimed directory: the logs cut back to the
+        checkpoint, the schedule of the budget given, and a "resume" record."""
+        self.rewind(checkpoint["log_bytes"])  # what was logged after the checkpoint goes
         saved = SearchSettings.from_dict(checkpoint["settings"])
         if (saved.max_steps, saved.max_minutes) == (self.settings.max_steps, self.settings.max_minutes):
             self.method.reschedule(Schedule(**checkpoint["schedule"]))
@@ -297,8 +310,6 @@ class Searcher(RunLoop):
         history = self.history.read()
         if history:
             self.last_ops = argmax_ops(history[-1], self.config)
-        self.last_eval_step, self.val_step = checkpoint["last_eval_step"], checkpoint["val_step"]
-        self.val_loss = checkpoint["val_loss"]
         self.log.append("resume", self.steps, settings=self.settings.to_dict())
 
     def budget_reason(self) -> Optional[str]:
