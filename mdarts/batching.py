@@ -95,7 +95,8 @@ def make_batches(
 
     Returns:
         Lists of corpus indices; each index of ``indices`` appears in exactly one batch,
-        except pairs that cannot fit ``max_tokens`` alone, which are left out (warning).
+        except pairs that cannot fit ``max_tokens`` alone, which are left out (a warning, unless
+        no pair fits: then there is no batch, which the caller refuses).
     """
     order = list(range(len(src_ids))) if indices is None else list(indices)
     if shuffle:
@@ -103,7 +104,7 @@ def make_batches(
     lengths = {i: _pair_positions(src_ids, tgt_ids, i) for i in order}
     order.sort(key=lengths.__getitem__)  # stable: ties keep the (shuffled) order
     too_long = [i for i in order if lengths[i] > max_tokens]
-    if too_long:
+    if too_long and len(too_long) < len(order):
         warnings.warn(
             f"left out {len(too_long)} sentence pair(s) longer than max_tokens={max_tokens} "
             f"positions (corpus indices {too_long[:10]}{'...' if len(too_long) > 10 else ''})",

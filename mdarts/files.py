@@ -148,14 +148,17 @@ class RunDirectory:
         return ", ".join(p.name for p in paths[:shown]) + (", ..." if len(paths) > shown else "")
 
     def check(self, resume: bool, overwrite: bool) -> None:
-        """Check, changing nothing, that the directory can be claimed: one holding a run is
-        refused (FileExistsError) unless ``resume`` (its checkpoint must exist:
-        FileNotFoundError) or ``overwrite``; one holding a run of another kind is refused
-        (FileExistsError) in every case; a path that is a file: NotADirectoryError."""
+        """Check, changing nothing, that the directory can be claimed: one another process is
+        writing is refused (RunDirectoryBusy); one holding a run is refused (FileExistsError)
+        unless ``resume`` (its checkpoint must exist: FileNotFoundError) or ``overwrite``; one
+        holding a run of another kind is refused (FileExistsError) in every case; a path that
+        is a file: NotADirectoryError."""
         if resume and overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
         if self.path.exists() and not self.path.is_dir():
             raise NotADirectoryError(f"--out {self.path}: exists and is not a directory")
+        if not self.lock.held:  # a directory another process is writing is refused as such, first
+            self.lock.check_free()
         for kind, paths in self.foreign().items():
             raise FileExistsError(
                 f"--out {self.path} holds a {kind} run ({self._names(paths)}), not a {self.kind} run; choose another "
@@ -237,6 +240,27 @@ class RunLock:
         """Whether this object holds the lock."""
         return self._file is not None
 
+    def check_free(self) -> None:
+        """RunDirectoryBusy (as :meth:`acquire` raises it) when another process holds the lock;
+        changes nothing (a shared lock taken and dropped at once, no file created)."""
+        try:
+            handle = open(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        with handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise self._busy(handle) from None
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    def _busy(self, handle: IO[str]) -> "RunDirectoryBusy":
+        holder = self._holder(handle) or "a process that has just taken it"
+        return RunDirectoryBusy(
+            f"--out {self.path.parent}: another process is writing this run ({holder}); wait for it to "
+            "end, stop it, or choose another directory"
+        )
+
     def acquire(self) -> None:
         """Take the lock (the directory must exist); RunDirectoryBusy naming the directory and
         the holder when another process (or another object of this one) holds it."""
@@ -247,12 +271,9 @@ class RunLock:
             try:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = self._holder(handle) or "a process that has just taken it"
+                error = self._busy(handle)
                 handle.close()
-                raise RunDirectoryBusy(
-                    f"--out {self.path.parent}: another process is writing this run ({holder}); wait for it to "
-                    "end, stop it, or choose another directory"
-                ) from None
+                raise error from None
             if self._same_file(handle):
                 break
             handle.close()  # its holder removed it as we opened it: lock the one now there
