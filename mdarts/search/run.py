@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..batching import Batch, TokenBatches, warn_dropped
+from ..batching import Batch, validation_batches, warn_dropped
 from ..checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..config import ModelConfig, SearchSettings, Settings
 from ..files import PathLike, RunDirectory
@@ -255,14 +255,7 @@ class Searcher(RunLoop):
         self.valid_batches = None
         if "val" in data.splits:
             val = data["val"]
-            self.valid_batches = TokenBatches(
-                val.src_ids,
-                val.tgt_ids,
-                settings.max_tokens,
-                shuffle=False,
-                max_positions=config.max_positions,
-                pad_id=config.pad_id,
-            )
+            self.valid_batches = validation_batches(val, settings.max_tokens, config.max_positions, config.pad_id)
 
     def _check_resumable(self, checkpoint: dict) -> None:
         """A resume must use the checkpoint's config, tokenizer and settings (budgets may change)."""
