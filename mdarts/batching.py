@@ -234,6 +234,22 @@ class TokenBatches:
         return make_batches(self.src_ids, self.tgt_ids, self.max_tokens, self.seed, self.shuffle, self.epoch, self.kept)
 
 
+def validation_batches(split: Any, max_tokens: int, max_positions: int, pad_id: int = PAD_ID) -> TokenBatches:
+    """The batches of a validation ``split`` (an :class:`~mdarts.prepare.EncodedSplit`), in
+    corpus order; ValueError naming ``--max-tokens`` when no pair fits (every one longer than
+    ``max_positions`` or ``max_tokens``), so that a run finds it before its first update rather
+    than at its first validation."""
+    batches = TokenBatches(
+        split.src_ids, split.tgt_ids, max_tokens, shuffle=False, max_positions=max_positions, pad_id=pad_id
+    )
+    if len(batches) == 0:
+        raise ValueError(
+            f"--max-tokens: none of the {len(split.src_ids)} validation pair(s) fits max_tokens={max_tokens} "
+            f"and max_positions={max_positions}: the validation data makes no batch"
+        )
+    return batches
+
+
 # ----------------------------------------------------------------------------- dropped pairs
 
 SHOWN_LINES = 5

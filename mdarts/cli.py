@@ -17,8 +17,9 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .arguments import add_settings, build_settings, given
+from .arguments import add_settings, build_settings, given, integer, number
 from .config import (
+    MAX_TOKENS,
     MODEL_PRESETS,
     SEARCH_PRESETS,
     TRAIN_PRESETS,
@@ -30,27 +31,11 @@ from .config import (
 )
 from .data import PAIRS, SPLIT_LANGUAGES
 from .files import RunDirectory
+from .plan import MAX_D_MODEL as PLAN_MAX_D_MODEL
+from .plan import MAX_LAYERS as PLAN_MAX_LAYERS
 from .runloop import SIGNAL_NAMES
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
+from .tokenizer import MAX_VOCAB, MIN_VOCAB
+from .translate import MAX_BEAM
 
 
 def _add_device(parser: argparse.ArgumentParser) -> None:
@@ -73,7 +58,10 @@ def _add_data(parser: argparse.ArgumentParser, splits: str) -> None:
     group.add_argument("--pair", choices=PAIRS, help="Multi30k translation direction, e.g. en-de")
     _add_data_dir(group)
     group.add_argument(
-        "--vocab-size", type=_positive_int, default=8000, help="joint SentencePiece vocabulary size (default 8000)"
+        "--vocab-size",
+        type=integer(MIN_VOCAB, MAX_VOCAB),
+        default=8000,
+        help=f"joint SentencePiece vocabulary size, {MIN_VOCAB} to {MAX_VOCAB:,} (default 8000)",
     )
     group.add_argument(
         "--tokenizer-cache", type=Path, help="folder of cached SentencePiece models (default ~/.cache/mdarts/spm)"
@@ -133,7 +121,7 @@ def _search_parser(sub) -> None:
     )
     parser.add_argument("--out", type=Path, required=True, help="run directory (refused if it holds another run)")
     _add_run_control(parser)
-    add_settings(parser, ModelConfig, "supernet", only=("memory_mode",))
+    add_settings(parser, ModelConfig, "supernet", defaults=MODEL_PRESETS, only=("memory_mode",))  # each preset's
     add_settings(parser, SearchSettings, "search settings", defaults=SEARCH_PRESETS)
     _add_part_settings(parser, METHODS, SELECTORS)
     _add_data(parser, "train valid")
@@ -363,12 +351,15 @@ def _train_parser(sub) -> None:
     parser.add_argument("--preset", default="multi30k-base", choices=presets, help="model size (default %(default)s)")
     parser.add_argument(
         "--params",
-        type=_positive_int,
+        type=integer(1),
         help="size the network to this many parameters (within 2%%: d_model, then the embedding width), "
         "as mdarts experiment does",
     )
     parser.add_argument(
-        "--valid-bleu", type=int, default=0, help="also score BLEU on this many validation sentences (default 0: off)"
+        "--valid-bleu",
+        type=integer(0),
+        default=0,
+        help="also score BLEU on this many validation sentences (default 0: off)",
     )
     _add_run_control(parser)
     add_settings(parser, TrainConfig, "training settings")
@@ -383,14 +374,16 @@ def _run_train(args: argparse.Namespace) -> int:
     Give a budget: --max-steps, --max-epochs and/or --max-minutes.
     """
     from .processes import resolve_device
-    from .sizing import builder, load_architecture, sized_config
+    from .sizing import builder, check_size, load_architecture, sized_config
     from .train import Trainer
 
     train_config = build_settings(TrainConfig, given(args, TrainConfig))
-    RunDirectory(args.out, "training").check(args.resume, args.overwrite)  # before the data is prepared
     device = resolve_device(train_config.device)
     config = preset(args.preset, training=True)
     arch = load_architecture(args.arch)
+    if args.params:  # the tokenizer has --vocab-size ids
+        check_size(arch, config, args.params, args.vocab_size, name="--params")
+    RunDirectory(args.out, "training").check(args.resume, args.overwrite)  # before the data is prepared
     data = _prepared(args, ("train", "val"))
     vocab = data.tokenizer.vocab_size
     if args.params:
@@ -445,11 +438,13 @@ def _add_decoding(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pair", choices=PAIRS, help="translation direction (default: the checkpoint's; checked against it when given)"
     )
-    parser.add_argument("--beam", type=_positive_int, default=5, help="beam size (1: greedy; default 5)")
-    parser.add_argument("--len-penalty", type=float, default=1.0, help="length penalty exponent (default 1.0)")
+    parser.add_argument(
+        "--beam", type=integer(1, MAX_BEAM), default=5, help=f"beam size, 1 (greedy) to {MAX_BEAM} (default 5)"
+    )
+    parser.add_argument("--len-penalty", type=number(), default=1.0, help="length penalty exponent (default 1.0)")
     parser.add_argument(
         "--source-tokens",
-        type=_positive_int,
+        type=integer(1, MAX_TOKENS),
         default=4096,
         help="decoding batch size: source positions (batch x longest source) per batch (default 4096)",
     )
@@ -536,7 +531,7 @@ def _evaluate_parser(sub) -> None:
         "--test-src", type=Path, help="generic corpus: test source file (instead of --split; a model trained on files)"
     )
     parser.add_argument("--test-tgt", type=Path, help="generic corpus: its reference translations, line by line")
-    parser.add_argument("--limit", type=_positive_int, help="score only the first N sentences")
+    parser.add_argument("--limit", type=integer(1), help="score only the first N sentences")
     parser.add_argument("--hypotheses", type=Path, help="also write the translations to this file")
 
 
@@ -600,7 +595,7 @@ def _experiment_parser(sub) -> None:
     parser.add_argument("spec", type=Path, help="the experiment's specification (TOML or JSON; see mdarts.experiment)")
     parser.add_argument("--out", type=Path, required=True, help="experiment directory (run again to continue)")
     _add_data_dir(parser)
-    parser.add_argument("--max-minutes", type=_positive_float, help="start no new search or training after this")
+    parser.add_argument("--max-minutes", type=number(positive=True), help="start no new search or training after this")
     parser.add_argument(
         "--status",
         action="store_true",
@@ -642,18 +637,37 @@ def _run_experiment(args: argparse.Namespace) -> int:
 def _plan_parser(sub) -> None:
     parser = _command(sub, _run_plan)
     parser.add_argument("--preset", default="tiny", choices=list(MODEL_PRESETS), help="supernet preset (default tiny)")
-    parser.add_argument("--d-model", type=_positive_int, help="override the preset's d_model")
-    parser.add_argument("--layers", type=_positive_int, help="override the encoder and decoder depth (each)")
-    parser.add_argument("--tokens", type=_positive_int, default=4096, help="target tokens per batch (default 4096)")
-    parser.add_argument("--seq-len", type=_positive_int, help="sentence length in tokens (default: the planner's)")
-    parser.add_argument("--vocab-size", type=_positive_int, default=8000, help="vocabulary size (default 8000)")
     parser.add_argument(
-        "--chunk-rows", type=int, default=0, help="chunked output loss with this many rows per chunk (0: full logits)"
+        "--d-model",
+        type=integer(1, PLAN_MAX_D_MODEL),
+        help=f"override the preset's d_model (at most {PLAN_MAX_D_MODEL})",
+    )
+    parser.add_argument(
+        "--layers",
+        type=integer(1, PLAN_MAX_LAYERS),
+        help=f"override the encoder and decoder depth (each; at most {PLAN_MAX_LAYERS})",
+    )
+    parser.add_argument(
+        "--tokens", type=integer(1, MAX_TOKENS), default=4096, help="target tokens per batch (default 4096)"
+    )
+    parser.add_argument(
+        "--seq-len",
+        type=integer(1),
+        help="sentence length in tokens, at most the preset's max_positions (default: the planner's)",
+    )
+    parser.add_argument(
+        "--vocab-size", type=integer(MIN_VOCAB, MAX_VOCAB), default=8000, help="vocabulary size (default 8000)"
+    )
+    parser.add_argument(
+        "--chunk-rows",
+        type=integer(0, MAX_TOKENS),
+        default=0,
+        help="chunked output loss with this many rows per chunk (0: full logits)",
     )
     parser.add_argument("--bf16", action="store_true", help="2-byte activations")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="the allocator to model (default cpu)")
     parser.add_argument(
-        "--budget-gb", type=_positive_float, help="also give the largest d_model that fits this many GiB"
+        "--budget-gb", type=number(positive=True), help="also give the largest d_model that fits this many GiB"
     )
 
 

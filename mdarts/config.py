@@ -22,6 +22,8 @@ from typing import Any, Optional
 # This module imports no other mdarts module: every other one may import it.
 
 __all__ = [
+    "MAX_SEED",
+    "MAX_TOKENS",
     "MEMORY_MODES",
     "POOLS",
     "DEFAULT_ENCODER_CANDIDATES",
@@ -38,6 +40,12 @@ __all__ = [
     "search_preset",
 ]
 
+
+MAX_TOKENS = 2**20
+"""Most padded positions a batch may hold (``max_tokens``): 256 times the default, and more than
+one step of any preset needs; a larger batch only asks for memory no device has."""
+MAX_SEED = 2**32 - 1
+"""Largest seed (as NumPy's): torch seeds are 64-bit, and runs add small offsets to their seed."""
 
 MEMORY_MODES = ("reconstruct", "checkpoint", "store")
 """How a reversible stack keeps what its backward needs (mdarts.reversible, docs/design.md 1.3)."""
@@ -118,14 +126,17 @@ class Settings:
     def _fail(self, name: str, expected: str) -> None:
         raise SettingError(type(self).__name__, name, f"expected {expected}, got {getattr(self, name)!r}")
 
-    def _check_ints(self, names: tuple[str, ...], minimum: int, optional: bool = False) -> None:
+    def _check_ints(
+        self, names: tuple[str, ...], minimum: int, optional: bool = False, maximum: Optional[int] = None
+    ) -> None:
         for name in names:
             value = getattr(self, name)
             if optional and value is None:
                 continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+            if not ok or (maximum is not None and value > maximum):
                 kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-                self._fail(name, kind)
+                self._fail(name, kind if maximum is None else f"an integer from {minimum} to {maximum:,}")
 
     def _check_positive(self, names: tuple[str, ...], optional: bool = False, zero: bool = False) -> None:
         for name in names:
@@ -297,15 +308,15 @@ class RunSettings(Settings):
 
     def __post_init__(self) -> None:
         self._check_ints(("max_steps",), 1, optional=True)
-        self._check_ints(("loss_chunk_rows",), 0)
+        self._check_ints(("loss_chunk_rows",), 0, maximum=MAX_TOKENS)
         self._check_positive(("max_minutes",), optional=True)
         self._check_positive(("lr",))
         self._check_ints(("warmup_steps",), 1, optional=isinstance(self, SearchSettings))
-        self._check_ints(("max_tokens",), 1)
+        self._check_ints(("max_tokens",), 1, maximum=MAX_TOKENS)
         self._check_betas(("betas",))
         self._check_positive(("clip_norm",), zero=True)
         self._check_fraction(("label_smoothing",))
-        self._check_ints(("seed",), 0)
+        self._check_ints(("seed",), 0, maximum=MAX_SEED)
         self._check_device()
 
     def learning_rate(self, step: int) -> float:

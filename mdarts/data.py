@@ -208,6 +208,16 @@ def load_pair(
         DownloadError: a needed file is not cached and cannot be downloaded.
     """
     src_lang, tgt_lang = parse_pair(pair)
+    src_path, tgt_path = multi30k_files(pair, split, data_dir, base_url=base_url)
+    return load_parallel_files(src_path, tgt_path, src_lang, tgt_lang, split)
+
+
+def multi30k_files(
+    pair: str, split: str, data_dir: Optional[PathLike] = None, *, base_url: str = MULTI30K_URL
+) -> tuple[Path, Path]:
+    """The source and target files of one split of Multi30k in one direction (downloaded into the
+    cache when there is no data directory), checked to exist; raises as :func:`load_pair`."""
+    src_lang, tgt_lang = parse_pair(pair)
     available = splits_for_pair(pair)
     if split not in available:
         raise ValueError(f"Multi30k has no split {split!r} for {pair}; it has: {', '.join(available)}")
@@ -223,9 +233,7 @@ def load_pair(
         directory = multi30k_cache_dir()
         for lang in (src_lang, tgt_lang):
             ensure_downloaded(multi30k_file_name(split, lang), directory, base_url)
-    src_path = _multi30k_path(directory, split, src_lang)
-    tgt_path = _multi30k_path(directory, split, tgt_lang)
-    return load_parallel_files(src_path, tgt_path, src_lang, tgt_lang, split)
+    return _multi30k_path(directory, split, src_lang), _multi30k_path(directory, split, tgt_lang)
 
 
 def resolve_data_dir(data_dir: Optional[PathLike]) -> Optional[Path]:

@@ -73,8 +73,17 @@ import torch
 
 from .arguments import build_settings
 from .checkpoint import load_checkpoint, load_model
-from .config import ModelConfig, SearchSettings, TrainConfig, preset, search_preset
-from .data import PAIRS
+from .config import (
+    MAX_SEED,
+    SEARCH_PRESETS,
+    TRAIN_PRESETS,
+    ModelConfig,
+    SearchSettings,
+    TrainConfig,
+    preset,
+    search_preset,
+)
+from .data import PAIRS, SPLIT_LANGUAGES, multi30k_files, splits_for_pair
 from .files import JsonLog, PathLike, exclusive, write_atomic
 from .genotype import Genotype, control_genotype, random_genotype
 from .prepare import PreparedData, prepare_data
@@ -84,9 +93,10 @@ from .search import METHODS, SELECTORS, Searcher, parts_of_table, searched_space
 from .search.run import CHECKPOINT_FILE as SEARCH_CHECKPOINT
 from .search.run import GENOTYPE_FILE
 from .search.run import LOG_FILE as SEARCH_LOG
-from .sizing import BASELINES, Architecture, builder, count_parameters, sized_config
+from .sizing import BASELINES, Architecture, builder, check_size, count_parameters, sized_config
+from .tokenizer import MAX_VOCAB, MIN_VOCAB
 from .train import BEST_FILE, LAST_FILE, LOG_FILE, Trainer
-from .translate import translate_lines
+from .translate import MAX_BEAM, translate_lines
 
 ARM_KINDS = ("searched", "weight_sharing", "random", "control", "transformer", "evolved")
 
@@ -166,53 +176,68 @@ class ExperimentSpec:
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "experiment") -> "ExperimentSpec":
+        """The specification ``values`` (as read from ``source``), checked whole before anything
+        runs: every entry's type and range, every ``[search]``/``[train]`` key a setting of the
+        right type, the presets and the pair known, the test split one the pair has, and the
+        size reachable by every network known before the searches (:meth:`check_sizes`).
+        ValueError ``"{source}: {entry}: {what was expected}"`` at the first fault."""
+
         def fail(entry: str, message: str) -> None:
             raise ValueError(f"{source}: {entry}: {message}")
 
+        if not isinstance(values, dict):
+            fail("the file", f"expected a table of entries, got {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         for key in sorted(set(values) - known):
             fail(key, f"unknown entry; known: {', '.join(sorted(known))}")
         for key in ("name", "pair", "params", "arms"):
             if key not in values:
                 fail(key, "missing")
-        if values["pair"] not in PAIRS:
-            fail("pair", f"expected one of {', '.join(PAIRS)}, got {values['pair']!r}")
-        if values.get("search_network", "preset") not in SEARCH_NETWORKS:
-            fail("search_network", f"expected one of {', '.join(SEARCH_NETWORKS)}, got {values['search_network']!r}")
-        for key in ("params", "random_finalists", "vocab_size", "beam"):
-            value = values.get(key, 1)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "random_finalists" else 1):
-                fail(key, f"expected a positive integer, got {value!r}")
+        for key, value in values.items():
+            problem = _entry_problem(key, value, values.get("pair"))
+            if problem is not None:
+                fail(key, f"expected {problem}, got {value!r}")
         arms = []
-        for i, arm in enumerate(values["arms"]):
-            label = f"arms[{i}] ({arm.get('name', '?')!r})"
-            unknown = sorted(set(arm) - {f.name for f in dataclasses.fields(Arm)})
-            if unknown or "name" not in arm or arm.get("kind") not in ARM_KINDS:
-                fail(
-                    label,
-                    f"needs a name and a kind in {', '.join(ARM_KINDS)}" + (f"; unknown {unknown}" if unknown else ""),
-                )
-            if any(a.name == arm["name"] for a in arms):
-                fail(label, "two arms have this name")
-            arm = Arm(**{**arm, "seeds": tuple(arm.get("seeds", (0,)))})
-            if not arm.seeds or arm.count < 1:
-                fail(label, "expected at least one seed and a positive count")
-            if not arm.searches and (arm.method or arm.select or arm.settings):
-                fail(label, "method, select and settings belong to searching arms (searched, weight_sharing)")
+        for i, table in enumerate(values["arms"]):
+            arm = _arm(table, f"arms[{i}] ({table.get('name', '?') if isinstance(table, dict) else '?'!r})", fail)
+            if any(a.name == arm.name for a in arms):
+                fail(f"arms[{i}] ({arm.name!r})", "two arms have this name")
             arms.append(arm)
-        if not arms:
-            fail("arms", "expected at least one arm")
         spec = cls(**{**values, "arms": tuple(arms), "train_seeds": tuple(values.get("train_seeds", (1,)))})
-        if not spec.train_seeds:
-            fail("train_seeds", "expected at least one seed")
         checks = [("[search]", spec.search_settings), ("[train]", lambda: spec.train_config(spec.train_seeds[0]))]
         checks += [(f"arms ({arm.name!r})", functools.partial(spec.search_parts, arm)) for arm in arms if arm.searches]
+        checks += [("params", spec.check_sizes)]
         for entry, build in checks:
             try:
                 build()
             except ValueError as error:
-                fail(entry, str(error))
+                fail(entry, str(error).removeprefix(f"{entry}: "))
         return spec
+
+    def check_sizes(self) -> None:
+        """Check that every network known before the searches can have ``params`` parameters:
+        the baselines and the control are sized (:func:`~mdarts.sizing.sized_config`; with
+        ``search_network = "retrain"`` the control is the searched supernet too), and the count
+        is checked to lie in the range each random genotype reaches (:func:`~mdarts.sizing.check_size`,
+        a tenth of the time). ValueError naming the network. A searched genotype is sized when
+        its search has finished."""
+        space = searched_space(preset(self.search_preset), self.search_settings().parameter_free)
+        retrain = self.model_config()
+        networks: dict[str, tuple[Architecture, ModelConfig, Callable]] = {}
+        for arm in self.arms:
+            if arm.kind in BASELINES:
+                networks[arm.kind] = (arm.kind, preset(self.train_preset, training=True), sized_config)
+            elif arm.kind == "control" or (arm.searches and self.search_network == "retrain"):
+                networks["control"] = (control_genotype(space), retrain, sized_config)
+            elif arm.kind == "random":
+                networks.update(
+                    {f"random g{i}": (random_genotype(space, i), retrain, check_size) for i in range(arm.count)}
+                )
+        for name, (arch, config, check) in networks.items():
+            try:
+                check(arch, config, self.params, self.vocab_size)
+            except ValueError as error:
+                raise ValueError(f"{str(error).removeprefix('params: ')} (the {name} network)") from None
 
     def to_dict(self) -> dict:
         """The specification as spec.json records it (``search_network`` only when not the
@@ -275,6 +300,76 @@ class ExperimentSpec:
             max_positions=base.max_positions,
             memory_mode="store",
         )
+
+
+MAX_RUNS = 100
+"""Most seeds of an arm or of the trainings, and most genotypes of a random arm: each is a whole
+search or training (the committed experiments use 3 and 8)."""
+
+
+def _entry_problem(key: str, value: Any, pair: Any) -> Optional[str]:
+    """What the top-level entry ``key`` of a specification expects, when ``value`` is not it
+    (``pair``: the specification's, for the test split); None when it is."""
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    expected = {
+        "name": ("a non-empty string", isinstance(value, str) and value.strip() != ""),
+        "pair": (f"one of {', '.join(PAIRS)}", isinstance(value, str) and value in PAIRS),
+        "params": ("a positive integer", whole and value >= 1),
+        "random_finalists": ("an integer >= 0", whole and value >= 0),
+        "vocab_size": (f"an integer from {MIN_VOCAB} to {MAX_VOCAB:,}", whole and MIN_VOCAB <= value <= MAX_VOCAB),
+        "beam": (f"an integer from 1 to {MAX_BEAM}", whole and 1 <= value <= MAX_BEAM),
+        "limit": ("an integer >= 0 (0: the whole split)", whole and value >= 0),
+        "search_preset": (f"one of {', '.join(SEARCH_PRESETS)}", isinstance(value, str) and value in SEARCH_PRESETS),
+        "train_preset": (f"one of {', '.join(TRAIN_PRESETS)}", isinstance(value, str) and value in TRAIN_PRESETS),
+        "search_network": (f"one of {', '.join(SEARCH_NETWORKS)}", isinstance(value, str) and value in SEARCH_NETWORKS),
+        "search": ("a table of search settings", isinstance(value, dict)),
+        "train": ("a table of training settings", isinstance(value, dict)),
+        "train_seeds": (_SEEDS, _seeds_ok(value)),
+        "arms": (f"a list of 1 to {MAX_RUNS} [[arms]] tables", isinstance(value, list) and 1 <= len(value) <= MAX_RUNS),
+    }
+    if key == "split":
+        splits = splits_for_pair(pair) if pair in PAIRS else list(SPLIT_LANGUAGES)
+        return None if isinstance(value, str) and value in splits else f"a split of {pair}: {', '.join(splits)}"
+    description, ok = expected[key]
+    return None if ok else description
+
+
+_PART_FIELDS = ("method", "select")
+_SEEDS = f"a list of 1 to {MAX_RUNS} distinct integers from 0 to {MAX_SEED:,}"
+
+
+def _seeds_ok(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and 1 <= len(value) <= MAX_RUNS
+        and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED for s in value)
+        and len(set(value)) == len(value)
+    )
+
+
+def _arm(table: Any, label: str, fail: Callable[[str, str], None]) -> Arm:
+    """The arm of the ``[[arms]]`` table ``table``, every field checked (``fail(label, message)``
+    at the first fault)."""
+    if not isinstance(table, dict):
+        fail(label, "expected a table with a name and a kind")
+    unknown = sorted(set(table) - {f.name for f in dataclasses.fields(Arm)})
+    name, kind = table.get("name"), table.get("kind")
+    if unknown or not isinstance(name, str) or not name.strip() or kind not in ARM_KINDS:
+        fail(label, f"needs a name and a kind in {', '.join(ARM_KINDS)}" + (f"; unknown {unknown}" if unknown else ""))
+    count = table.get("count", 8)
+    checks = [
+        ("seeds", _SEEDS, _seeds_ok(table.get("seeds", [0]))),
+        ("count", f"an integer from 1 to {MAX_RUNS}", isinstance(count, int) and 1 <= count <= MAX_RUNS),
+        ("settings", "a table of its parts' settings", isinstance(table.get("settings", {}), dict)),
+        *((part, "the name of a registered part", isinstance(table.get(part, ""), str)) for part in _PART_FIELDS),
+    ]
+    for field_name, expected, ok in checks:
+        if not ok or isinstance(table.get(field_name), bool):
+            fail(label, f"{field_name}: expected {expected}, got {table[field_name]!r}")
+    arm = Arm(**{**table, "seeds": tuple(table.get("seeds", (0,)))})
+    if not arm.searches and (arm.method or arm.select or arm.settings):
+        fail(label, "method, select and settings belong to searching arms (searched, weight_sharing)")
+    return arm
 
 
 # ----------------------------------------------------------------------------- the runner
@@ -341,7 +436,6 @@ class Experiment:
         saved = self.out_dir / "spec.json"
         if saved.is_file() and json.loads(saved.read_text()) != json.loads(json.dumps(spec.to_dict())):
             raise ValueError(f"{self.out_dir} holds an experiment with another specification ({saved})")
-        self._write(saved, json.dumps(spec.to_dict(), indent=1))
         self.clock = RunClock()
         self.machine = machine(device)
 
@@ -352,7 +446,12 @@ class Experiment:
         self.ranks.barrier()
 
     def run(self, max_minutes: Optional[float] = None) -> Optional[dict]:
+        """Run or continue the experiment: the data's files are checked to be there (the
+        training, validation and test splits of the pair) before spec.json is written."""
         self.deadline = None if max_minutes is None else 60.0 * max_minutes
+        for split in ("train", "val", self.spec.split):
+            multi30k_files(self.spec.pair, split, self.data_dir)
+        self._write(self.out_dir / "spec.json", json.dumps(self.spec.to_dict(), indent=1))
         data = prepare_data(self.spec.pair, ("train", "val"), self.data_dir, vocab_size=self.spec.vocab_size)
         members = self._members()
         if not self._run_tasks(self._tasks(members), data):

@@ -39,6 +39,12 @@ from .sizing import count_parameters as network_parameters
 from .sizing import d_step
 
 DEVICES = ("cpu", "cuda")
+MAX_LAYERS = 24
+"""Deepest stack (encoder or decoder) a plan models: counting the supernet's parameters builds
+it (on the meta device) at three widths, about 0.1 s a layer; at 24 a plan answers in about
+3 s on a busy CPU core. Four times the presets' depth."""
+MAX_D_MODEL = 16384
+"""Widest d_model a plan models (and :func:`largest_d` looks up to)."""
 FLOAT32 = 4  # parameters, gradients, Adam state and LayerNorm statistics stay float32
 INDEX = 8  # token ids (int64)
 # memory the first training step of a process takes besides tensors (thread pools, kernel
@@ -232,6 +238,11 @@ def _check_plan_inputs(
 ) -> int:
     """Raise ValueError for the inputs :func:`predict_memory` refuses; the sequence length to use."""
     config.check_splits()
+    for name in ("encoder_layers", "decoder_layers"):
+        if getattr(config, name) > MAX_LAYERS:
+            raise ValueError(f"{name}: expected at most {MAX_LAYERS} layers to plan, got {getattr(config, name)}")
+    if config.d_model > MAX_D_MODEL:
+        raise ValueError(f"d_model: expected at most {MAX_D_MODEL} to plan, got {config.d_model}")
     if mode not in MEMORY_MODES:
         raise ValueError(f"mode: expected one of {', '.join(MEMORY_MODES)}, got {mode!r}")
     if device not in DEVICES:
@@ -245,8 +256,9 @@ def _check_plan_inputs(
         raise ValueError(f"dtype_bytes: expected 2, 4 or 8, got {dtype_bytes!r}")
     if seq_len is None:
         seq_len = min(tokens, 64, config.max_positions)
-    if not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"seq_len: expected a positive integer, got {seq_len!r}")
+    if not isinstance(seq_len, int) or not 1 <= seq_len <= config.max_positions:
+        longest = config.max_positions
+        raise ValueError(f"seq_len: expected an integer from 1 to max_positions {longest}, got {seq_len!r}")
     return seq_len
 
 
@@ -313,7 +325,7 @@ def _body_bytes(
 def largest_d(
     budget_bytes: int, config: ModelConfig, vocab_size: int, tokens: int, mode: str, chunk_rows: int = 0, **kwargs
 ) -> Optional[int]:
-    """The largest valid d_model (at most 16384) whose predicted total (set-up + peak) fits in
+    """The largest valid d_model (at most :data:`MAX_D_MODEL`) whose predicted total (set-up + peak) fits in
     ``budget_bytes``, with the other sizes of ``config``; None when even the smallest valid d
     does not fit. ``kwargs`` go to :func:`predict_memory` (dtype_bytes, seq_len, device).
 
@@ -329,7 +341,7 @@ def largest_d(
 
     if not fits(1):
         return None
-    low, high = 1, max(1, 16384 // step)  # fits(low); the predicted total grows with d
+    low, high = 1, max(1, MAX_D_MODEL // step)  # fits(low); the predicted total grows with d
     if fits(high):
         return high * step
     while high - low > 1:

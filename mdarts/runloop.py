@@ -204,14 +204,6 @@ class BatchStream:
         self.batches.set_epoch(self.epoch)
 
 
-def validation_batches(src_ids, tgt_ids, max_tokens: int, *, max_positions: int, pad_id: int) -> TokenBatches:
-    """The validation batches of a run, in corpus order; ValueError naming --max-tokens when no
-    pair fits (checked before the run claims its directory, not at its first validation)."""
-    batches = TokenBatches(src_ids, tgt_ids, max_tokens, shuffle=False, max_positions=max_positions, pad_id=pad_id)
-    _check_some(batches, "validation", max_tokens, max_positions)
-    return batches
-
-
 def _check_some(batches: TokenBatches, name: str, max_tokens: int, max_positions: int) -> None:
     if len(batches) == 0:
         raise ValueError(f"--max-tokens: no {name} pair fits max_tokens={max_tokens} and max_positions={max_positions}")

@@ -11,6 +11,7 @@ FFN width, dropout) is kept. Sizes are counted on the meta device: no memory is 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Callable, Optional, Union
@@ -26,6 +27,10 @@ from .model import DerivedNet, TransformerBaseline
 Architecture = Union[str, Genotype]
 """``"transformer"``, ``"evolved"`` or a genotype."""
 SIZE_TOLERANCE = 0.02  # a sized network is within 2% of the parameter count asked for
+MAX_D_MODEL = 2048
+"""The widest d_model sizing gives (twice the big Transformer's 1,024): the largest parameter
+count it reaches is the network at this width with the widest embedding, 8 d."""
+MIN_EMBED, EMBED_MULT = 8, 8  # sizing's embedding widths e: from 8 to 8 d
 
 BASELINES = {"transformer": TransformerBaseline, "evolved": EvolvedTransformer}
 """The baselines by ``--arch`` name: built from a ModelConfig and a vocabulary size alone."""
@@ -68,18 +73,48 @@ def count_parameters(build: Callable[[ModelConfig], nn.Module], config: ModelCon
     return total, total - model.src_embed.table.weight.numel()
 
 
-def sized_config(arch: Architecture, config: ModelConfig, target: int, vocab_size: int) -> ModelConfig:
-    """``config`` with the d_model (a multiple of :func:`d_step`) and then the embedding width e
-    whose network of ``arch`` has the parameter count nearest ``target``: d is the largest
-    step whose network at e = d stays at or under the target, e the best of the widths that
-    bracket the target on each side of d. ValueError when it misses by over 2%.
+def size_range(arch: Architecture, config: ModelConfig, vocab_size: int) -> tuple[int, int]:
+    """(fewest, most) parameters :func:`sized_config` can give ``arch`` with ``config``'s depth,
+    heads and FFN width: the network at the narrowest d (:func:`d_step`) and embedding width
+    (e = 8, or e = d where that drops the projections), and the one at :data:`MAX_D_MODEL` (in
+    steps) with e = 8 d."""
+    build, step = builder(arch, vocab_size), d_step(config, arch)
+    widest = max(step, MAX_D_MODEL // step * step)
 
-    The count grows with e except at e = d, where the embedding and output projections
-    (d x e each) are left out: each side of it is searched on its own."""
-    if target < 1:
-        raise ValueError(f"params: expected a positive parameter count, got {target}")
+    def count(d: int, e: int) -> int:
+        return count_parameters(build, config.replace(d_model=d, embed_dim=e))[0]
+
+    return min(count(step, MIN_EMBED), count(step, step)), count(widest, EMBED_MULT * widest)
+
+
+def check_size(arch: Architecture, config: ModelConfig, target: int, vocab_size: int, name: str = "params") -> None:
+    """ValueError naming ``name`` unless ``target`` is a parameter count within 2% of the range
+    :func:`size_range` gives (say, ``--params 1``: no network of this depth is that small)."""
+    if not isinstance(target, int) or isinstance(target, bool) or target < 1:
+        raise ValueError(f"{name}: expected a positive parameter count, got {target!r}")
+    low, high = size_range(arch, config, vocab_size)
+    if not low / (1 + SIZE_TOLERANCE) <= target <= high / (1 - SIZE_TOLERANCE):
+        what = arch if isinstance(arch, str) else "a genotype"
+        raise ValueError(
+            f"{name}: {target:,} is outside the parameter counts {what} reaches at depth "
+            f"{config.encoder_layers}+{config.decoder_layers} and vocabulary {vocab_size:,}: "
+            f"{low:,} (the narrowest) to {high:,} (d_model {MAX_D_MODEL}, the widest sized)"
+        )
+
+
+def sized_config(arch: Architecture, config: ModelConfig, target: int, vocab_size: int) -> ModelConfig:
+    """``config`` with the d_model (a multiple of :func:`d_step`, at most :data:`MAX_D_MODEL`)
+    and then the embedding width e whose network of ``arch`` has the parameter count nearest
+    ``target``: d is the largest step whose network at e = d stays at or under the target, e
+    the best of the widths that bracket the target on each side of d. ValueError when the
+    target is outside :func:`size_range` (:func:`check_size`) or missed by over 2%.
+
+    The count grows with d, and with e except at e = d, where the embedding and output
+    projections (d x e each) are left out: each side of it is searched on its own."""
+    check_size(arch, config, target, vocab_size)
     build, step = builder(arch, vocab_size), d_step(config, arch)
 
+    @functools.cache
     def total(d: int, e: int) -> int:
         return count_parameters(build, config.replace(d_model=d, embed_dim=e))[0]
 
@@ -91,10 +126,12 @@ def sized_config(arch: Architecture, config: ModelConfig, target: int, vocab_siz
             below, above = (mid, above) if total(d, mid) <= target else (below, mid - 1)
         return [e for e in (below, below + 1) if low <= e <= high]
 
-    d = step
-    while total(d + step, d + step) <= target:
-        d += step
-    widths = [*nearest(d, 8, d - 1), d, *nearest(d, d + 1, 8 * d)]
+    low, high = 1, max(1, MAX_D_MODEL // step)  # multiples of the step: the largest under the target
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if total(mid * step, mid * step) <= target else (low, mid - 1)
+    d = low * step
+    widths = [*nearest(d, MIN_EMBED, d - 1), d, *nearest(d, d + 1, EMBED_MULT * d)]
     e = min(widths, key=lambda e: abs(total(d, e) - target))
     if abs(total(d, e) - target) > SIZE_TOLERANCE * target:
         raise ValueError(f"params: no size of this network comes within 2% of {target:,} parameters")

@@ -28,6 +28,9 @@ from .files import write_atomic
 PathLike = Union[str, "os.PathLike[str]"]
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+MIN_VOCAB, MAX_VOCAB = 5, 262_144
+"""Vocabulary sizes a tokenizer may have: the 4 special ids and at least one piece, to 2^18 (more
+than the largest multilingual vocabularies; the embedding table is vocab x e)."""
 MODEL_TYPES = ("unigram", "bpe")
 
 
@@ -122,9 +125,11 @@ def train_or_load_tokenizer(
         seed: seed of SentencePiece's sampling.
 
     Raises:
-        ValueError: empty text, unknown model type, or a vocabulary size the text
-            cannot fill.
+        ValueError: empty text, unknown model type, a vocabulary size outside
+            [MIN_VOCAB, MAX_VOCAB] or one the text cannot fill.
     """
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or not MIN_VOCAB <= vocab_size <= MAX_VOCAB:
+        raise ValueError(f"vocab_size: expected an integer from {MIN_VOCAB} to {MAX_VOCAB:,}, got {vocab_size!r}")
     if not corpus_texts:
         raise ValueError("cannot train a SentencePiece model on empty text")
     if model_type not in MODEL_TYPES:

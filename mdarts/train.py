@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from .batching import TokenBatches, warn_dropped
+from .batching import TokenBatches, validation_batches, warn_dropped
 from .checkpoint import (
     TRAIN_KIND,
     DamagedCheckpoint,
@@ -62,7 +62,6 @@ from .runloop import (
     check_resume,
     check_same_data,
     spent_budget,
-    validation_batches,
 )
 
 __all__ = ["Trainer", "TrainConfig", "plot_curves", "read_log", "LOG_FILE", "LAST_FILE", "BEST_FILE", "CURVES_FILE"]
@@ -175,7 +174,7 @@ class Trainer(RunLoop):
         )
         self.ranks.check_same({**settings.to_dict(), "device": None, "model": self.spec, "data": self.data_identity})
         val = data["val"]
-        self.valid_batches = validation_batches(val.src_ids, val.tgt_ids, settings.max_tokens, **limits)
+        self.valid_batches = validation_batches(val, settings.max_tokens, **limits)  # refused now if it makes none
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay
         )

@@ -25,6 +25,7 @@ its output does not depend on the other sentences of the batch.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from typing import Iterator, Sequence, Union
 
@@ -38,6 +39,9 @@ from mdarts.model import Seq2Seq
 from mdarts.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 MaxLength = Union[int, Sequence[int], Tensor]
+MAX_BEAM = 64
+"""Widest beam: a beam keeps ``beam x sentences`` rows of decoding state, so memory and time
+grow with it, while wider beams than a few tens no longer change the translation."""
 
 
 @contextlib.contextmanager
@@ -113,6 +117,15 @@ def greedy_decode(model: Seq2Seq, src: Tensor, max_len: MaxLength) -> list[list[
     return outputs
 
 
+def check_decoding(beam_size: int, len_penalty: float = 1.0) -> None:
+    """ValueError naming the argument unless ``beam_size`` is an integer from 1 to
+    :data:`MAX_BEAM` and ``len_penalty`` a finite number."""
+    if not isinstance(beam_size, int) or isinstance(beam_size, bool) or not 1 <= beam_size <= MAX_BEAM:
+        raise ValueError(f"beam_size: expected an integer from 1 to {MAX_BEAM}, got {beam_size!r}")
+    if not isinstance(len_penalty, (int, float)) or not math.isfinite(len_penalty):
+        raise ValueError(f"len_penalty: expected a finite number, got {len_penalty!r}")
+
+
 def beam_search(
     model: Seq2Seq, src: Tensor, beam_size: int, len_penalty: float = 1.0, max_len_a: float = 1.2, max_len_b: int = 10
 ) -> list[list[int]]:
@@ -129,8 +142,7 @@ def beam_search(
     Returns:
         B lists of ids of the best finished hypothesis (no BOS, no EOS), in row order.
     """
-    if beam_size < 1:
-        raise ValueError(f"beam_size: expected a positive integer, got {beam_size}")
+    check_decoding(beam_size, len_penalty)
     batch, k, device = src.shape[0], beam_size, src.device
     limits = max_lengths(src, model, max_len_a, max_len_b).tolist()
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
@@ -199,6 +211,9 @@ def translate(
     Returns:
         One list of output ids (no BOS/EOS) per input sentence, in input order.
     """
+    check_decoding(beam_size, len_penalty)
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens: expected a positive integer, got {max_tokens!r}")
     model.to(device)
     limit = model.config.max_positions - 1
     too_long = [i for i, ids in enumerate(src_ids) if len(ids) > limit]

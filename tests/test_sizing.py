@@ -121,8 +121,10 @@ def test_the_step_keeps_heads_and_splits_whole():
 def test_a_count_out_of_reach_or_an_unknown_architecture_is_refused(tmp_path):
     with pytest.raises(ValueError, match="params: expected a positive parameter count, got 0"):
         sized_config("evolved", TINY, 0, 500)
-    with pytest.raises(ValueError, match="params: no size of this network comes within 2% of 100 parameters"):
+    with pytest.raises(ValueError, match=r"params: 100 is outside .* transformer reaches .*: 3,168 \(the narrowest"):
         sized_config("transformer", TINY, 100, 500)
+    with pytest.raises(ValueError, match="params: no size of this network comes within 2% of 3,300 parameters"):
+        sized_config("transformer", TINY, 3300, 500)  # in the range, between two sizes
     with pytest.raises(ValueError, match="arch: expected transformer, evolved or a genotype, got 'lstm'"):
         builder("lstm", 500)
     with pytest.raises(FileNotFoundError):

@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..batching import Batch, warn_dropped
+from ..batching import Batch, validation_batches, warn_dropped
 from ..checkpoint import load_resumable, rng_state, save_checkpoint, set_rng_state
 from ..config import ModelConfig, SearchSettings, Settings
 from ..files import PathLike, RunDirectory
@@ -36,16 +36,7 @@ from ..ops import parameter_free_ops
 from ..plan import choose_memory_mode, default_memory_budget
 from ..prepare import EncodedSplit, PreparedData
 from ..progress import Progress
-from ..runloop import (
-    BatchStream,
-    RunClock,
-    RunLoop,
-    RunResult,
-    check_resume,
-    check_same_data,
-    spent_budget,
-    validation_batches,
-)
+from ..runloop import BatchStream, RunClock, RunLoop, RunResult, check_resume, check_same_data, spent_budget
 from .parts import METHODS, SELECTORS, SelectionContext, SupernetMethod, check_parts
 from .reporting import argmax_ops, argmax_stability, collapse_message, plot_alpha_history, short_summary
 from .weights import Schedule
@@ -266,9 +257,7 @@ class Searcher(RunLoop):
         self.valid_batches = None
         if "val" in data.splits:
             val = data["val"]
-            self.valid_batches = validation_batches(
-                val.src_ids, val.tgt_ids, settings.max_tokens, max_positions=config.max_positions, pad_id=config.pad_id
-            )
+            self.valid_batches = validation_batches(val, settings.max_tokens, config.max_positions, config.pad_id)
 
     def _check_resumable(self, checkpoint: dict) -> None:
         """A resume must use the checkpoint's config, tokenizer and settings (budgets may change)."""
