@@ -46,14 +46,17 @@ def test_data_dir_has_one_help_text_in_every_command():
         (["search", "--out", "x", "--max-minutes", "-1"], "--max-minutes: expected a positive finite number"),
         (["search", "--out", "x", "--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
         (["search", "--out", "x", "--memory-mode", "fast"], "invalid choice: 'fast'"),
-        (["search", "--out", "x", "--method", "gdas"], "invalid choice: 'gdas' (choose from 'darts', 'single_path')"),
+        (
+            ["search", "--out", "x", "--method", "enas"],
+            "invalid choice: 'enas' (choose from 'darts', 'single_path', 'gdas')",
+        ),
         (
             ["search", "--out", "x", "--select", "best"],
-            "invalid choice: 'best' (choose from 'argmax', 'perturbation', 'ranked_paths')",
+            "invalid choice: 'best' (choose from 'argmax', 'evolution', 'perturbation', 'ranked_paths')",
         ),
         (
             ["derive", "x", "--select", "best"],
-            "invalid choice: 'best' (choose from 'argmax', 'perturbation', 'ranked_paths')",
+            "invalid choice: 'best' (choose from 'argmax', 'evolution', 'perturbation', 'ranked_paths')",
         ),
         (
             ["search", "--out", "x", "--method", "single_path"],
