@@ -134,7 +134,7 @@ def test_overwrite_refused_by_a_later_check_leaves_every_file(finished_run, corp
     argv = (train_argv if command == "train" else search_argv)(out, corpus_args, 2, "--overwrite", "--max-tokens", "8")
     with pytest.warns(UserWarning, match="max_tokens=8"):
         assert main(argv) == 2
-    assert "--max-tokens: no validation pair fits max_tokens=8" in one_line_error(capsys)
+    assert "validation pair(s) fits max_tokens=8" in one_line_error(capsys)
     assert snapshot(out) == before
 
 
