@@ -123,28 +123,34 @@ def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
-def build_settings(cls: type, values: Mapping[str, Any], base: Any = None) -> Any:
+def build_settings(
+    cls: type, values: Mapping[str, Any], base: Any = None, named: Optional[Callable[[str], str]] = None
+) -> Any:
     """``base.replace(**values)`` (or ``cls(**values)`` without a base); a SettingError becomes a
-    ValueError naming the option, e.g. ``--lr: expected a positive finite number, got -1.0``.
-    A name that is no field of ``cls``, or a value not of its field's type (a string where a
-    number or a flag belongs, a table where a list does; :func:`check_type`), is refused first."""
+    ValueError naming the setting, e.g. ``--lr: expected a positive finite number, got -1.0``
+    (``named`` turns a field name into the name the user wrote: the option by default, the key
+    itself for a specification file). A name that is no field of ``cls``, or a value not of its
+    field's type (a string where a number or a flag belongs, a table where a list does;
+    :func:`check_type`), is refused first."""
+    named = named or option
     hints = typing.get_type_hints(cls)
     for name, value in values.items():
         if name not in hints or name.startswith("_"):
-            raise ValueError(f"{option(name)}: not a setting of {cls.__name__}")
-        check_type(name, value, hints[name])
+            raise ValueError(f"{named(name)}: not a setting of {cls.__name__}")
+        check_type(name, value, hints[name], named)
     try:
         return base.replace(**values) if base is not None else cls(**values)
     except SettingError as error:
-        raise ValueError(f"{option(error.field)}: {error.message}") from None
+        raise ValueError(f"{named(error.field)}: {error.message}") from None
 
 
-def check_type(name: str, value: Any, kind: Any) -> None:
-    """ValueError naming the option ``name`` unless ``value`` has the type ``kind`` (a field's
-    annotation: bool, int, float, str, ``Optional[...]``, ``tuple[X, ...]`` or ``tuple[X, Y]``,
-    a list standing for a tuple, an int for a float). Ranges are the dataclass's to check."""
+def check_type(name: str, value: Any, kind: Any, named: Optional[Callable[[str], str]] = None) -> None:
+    """ValueError naming the setting ``name`` (as ``named`` writes it: the option by default)
+    unless ``value`` has the type ``kind`` (a field's annotation: bool, int, float, str,
+    ``Optional[...]``, ``tuple[X, ...]`` or ``tuple[X, Y]``, a list standing for a tuple, an int
+    for a float). Ranges are the dataclass's to check."""
     if not _is(value, kind):
-        raise ValueError(f"{option(name)}: expected {_describe(kind)}, got {value!r}")
+        raise ValueError(f"{(named or option)(name)}: expected {_describe(kind)}, got {value!r}")
 
 
 def _is(value: Any, kind: Any) -> bool:

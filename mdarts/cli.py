@@ -15,7 +15,7 @@ import shlex
 import signal
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 from .arguments import add_settings, build_settings, given, integer, number
 from .config import (
@@ -703,10 +703,16 @@ def _run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """An option parser whose refusal is one line: the error and where the options are
+    explained (argparse's usage block before it would bury the line that matters)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (options: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mdarts", description="Memory-efficient differentiable architecture search for Transformers."
-    )
+    parser = _Parser(prog="mdarts", description="Memory-efficient differentiable architecture search for Transformers.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (
         _search_parser,

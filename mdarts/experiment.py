@@ -250,7 +250,9 @@ class ExperimentSpec:
     def search_settings(self, seed: int = 0) -> SearchSettings:
         """The ``[search]`` table's SearchSettings fields over the search preset's."""
         values = parts_of_table(self.search, *SEARCH_PARTS["searched"])[0]
-        return build_settings(SearchSettings, {**values, "seed": seed}, base=search_preset(self.search_preset))
+        return build_settings(
+            SearchSettings, {**values, "seed": seed}, base=search_preset(self.search_preset), named=str
+        )
 
     def search_parts(self, arm: Arm, seed: int = 0) -> tuple[SearchSettings, Any, Any]:
         """The settings of ``arm``'s searches: (SearchSettings, the method's, the selector's),
@@ -266,13 +268,13 @@ class ExperimentSpec:
             {**select_values, **more[2]},
         )
         return (
-            build_settings(SearchSettings, values, base=base),
-            build_settings(METHODS[method].Settings, method_values),
-            build_settings(SELECTORS[select].Settings, select_values),
+            build_settings(SearchSettings, values, base=base, named=str),
+            build_settings(METHODS[method].Settings, method_values, named=str),
+            build_settings(SELECTORS[select].Settings, select_values, named=str),
         )
 
     def train_config(self, seed: int) -> TrainConfig:
-        return build_settings(TrainConfig, {**self.train, "seed": seed})
+        return build_settings(TrainConfig, {**self.train, "seed": seed}, named=str)
 
     def search_model_config(self) -> ModelConfig:
         """The supernet of the searches. ``search_network = "preset"``: the search preset's.

@@ -42,13 +42,13 @@ ARM_X = r"arms\[0\] \('x'\): "
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"train": {"max_steps": 3, "colour": 1}}, r"\[train\]: --colour: not a setting of TrainConfig"),
+        ({"train": {"max_steps": 3, "colour": 1}}, r"\[train\]: colour: not a setting of TrainConfig"),
         ({"search": {"colour": 1}}, r"\[search\]: colour: not a setting of a search"),
         ({"search": [1, 2]}, r"search: expected a table of search settings, got \[1, 2\]"),
-        ({"train": {"max_steps": 3, "lr": "big"}}, r"\[train\]: --lr: expected a number, got 'big'"),
-        ({"train": {"max_steps": 3, "bf16": "no"}}, r"\[train\]: --bf16: expected true or false, got 'no'"),
-        ({"train": {"max_steps": 3, "betas": 0.9}}, r"\[train\]: --betas: expected a list of 2 numbers, got 0.9"),
-        ({"train": {"max_steps": 3, "max_tokens": 10**9}}, r"\[train\]: --max-tokens: expected an integer from 1 to"),
+        ({"train": {"max_steps": 3, "lr": "big"}}, r"\[train\]: lr: expected a number, got 'big'"),
+        ({"train": {"max_steps": 3, "bf16": "no"}}, r"\[train\]: bf16: expected true or false, got 'no'"),
+        ({"train": {"max_steps": 3, "betas": 0.9}}, r"\[train\]: betas: expected a list of 2 numbers, got 0.9"),
+        ({"train": {"max_steps": 3, "max_tokens": 10**9}}, r"\[train\]: max_tokens: expected an integer from 1 to"),
         ({"params": "100"}, "params: expected a positive integer, got '100'"),
         ({"limit": -5}, r"limit: expected an integer >= 0 \(0: the whole split\), got -5"),
         ({"beam": 1000}, f"beam: expected an integer from 1 to {MAX_BEAM}, got 1000"),
@@ -101,9 +101,9 @@ def multi30k_folder(root, splits):
 @pytest.mark.parametrize(
     "tables, message",
     [
-        ({"train": ["max_steps = 3", "colour = 1"]}, "[train]: --colour: not a setting of TrainConfig"),
-        ({"train": ["max_steps = 3", 'lr = "big"']}, "[train]: --lr: expected a number, got 'big'"),
-        ({"train": ["max_steps = [3]"]}, "[train]: --max-steps: expected an integer or none, got [3]"),
+        ({"train": ["max_steps = 3", "colour = 1"]}, "[train]: colour: not a setting of TrainConfig"),
+        ({"train": ["max_steps = 3", 'lr = "big"']}, "[train]: lr: expected a number, got 'big'"),
+        ({"train": ["max_steps = [3]"]}, "[train]: max_steps: expected an integer or none, got [3]"),
     ],
 )
 def test_the_experiment_command_refuses_a_bad_specification_in_one_line_and_writes_nothing(
