@@ -298,7 +298,7 @@ def bad_specs(suite: Suite) -> Optional[str]:
         "a list where a table belongs": ("search = [1, 2]\n", "search"),
         "a string where a number belongs": ('[train]\nlr = "fast"\n', "lr"),
         "an unknown preset": ('train_preset = "huge"\n', "huge"),
-        "an impossible size": ("", "params"),
+        "an impossible size": ("[train]\nmax_steps = 10\n", "params"),
     }
     for what, (text, word) in specs.items():
         path = _spec(suite, what.replace(" ", "-"), text)
