@@ -59,6 +59,21 @@ def search(data: PreparedData, settings: SearchSettings, out_dir, **options):
     return Searcher(CONFIG, data, settings, out_dir, progress=False, **options).run()
 
 
+def search_crashing_after_step(step: int, monkeypatch, data, settings, out_dir, **options) -> None:
+    """:func:`search` that crashes (KeyboardInterrupt) right after the checkpoint of ``step``."""
+    with monkeypatch.context() as patch:
+        save = Searcher.save
+
+        def save_then_crash(searcher: Searcher) -> None:
+            save(searcher)
+            if searcher.steps == step:
+                raise KeyboardInterrupt
+
+        patch.setattr(Searcher, "save", save_then_crash)
+        with pytest.raises(KeyboardInterrupt):
+            search(data, settings, out_dir, **options)
+
+
 def step_losses(out_dir) -> list[tuple[int, float, float]]:
     records = [json.loads(line) for line in (out_dir / "search_log.jsonl").read_text().splitlines()]
     return [(r["step"], r["theta_loss"], r["alpha_loss"]) for r in records if r["event"] == "step"]
@@ -100,17 +115,7 @@ def test_resume_gives_the_same_losses_and_alphas_as_an_uninterrupted_run(
     settings = tiny_settings(max_steps=8)
     darts = DartsSettings(second_order=second_order, shrink_to=shrink_to, weights_only_fraction=0.1)
     search(data, settings, straight, method=darts)
-    with monkeypatch.context() as patch:  # a crash right after the checkpoint of step 4
-        save = Searcher.save
-
-        def save_then_crash(searcher: Searcher) -> None:
-            save(searcher)
-            if searcher.steps == 4:
-                raise KeyboardInterrupt
-
-        patch.setattr(Searcher, "save", save_then_crash)
-        with pytest.raises(KeyboardInterrupt):
-            search(data, settings, parted, method=darts)
+    search_crashing_after_step(4, monkeypatch, data, settings, parted, method=darts)
     with pytest.raises(FileExistsError, match="another search run"):
         search(data, settings, parted, method=darts)
     search(data, settings, parted, resume=True, method=darts)
@@ -633,17 +638,7 @@ def test_gdas_search_moves_alpha_resumes_exactly_and_refuses_what_it_cannot_do(d
         assert final["val_loss"] == pytest.approx(valid.loss(valid.validation_batches(10**9)), abs=1e-6)
     start = torch.zeros_like(saved_alphas(straight)[0])
     assert all(not torch.equal(a, start) for a in saved_alphas(straight))
-    with monkeypatch.context() as patch:
-        save = Searcher.save
-
-        def save_then_crash(searcher: Searcher) -> None:
-            save(searcher)
-            if searcher.steps == 4:
-                raise KeyboardInterrupt
-
-        patch.setattr(Searcher, "save", save_then_crash)
-        with pytest.raises(KeyboardInterrupt):
-            search(data, settings, parted, method=gdas)
+    search_crashing_after_step(4, monkeypatch, data, settings, parted, method=gdas)
     search(data, settings, parted, resume=True, method=gdas)
     assert step_losses(parted) == records
     for a, b in zip(saved_alphas(parted), saved_alphas(straight), strict=True):
