@@ -165,10 +165,13 @@ def _run_search(args: argparse.Namespace) -> int:
     """Search an architecture (a supernet method, then a selector) and write RUN/genotype.json.
 
     A supernet method (--method) trains the reversible supernet on the training split: darts
-    alternates weight steps on one part of it and architecture steps on a disjoint part;
+    alternates weight steps on one part of it and architecture steps on a disjoint part; gdas
+    does the same on one path a step, drawn from the architecture weights (Gumbel-softmax);
     single_path trains one uniformly drawn path a step. A selector (--select) then chooses the
-    genotype: argmax keeps each node's op of highest architecture weight, ranked_paths the best of
-    random paths by shared-weight validation loss. Writes genotype.json, alpha_history.jsonl,
+    genotype: argmax keeps each node's op of highest architecture weight, perturbation the op
+    whose removal from the trained mixture hurts most, ranked_paths the best of random paths by
+    shared-weight validation loss, evolution the best a population of paths evolves to by that
+    loss. Writes genotype.json, alpha_history.jsonl,
     alpha_heatmap.png, search_log.jsonl and search_checkpoint.pt into --out. Giving --max-steps or
     --max-minutes replaces the preset's budget.
     """

@@ -231,8 +231,9 @@ class RunLock:
 
     NAME = "run.lock"
 
-    def __init__(self, directory: PathLike) -> None:
+    def __init__(self, directory: PathLike, option: str = "--out") -> None:
         self.path = Path(directory) / self.NAME
+        self.option = option  # how the user named the directory, for the refusal
         self._file: Optional[IO[str]] = None
 
     @property
@@ -257,7 +258,7 @@ class RunLock:
     def _busy(self, handle: IO[str]) -> "RunDirectoryBusy":
         holder = self._holder(handle) or "a process that has just taken it"
         return RunDirectoryBusy(
-            f"--out {self.path.parent}: another process is writing this run ({holder}); wait for it to "
+            f"{self.option} {self.path.parent}: another process is writing this run ({holder}); wait for it to "
             "end, stop it, or choose another directory"
         )
 

@@ -297,6 +297,24 @@ def test_a_damaged_search_checkpoint_is_refused(corpus_args, tmp_path, capsys):
     assert "no other checkpoint" in one_line_error(capsys)
 
 
+def test_a_choice_from_a_search_another_process_writes_is_refused(corpus_args, tmp_path, capsys):
+    """``derive --select`` writes into the search's directory, so it takes the run's lock: beside
+    the search still writing it (here, a process holding its lock) it writes nothing."""
+    out = tmp_path / "search"
+    assert main(search_argv(out, corpus_args, 1)) == 0
+    holder = hold_lock(out)
+    try:
+        before = snapshot(out)
+        assert main(["derive", str(out), "--select", "argmax"]) == 2
+        assert f"RUN {out}: another process is writing this run (pid {holder.pid} on host " in one_line_error(capsys)
+        assert snapshot(out) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["derive", str(out), "--select", "argmax"]) == 0  # the killed holder's lock is taken over
+    assert (out / "genotype-argmax.json").is_file() and not (out / RunLock.NAME).exists()
+
+
 def test_non_finite_weights_are_named(finished_run, tmp_path, capsys):
     payload = load_checkpoint(finished_run / "checkpoint_best.pt")
     key = list(payload["model"])[3]

@@ -16,7 +16,7 @@ import torch
 
 from ..checkpoint import load_checkpoint
 from ..config import ModelConfig, SearchSettings, Settings
-from ..files import RunDirectory, write_atomic
+from ..files import RunDirectory, RunLock, write_atomic
 from ..genotype import Genotype
 from ..model import Supernet
 from ..prepare import PreparedData
@@ -51,12 +51,18 @@ class TrainedSupernet:
 
     def select(self, name: str, settings: Optional[Settings], data: Optional[PreparedData]) -> Genotype:
         """Choose with selector ``name``; writes ``genotype-NAME.json`` and ``selection-NAME.jsonl``
-        into the run directory and returns the genotype."""
+        into the run directory and returns the genotype. Holds the run's lock while it does (a
+        search still writing the run, or another choice, is refused: RunDirectoryBusy)."""
         selector = self.selector(name, settings, data is not None and "val" in data.splits)
-        genotype, records = selector.select(selection_context(self.model, self.settings, data, self.device))
-        genotype.save(self.run_dir / f"genotype-{name}.json")
-        lines = "".join(json.dumps({"selector": name, **record}) + "\n" for record in records)
-        write_atomic(self.run_dir / f"selection-{name}.jsonl", lines)
+        lock = RunLock(self.run_dir, option="RUN")
+        lock.acquire()
+        try:
+            genotype, records = selector.select(selection_context(self.model, self.settings, data, self.device))
+            genotype.save(self.run_dir / f"genotype-{name}.json")
+            lines = "".join(json.dumps({"selector": name, **record}) + "\n" for record in records)
+            write_atomic(self.run_dir / f"selection-{name}.jsonl", lines)
+        finally:
+            lock.release()
         return genotype
 
     def score(
