@@ -9,9 +9,18 @@ Checkpoints stay in ``--runs`` (a longer budget continues them); the log and a r
 finished network go to ``--out``. ``--report`` prints the validation loss of every network at
 every validation and the ranks at the experiment's budget against the longest.
 
+A short protocol is tested the same way: ``--steps 1000 --cooldown 0.2`` trains the networks with
+the last fifth of the budget ramping the learning rate to zero (``TrainConfig.cooldown_fraction``),
+and ``--report --against OUT`` ranks them against the longest budget of the same networks in
+another ``--out``, beside the plain 1,000 updates' ranking of them.
+
     OMP_NUM_THREADS=1 python -m benchmarks.budget results/en-de-2.35M "Transformer/transformer" \\
         --data-dir ../shared/data/multi30k --out results/budget-en-de
     python -m benchmarks.budget results/en-de-2.35M --report --out results/budget-en-de
+    OMP_NUM_THREADS=1 python -m benchmarks.budget results/en-de-2.35M "Transformer/transformer" \\
+        --steps 1000 --cooldown 0.2 --data-dir ../shared/data/multi30k --out results/budget-en-de-cooldown
+    python -m benchmarks.budget results/en-de-2.35M --report --out results/budget-en-de-cooldown \\
+        --against results/budget-en-de
 """
 
 from __future__ import annotations
@@ -57,7 +66,7 @@ def train(args: argparse.Namespace, spec: ExperimentSpec) -> None:
         build, config, record = network(args.experiment, spec, name, args.seed)
         run_dir = args.runs / name
         settings = spec.train_config(args.seed).replace(
-            max_steps=args.steps, valid_interval=args.valid_interval, device="cpu"
+            max_steps=args.steps, valid_interval=args.valid_interval, device="cpu", cooldown_fraction=args.cooldown
         )
         resume = (run_dir / "checkpoint_last.pt").is_file()
         make = functools.partial(build, config)
@@ -69,7 +78,8 @@ def train(args: argparse.Namespace, spec: ExperimentSpec) -> None:
         for file in (LOG_FILE, CURVES_FILE):
             shutil.copyfile(run_dir / file, out / file)
         valid = {e["step"]: e["loss"] for e in read_log(run_dir) if e["event"] == "valid"}
-        summary = {"network": name, "seed": args.seed, "steps": args.steps, "valid_loss": valid}
+        summary = {"network": name, "seed": args.seed, "steps": args.steps, "cooldown_fraction": args.cooldown}
+        summary["valid_loss"] = valid
         summary["committed_valid_loss"] = {spec.train["max_steps"]: record["valid_loss"]}
         (out / "record.json").write_text(json.dumps(summary, indent=1) + "\n")
         print(f"{name}: validation loss {valid}")
@@ -96,6 +106,31 @@ def report(args: argparse.Namespace, spec: ExperimentSpec) -> None:
         print(f"best first at {short}: {order(at_short)}")
         print(f"best first at {longest}: {order(at_long)}")
         print(f"Spearman of the validation losses at {short} and {longest}: {spearman(at_short, at_long):+.2f}")
+    if args.against:
+        against(records, args.against, spec)
+
+
+def against(records: list[dict], reference: Path, spec: ExperimentSpec) -> None:
+    """How the final validation losses of ``records`` rank the networks against the longest budget
+    of the same networks in ``reference`` (another ``--out``), and against the experiment's budget
+    there: does a protocol (e.g. a cool-down) predict the longer retrain better than the plain one?"""
+    longer = {r["network"]: r for r in map(json.loads, map(Path.read_text, reference.glob("*/*/record.json")))}
+    both = [r for r in records if r["network"] in longer]
+    if len(both) < 3:
+        print(f"--against {reference}: {len(both)} network(s) in both, too few to rank")
+        return
+    final = [r["valid_loss"][str(r["steps"])] for r in both]
+    long_steps = {longer[r["network"]]["steps"] for r in both}
+    if len(long_steps) != 1:
+        raise SystemExit(f"--against {reference}: the networks ran different budgets {sorted(long_steps)}")
+    (steps,) = long_steps
+    at_long = [longer[r["network"]]["valid_loss"][str(steps)] for r in both]
+    at_short = [longer[r["network"]]["valid_loss"][str(spec.train["max_steps"])] for r in both]
+    label = f"{both[0]['steps']} updates, cool-down {both[0].get('cooldown_fraction', 0)}"
+    print(f"against {reference} ({len(both)} networks):")
+    print(f"  Spearman, {label} against {steps} updates: {spearman(final, at_long):+.2f}")
+    plain = spearman(at_short, at_long)
+    print(f"  Spearman, {spec.train['max_steps']} updates plain against {steps} updates: {plain:+.2f}")
 
 
 def main() -> None:
@@ -106,10 +141,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4000, help="updates per network (default 4000)")
     parser.add_argument("--valid-interval", type=int, default=500, help="updates between validations (default 500)")
     parser.add_argument("--seed", type=int, default=1, help="training seed (default 1, the experiment's first)")
-    parser.add_argument("--runs", type=Path, default=Path("runs/budget"), help="run directories (checkpoints)")
+    parser.add_argument(
+        "--cooldown",
+        type=float,
+        default=0.0,
+        help="train with this cooldown_fraction: the last fraction of --steps ramps the rate to zero (default 0)",
+    )
+    parser.add_argument(
+        "--runs", type=Path, help="run directories, checkpoints (default runs/budget, or runs/budget-cooldownF)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="where each finished network's log and record go")
     parser.add_argument("--report", action="store_true", help="print the table of the finished networks")
+    parser.add_argument(
+        "--against", type=Path, help="with --report: rank the networks against the longest budget in this --out"
+    )
     args = parser.parse_args()
+    if args.runs is None:
+        args.runs = Path("runs/budget" + (f"-cooldown{args.cooldown:g}" if args.cooldown else ""))
     spec = ExperimentSpec.load(args.experiment / "spec.json")
     if args.steps < spec.train["max_steps"] or args.steps % args.valid_interval:
         raise SystemExit(f"--steps {args.steps}: expected a multiple of --valid-interval at least the experiment's")

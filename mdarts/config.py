@@ -341,10 +341,20 @@ class TrainConfig(RunSettings):
     log_interval: int = setting(100, "updates between training log lines", resumable=True)
     patience: int = setting(0, "stop after this many validations without a lower loss (0: never)", resumable=True)
     keep_last: int = setting(5, "step checkpoints kept for averaging (0: none)", resumable=True)
+    cooldown_fraction: float = setting(
+        0.0,
+        "the last fraction of max_steps ramps the learning rate linearly down to zero, so that the budget ends "
+        "on a decayed rate (0: the inverse-sqrt rate to the end)",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._check_ints(("max_epochs",), 1, optional=True)
+        self._check_fraction(("cooldown_fraction",))
+        if self.cooldown_fraction and self.max_steps is None:
+            raise SettingError(
+                "TrainConfig", "cooldown_fraction", "a cool-down needs the budget in updates: give max_steps too"
+            )
         if self.max_steps is None and self.max_epochs is None and self.max_minutes is None:
             raise SettingError(
                 "TrainConfig",
@@ -354,6 +364,16 @@ class TrainConfig(RunSettings):
         self._check_positive(("weight_decay",), zero=True)
         self._check_ints(("update_freq", "valid_interval", "log_interval"), 1)
         self._check_ints(("patience", "keep_last"), 0)
+
+    def learning_rate(self, step: int) -> float:
+        """Learning rate of update ``step`` (1-based): the inverse-sqrt rate (:func:`inverse_sqrt_lr`),
+        times ``(max_steps - step + 1) / cooldown`` over the last ``cooldown`` updates
+        (``cooldown_fraction * max_steps``, rounded), so that the last update's rate is 1/cooldown of it."""
+        rate = super().learning_rate(step)
+        cooldown = round(self.cooldown_fraction * self.max_steps) if self.cooldown_fraction else 0
+        if cooldown and step > self.max_steps - cooldown:
+            rate *= max(self.max_steps - step + 1, 0) / cooldown
+        return rate
 
 
 @dataclass(frozen=True)

@@ -380,6 +380,30 @@ def test_learning_rate_schedule():
     assert TrainConfig.from_dict(config.to_dict()) == config
 
 
+def test_cooldown_ramps_the_last_updates_down_to_zero():
+    plain = TrainConfig(lr=1e-3, warmup_steps=100, max_steps=1000)
+    cooled = plain.replace(cooldown_fraction=0.2)  # the last 200 updates
+    assert [cooled.learning_rate(s) for s in (1, 100, 800)] == [plain.learning_rate(s) for s in (1, 100, 800)]
+    assert cooled.learning_rate(801) == pytest.approx(plain.learning_rate(801))  # 200/200 of it
+    assert cooled.learning_rate(900) == pytest.approx(plain.learning_rate(900) * 101 / 200)
+    assert cooled.learning_rate(1000) == pytest.approx(plain.learning_rate(1000) / 200)
+    rates = [cooled.learning_rate(s) for s in range(801, 1001)]
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    with pytest.raises(ValueError, match="TrainConfig.cooldown_fraction: a cool-down needs the budget in updates"):
+        TrainConfig(max_minutes=5.0, cooldown_fraction=0.2)
+    with pytest.raises(ValueError, match="TrainConfig.cooldown_fraction"):
+        TrainConfig(max_steps=10, cooldown_fraction=1.0)
+
+
+def test_a_cooled_training_steps_with_the_cooled_rate(data, tmp_path):
+    settings = _short(max_steps=4, cooldown_fraction=0.5)
+    trainer = _trainer(data, tmp_path, settings)
+    trainer.run()
+    assert trainer.optimizer.param_groups[0]["lr"] == settings.learning_rate(4) == pytest.approx(2e-3 * 4 / 10 / 2)
+    logged = [e["lr"] for e in read_log(tmp_path) if e["event"] == "train"]
+    assert logged == [settings.learning_rate(s) for s in (1, 2, 3, 4)]
+
+
 def test_existing_run_is_refused_without_resume_or_overwrite(data, tmp_path):
     _trainer(data, tmp_path, _short(max_steps=3)).run()
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
