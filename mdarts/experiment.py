@@ -39,6 +39,7 @@ The specification is TOML (or JSON)::
     method = "single_path"
     select = "ranked_paths"
     settings = { ranked_paths = 200 }
+    search_network = "retrain"  # optional: this arm's supernet (default: the experiment's)
     seeds = [0, 1, 2]
     [[arms]]
     name = "random"
@@ -50,7 +51,9 @@ training's ``record.json`` says it has finished, and which code, device and torc
 ``translations/`` (the test split as each finished training translates it, scored only by the
 report), ``genotypes/``, ``summary.json``, ``table.md``, ``bleu.png``. A killed experiment run
 again continues where it stopped; finished runs are not redone, and need no checkpoint: the
-directory without its ``*.pt`` files continues elsewhere. The same command started several
+directory without its ``*.pt`` files continues elsewhere. A specification with arms added after
+the recorded ones continues a finished experiment: only the new arms run, the report holds all
+(any other change is refused). The same command started several
 times shares the work out (each run is locked by the process doing it). Every training seed of
 a network trains the size its first training recorded.
 """
@@ -111,8 +114,9 @@ SEARCH_PARTS = {"searched": ("darts", "argmax"), "weight_sharing": ("single_path
 @dataclass(frozen=True)
 class Arm:
     """One arm: ``seeds`` of its searches (searched, weight_sharing) or ``count`` genotypes
-    (random); a searching arm's ``method`` and ``select`` (None: its kind's, SEARCH_PARTS) and
-    their ``settings`` (over the experiment's ``[search]`` table)."""
+    (random); a searching arm's ``method`` and ``select`` (None: its kind's, SEARCH_PARTS),
+    their ``settings`` (over the experiment's ``[search]`` table) and its ``search_network``
+    (None: the experiment's)."""
 
     name: str
     kind: str
@@ -121,6 +125,7 @@ class Arm:
     method: Optional[str] = None
     select: Optional[str] = None
     settings: dict = field(default_factory=dict)
+    search_network: Optional[str] = None
 
     @property
     def searches(self) -> bool:
@@ -135,7 +140,7 @@ class Arm:
         """The arm as its specification gives it (the parts' fields only when set, so that
         specifications written before arms named their parts read the same)."""
         values = dataclasses.asdict(self)
-        return {k: v for k, v in values.items() if k not in ("method", "select", "settings") or v}
+        return {k: v for k, v in values.items() if k not in ("method", "select", "settings", "search_network") or v}
 
 
 @dataclass(frozen=True)
@@ -227,7 +232,7 @@ class ExperimentSpec:
         for arm in self.arms:
             if arm.kind in BASELINES:
                 networks[arm.kind] = (arm.kind, preset(self.train_preset, training=True), sized_config)
-            elif arm.kind == "control" or (arm.searches and self.search_network == "retrain"):
+            elif arm.kind == "control" or (arm.searches and self.network_of(arm) == "retrain"):
                 networks["control"] = (control_genotype(space), retrain, sized_config)
             elif arm.kind == "random":
                 networks.update(
@@ -276,13 +281,18 @@ class ExperimentSpec:
     def train_config(self, seed: int) -> TrainConfig:
         return build_settings(TrainConfig, {**self.train, "seed": seed}, named=str)
 
-    def search_model_config(self) -> ModelConfig:
-        """The supernet of the searches. ``search_network = "preset"``: the search preset's.
+    def network_of(self, arm: Optional[Arm] = None) -> str:
+        """What ``arm`` searches (its own ``search_network``, else the experiment's)."""
+        return (arm.search_network if arm is not None else None) or self.search_network
+
+    def search_model_config(self, arm: Optional[Arm] = None) -> ModelConfig:
+        """The supernet of ``arm``'s searches (None: the experiment's, :meth:`network_of`).
+        ``search_network = "preset"``: the search preset's.
         ``"retrain"``: the network that is retrained: :meth:`model_config` (the training
         preset's depth, heads, FFN width, dropout) at the width sizing gives the control genotype
         at ``params`` (d 192, e 213 for the Multi30k Transformer's 2,349,568), in the memory mode
         the search finds to fit."""
-        if self.search_network == "preset":
+        if self.network_of(arm) == "preset":
             return preset(self.search_preset)
         retrain = self.model_config()
         control = control_genotype(retrain)
@@ -363,18 +373,40 @@ def _arm(table: Any, label: str, fail: Callable[[str, str], None]) -> Arm:
         ("seeds", _SEEDS, _seeds_ok(table.get("seeds", [0]))),
         ("count", f"an integer from 1 to {MAX_RUNS}", isinstance(count, int) and 1 <= count <= MAX_RUNS),
         ("settings", "a table of its parts' settings", isinstance(table.get("settings", {}), dict)),
+        (
+            "search_network",
+            f"one of {', '.join(SEARCH_NETWORKS)}",
+            table.get("search_network", "preset") in SEARCH_NETWORKS,
+        ),
         *((part, "the name of a registered part", isinstance(table.get(part, ""), str)) for part in _PART_FIELDS),
     ]
     for field_name, expected, ok in checks:
         if not ok or isinstance(table.get(field_name), bool):
             fail(label, f"{field_name}: expected {expected}, got {table[field_name]!r}")
     arm = Arm(**{**table, "seeds": tuple(table.get("seeds", (0,)))})
-    if not arm.searches and (arm.method or arm.select or arm.settings):
-        fail(label, "method, select and settings belong to searching arms (searched, weight_sharing)")
+    if not arm.searches and (arm.method or arm.select or arm.settings or arm.search_network):
+        fail(label, "method, select, settings and search_network belong to searching arms (searched, weight_sharing)")
     return arm
 
 
 # ----------------------------------------------------------------------------- the runner
+
+
+def _check_continues(saved: dict, given: dict, path: Path) -> None:
+    """Whether specification ``given`` continues the experiment recorded in ``path`` (``saved``):
+    the same, or the same with arms added after the recorded ones (whose finished runs stay
+    valid: nothing they ran changes). ValueError naming the entries that differ otherwise."""
+    recorded = saved.get("arms", [])
+    if {**given, "arms": given["arms"][: len(recorded)]} == saved:
+        return
+    differ = sorted(key for key in saved.keys() | given.keys() if key != "arms" and saved.get(key) != given.get(key))
+    changed = [a.get("name", "?") for a, b in zip(recorded, given["arms"]) if a != b]
+    if changed or len(given["arms"]) < len(recorded):
+        differ.append("arms (" + ", ".join(map(repr, changed)) + " changed)" if changed else "arms (some removed)")
+    raise ValueError(
+        f"{path.parent} holds an experiment with another specification ({path}): {', '.join(differ)} differ; "
+        "only arms added after the recorded ones continue it (use another --out for the rest)"
+    )
 
 
 @dataclass
@@ -436,8 +468,8 @@ class Experiment:
         self.spec, self.out_dir, self.data_dir, self.device = spec, Path(out_dir), data_dir, device
         self.ranks = Ranks.from_environment(device)  # under torchrun every run is shared out; rank 0 writes
         saved = self.out_dir / "spec.json"
-        if saved.is_file() and json.loads(saved.read_text()) != json.loads(json.dumps(spec.to_dict())):
-            raise ValueError(f"{self.out_dir} holds an experiment with another specification ({saved})")
+        if saved.is_file():
+            _check_continues(json.loads(saved.read_text()), json.loads(json.dumps(spec.to_dict())), saved)
         self.clock = RunClock()
         self.machine = machine(device)
 
@@ -609,7 +641,7 @@ class Experiment:
         member, run_dir = task.member(), self._run_dir(task)
         settings, method, selector = self.spec.search_parts(member.arm, task.seed)
         resume = (run_dir / SEARCH_CHECKPOINT).is_file()  # else what a kill left goes
-        config = self.spec.search_model_config()
+        config = self.spec.search_model_config(member.arm)
         result = Searcher(
             config, data, settings, run_dir, method=method, selector=selector, resume=resume, overwrite=not resume
         ).run()

@@ -186,6 +186,49 @@ def test_what_is_committed_of_an_experiment_is_enough_to_report_it_again(one_pro
     assert "BLEU (sacreBLEU, detokenised, cased): `nrefs:1" in (copy / "table.md").read_text()
 
 
+def test_arms_added_to_a_finished_experiment_run_alone_and_join_its_report(one_process_run, tmp_path, capsys):
+    """A specification with an arm added after the recorded ones continues the experiment: the
+    finished runs are kept (not one record or translation rewritten), the new arm searches its
+    own supernet (``search_network`` of the arm), and the report holds every arm. Any other
+    change is refused, naming what differs, before anything is written."""
+    from mdarts.checkpoint import load_checkpoint
+
+    out, argv = one_process_run
+    copy = tmp_path / "grown"
+    shutil.copytree(out, copy)
+    kept = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in [*copy.rglob("record.json"), *copy.rglob("*.txt")]}
+    new_arm = {"name": "GDAS", "kind": "searched", "method": "gdas", "select": "ranked_paths", "seeds": [0]}
+    grown = {**SPEC, "arms": [*SPEC["arms"], {**new_arm, "search_network": "retrain"}]}
+    spec_path = tmp_path / "grown.json"
+    spec_path.write_text(json.dumps(grown))
+    assert main([argv[0], str(spec_path), "--out", str(copy), *argv[4:]]) == 0
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in kept} == kept
+    spec = ExperimentSpec.from_dict(grown)
+    supernet = load_checkpoint(copy / "searches" / "GDAS" / "seed0" / "search_checkpoint.pt")["config"]
+    wide, tiny = spec.search_model_config(spec.arms[-1]), preset("tiny")
+    assert (supernet["d_model"], supernet["embed_dim"]) == (wide.d_model, wide.embed_dim)
+    assert (wide.d_model, wide.embed_dim, wide.dropout) != (tiny.d_model, tiny.embed_dim, tiny.dropout)
+    assert spec.search_model_config(spec.arms[0]) == preset("tiny")  # the experiment's default stays
+    summary = json.loads((copy / "summary.json").read_text())
+    assert [arm["name"] for arm in summary["arms"]] == [*(arm["name"] for arm in SPEC["arms"]), "GDAS"]
+    assert [run["seed"] for arm in summary["arms"] if arm["name"] == "GDAS" for run in arm["runs"]] == [1, 2]
+    assert json.loads((copy / "spec.json").read_text()) == json.loads(json.dumps(spec.to_dict()))
+    capsys.readouterr()
+
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    for changed, named in [
+        ({**grown, "params": 130_000}, "params differ"),
+        ({**grown, "arms": [{**grown["arms"][0], "seeds": [1]}, *grown["arms"][1:]]}, "arms ('DARTS' changed) differ"),
+        ({**grown, "arms": grown["arms"][:-2]}, "arms (some removed) differ"),
+    ]:
+        spec_path.write_text(json.dumps(changed))
+        assert main([argv[0], str(spec_path), "--out", str(copy), *argv[4:]]) == 2
+        err = capsys.readouterr().err
+        assert f"holds an experiment with another specification ({copy / 'spec.json'}): {named}" in err
+        assert "only arms added after the recorded ones continue it" in err
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
+
+
 def test_records_name_the_code_the_process_started_with(tmp_path, monkeypatch):
     # a commit made while an experiment runs moves the checkout, not the code already loaded
     monkeypatch.setattr("mdarts.experiment.code_version", lambda: "loaded")
@@ -233,6 +276,14 @@ def test_the_targets_compare_searched_with_random_at_the_first_seed_and_with_the
         ({"params": 0}, "params: expected a positive integer"),
         ({"colour": "red"}, "colour: unknown entry"),
         ({"search_network": "wide"}, "search_network: expected one of preset, retrain"),
+        (
+            {"arms": [{"name": "x", "kind": "searched", "search_network": "wide"}]},
+            r"arms\[0\] \('x'\): search_network: expected one of preset, retrain, got 'wide'",
+        ),
+        (
+            {"arms": [{"name": "x", "kind": "control", "search_network": "retrain"}]},
+            "method, select, settings and search_network belong to searching arms",
+        ),
     ],
 )
 def test_a_bad_specification_names_the_entry_before_anything_runs(change, message, tmp_path):
