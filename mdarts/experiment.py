@@ -392,6 +392,13 @@ def _arm(table: Any, label: str, fail: Callable[[str, str], None]) -> Arm:
 # ----------------------------------------------------------------------------- the runner
 
 
+def _search_minutes(search_dir: Path) -> float:
+    """Minutes a finished search ran (its log's last "end" record: the supernet's training and
+    the selector's choice, summed over resumes)."""
+    ends = [e for e in JsonLog(search_dir / SEARCH_LOG, writes=False).read() if e["event"] == "end"]
+    return ends[-1]["elapsed_s"] / 60.0 if ends else 0.0
+
+
 def _check_continues(saved: dict, given: dict, path: Path) -> None:
     """Whether specification ``given`` continues the experiment recorded in ``path`` (``saved``):
     the same, or the same with arms added after the recorded ones (whose finished runs stay
@@ -781,7 +788,17 @@ class Experiment:
                         "genotype": None if self._genotype(member) is None else member.genotype.summary(),
                     }
                 )
-            arms.append({"name": arm.name, "kind": arm.kind, "runs": runs_of_arm})
+            searches = {entry[0].search_dir for entry in scored if entry[0].arm is arm and entry[0].search_dir}
+            trainings = [self._record(m, seed)["minutes"] for m, seed, _ in scored if m.arm is arm]  # all it ran
+            arms.append(
+                {
+                    "name": arm.name,
+                    "kind": arm.kind,
+                    "search_minutes": sum(map(_search_minutes, sorted(searches))),
+                    "train_minutes": sum(trainings),
+                    "runs": runs_of_arm,
+                }
+            )
         summary = {
             "name": self.spec.name,
             "pair": self.spec.pair,

@@ -24,20 +24,29 @@ def mean_std(values: list[float], digits: int = 2) -> str:
     return f"{statistics.mean(values):.{digits}f} +- {statistics.stdev(values):.{digits}f}"
 
 
+def cost(arm: dict) -> str:
+    """What an arm cost, in hours of one core (its one-thread processes' wall time): all its
+    searches and every retrain it ran, ``"total (search + retrains)"``."""
+    if "train_minutes" not in arm:  # a summary written before the report counted it
+        return ""
+    search, train = arm["search_minutes"] / 60.0, arm["train_minutes"] / 60.0
+    return f"{search + train:.1f} ({search:.1f} + {train:.1f})"
+
+
 def table(summary: dict) -> str:
     """The markdown table of ``summary`` (arms, then every run)."""
     lines = [
         f"Experiment {summary['name']}: {summary['pair']}, {summary['split']} (finalist runs of every training seed)",
         "",
-        "| arm | kind | runs | BLEU | lc BLEU | chrF | parameters (non-embedding) |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| arm | kind | runs | BLEU | lc BLEU | chrF | parameters (non-embedding) | core-hours: search + retrains |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for arm in summary["arms"]:
         finals = [run for run in arm["runs"] if run["finalist"]] or arm["runs"]
         params = sorted({(run["params"], run["non_embedding_params"]) for run in finals})
         shown = ", ".join(f"{total:,} ({inner:,})" for total, inner in params[:2]) + (" ..." if len(params) > 2 else "")
         cells = [mean_std([run[key] for run in finals]) for key in ("bleu", "lc_bleu", "chrf")]
-        lines.append(f"| {arm['name']} | {arm['kind']} | {len(finals)} | {' | '.join(cells)} | {shown} |")
+        lines.append(f"| {arm['name']} | {arm['kind']} | {len(finals)} | {' | '.join(cells)} | {shown} | {cost(arm)} |")
     lines += ["", "| arm | network | seed | BLEU | lc BLEU | chrF | valid loss | parameters | minutes | genotype |"]
     lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for arm in summary["arms"]:

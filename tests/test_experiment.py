@@ -124,8 +124,12 @@ def test_an_experiment_runs_every_arm_at_equal_size_and_resumes(one_process_run,
     )
     assert {run["code"].removesuffix("+modified") for run in every} == {head.stdout.strip()}
     assert {(run["device"], run["torch"]) for run in every} == {(device_name(torch.device("cpu")), torch.__version__)}
+    cost = {arm["name"]: (arm["search_minutes"], arm["train_minutes"]) for arm in summary["arms"]}
+    assert all(cost[name][1] == sum(run["minutes"] for run in runs[name]) > 0 for name in cost)  # every retrain
+    assert cost["DARTS"][0] > 0 and cost["WS"][0] > 0 and cost["control"][0] == cost["random"][0] == 0
     table = (out / "table.md").read_text()
     assert table.count("| DARTS |") == 3  # the arm's line and its two runs
+    assert "| core-hours: search + retrains |" in table
     assert "- DARTS >= median of random + 0.50 (training seed 1): mean " in table
     assert "- DARTS >= Transformer (every training seed): mean " in table
     assert (out / "bleu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -169,6 +173,8 @@ def timeless(out) -> dict:
     summary = json.loads((out / "summary.json").read_text())
     for record in [*records.values(), *(run for arm in summary["arms"] for run in arm["runs"])]:
         del record["minutes"]
+    for arm in summary["arms"]:
+        del arm["search_minutes"], arm["train_minutes"]
     return {"records": records, "summary": summary}
 
 
