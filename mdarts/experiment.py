@@ -22,8 +22,8 @@ The specification is TOML (or JSON)::
     train_seeds = [1, 2, 3]
     random_finalists = 2
     search_preset = "tiny"
-    search_network = "retrain"  # optional: search the retrained networks' settings at their width
-                                # (default "preset": the search preset's supernet)
+    search_network = "retrain"  # the default: search the retrained networks' settings at their
+                                # width ("preset": the search preset's supernet)
     [search]                # SearchSettings fields over the search preset's (and the parts')
     max_minutes = 60
     [train]                 # TrainConfig fields of every retrain
@@ -39,7 +39,7 @@ The specification is TOML (or JSON)::
     method = "single_path"
     select = "ranked_paths"
     settings = { ranked_paths = 200 }
-    search_network = "retrain"  # optional: this arm's supernet (default: the experiment's)
+    search_network = "preset"   # optional: this arm's supernet (default: the experiment's)
     seeds = [0, 1, 2]
     [[arms]]
     name = "random"
@@ -154,7 +154,7 @@ class ExperimentSpec:
     train_seeds: tuple[int, ...] = (1,)
     random_finalists: int = 2
     search_preset: str = "tiny"
-    search_network: str = "preset"  # the supernet: the search preset's, or "retrain": the retrained networks'
+    search_network: str = "retrain"  # the supernet: the retrained networks' ("retrain"), or the search preset's
     search: dict = field(default_factory=dict)
     train_preset: str = "multi30k-base"
     train: dict = field(default_factory=dict)
@@ -245,12 +245,8 @@ class ExperimentSpec:
                 raise ValueError(f"{str(error).removeprefix('params: ')} (the {name} network)") from None
 
     def to_dict(self) -> dict:
-        """The specification as spec.json records it (``search_network`` only when not the
-        default, so that specifications written before it read the same)."""
-        values = {**dataclasses.asdict(self), "arms": [arm.to_dict() for arm in self.arms]}
-        if self.search_network == "preset":
-            del values["search_network"]
-        return values
+        """The specification as spec.json records it."""
+        return {**dataclasses.asdict(self), "arms": [arm.to_dict() for arm in self.arms]}
 
     def search_settings(self, seed: int = 0) -> SearchSettings:
         """The ``[search]`` table's SearchSettings fields over the search preset's."""

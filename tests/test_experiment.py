@@ -204,17 +204,16 @@ def test_arms_added_to_a_finished_experiment_run_alone_and_join_its_report(one_p
     shutil.copytree(out, copy)
     kept = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in [*copy.rglob("record.json"), *copy.rglob("*.txt")]}
     new_arm = {"name": "GDAS", "kind": "searched", "method": "gdas", "select": "ranked_paths", "seeds": [0]}
-    grown = {**SPEC, "arms": [*SPEC["arms"], {**new_arm, "search_network": "retrain"}]}
+    grown = {**SPEC, "arms": [*SPEC["arms"], {**new_arm, "search_network": "preset"}]}
     spec_path = tmp_path / "grown.json"
     spec_path.write_text(json.dumps(grown))
     assert main([argv[0], str(spec_path), "--out", str(copy), *argv[4:]]) == 0
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in kept} == kept
     spec = ExperimentSpec.from_dict(grown)
     supernet = load_checkpoint(copy / "searches" / "GDAS" / "seed0" / "search_checkpoint.pt")["config"]
-    wide, tiny = spec.search_model_config(spec.arms[-1]), preset("tiny")
-    assert (supernet["d_model"], supernet["embed_dim"]) == (wide.d_model, wide.embed_dim)
-    assert (wide.d_model, wide.embed_dim, wide.dropout) != (tiny.d_model, tiny.embed_dim, tiny.dropout)
-    assert spec.search_model_config(spec.arms[0]) == preset("tiny")  # the experiment's default stays
+    tiny, wide = spec.search_model_config(spec.arms[-1]), spec.search_model_config(spec.arms[0])
+    assert tiny == preset("tiny") and (supernet["d_model"], supernet["embed_dim"]) == (tiny.d_model, tiny.embed_dim)
+    assert (wide.d_model, wide.embed_dim, wide.dropout) != (tiny.d_model, tiny.embed_dim, tiny.dropout)  # the rest
     summary = json.loads((copy / "summary.json").read_text())
     assert [arm["name"] for arm in summary["arms"]] == [*(arm["name"] for arm in SPEC["arms"]), "GDAS"]
     assert [run["seed"] for arm in summary["arms"] if arm["name"] == "GDAS" for run in arm["runs"]] == [1, 2]
@@ -300,15 +299,14 @@ def test_a_bad_specification_names_the_entry_before_anything_runs(change, messag
 
 
 def test_the_retrained_networks_supernet_has_their_settings_and_width():
-    """search_network = "retrain": the supernet of the searches is the retrain's op settings at
-    the width sizing gives the control genotype; the default (the search preset's) is left out
-    of spec.json, so specifications written before the option read the same."""
+    """search_network = "retrain", the default: the supernet of the searches is the retrain's op
+    settings at the width sizing gives the control genotype; "preset" keeps the search preset's."""
     from mdarts.genotype import control_genotype
     from mdarts.sizing import sized_config
 
-    default = ExperimentSpec.from_dict(SPEC)
-    assert "search_network" not in default.to_dict() and default.search_model_config() == preset("tiny")
-    spec = ExperimentSpec.from_dict({**SPEC, "search_network": "retrain"})
+    tiny = ExperimentSpec.from_dict({**SPEC, "search_network": "preset"})
+    assert tiny.to_dict()["search_network"] == "preset" and tiny.search_model_config() == preset("tiny")
+    spec = ExperimentSpec.from_dict(SPEC)
     assert spec.to_dict()["search_network"] == "retrain"
     retrain, supernet = spec.model_config(), spec.search_model_config()
     sized = sized_config(control_genotype(retrain), retrain, SPEC["params"], SPEC["vocab_size"])
@@ -375,5 +373,10 @@ def test_sizing_looks_on_both_sides_of_the_width_that_drops_the_embedding_projec
     "path", sorted((Path(__file__).parents[1] / "experiments").glob("*.toml")), ids=lambda p: p.name
 )
 def test_the_committed_experiment_files_load(path):
+    """Each file loads, and continues its committed experiment directory (the same
+    specification as its spec.json, or arms added after the recorded ones)."""
     spec = ExperimentSpec.load(path)
     assert path.name.startswith(spec.pair) and spec.search_settings().max_steps and spec.train_config(1).max_steps
+    recorded = REPO_ROOT / "results" / spec.name / "spec.json"
+    if recorded.is_file():
+        Experiment(spec, recorded.parent)  # raises when the specification does not continue it

@@ -64,7 +64,14 @@ ARM_X = r"arms\[0\] \('x'\): "
         ({"arms": [{"name": "x", "kind": "searched", "seeds": 3}]}, ARM_X + "seeds: expected a list"),
         ({"arms": [{"name": "x", "kind": "random", "count": "3"}]}, ARM_X + "count: expected an integer from 1 to 100"),
         ({"arms": [{"name": "x", "kind": "searched", "settings": [1]}]}, ARM_X + "settings: expected a table"),
-        ({"params": 1}, r"params: 1 is outside the parameter counts transformer reaches at depth 2\+2 .*: [\d,]+ \("),
+        (  # the searched arm's supernet (the retrain's control genotype, by default) is sized first
+            {"params": 1},
+            r"params: 1 is outside the parameter counts a genotype reaches at depth 2\+2 .*\(the control network\)$",
+        ),
+        (
+            {"params": 1, "search_network": "preset"},
+            r"params: 1 is outside the parameter counts transformer reaches at depth 2\+2 .*: [\d,]+ \(",
+        ),
         ({"params": 10**11}, r"params: 100,000,000,000 is outside .* \(d_model 2048, the widest sized\)"),
     ],
 )
