@@ -279,7 +279,7 @@ class ExperimentSpec:
 
     def network_of(self, arm: Optional[Arm] = None) -> str:
         """What ``arm`` searches (its own ``search_network``, else the experiment's)."""
-        return (arm.search_network if arm is not None else None) or self.search_network
+        return getattr(arm, "search_network", None) or self.search_network
 
     def search_model_config(self, arm: Optional[Arm] = None) -> ModelConfig:
         """The supernet of ``arm``'s searches (None: the experiment's, :meth:`network_of`).

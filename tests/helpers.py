@@ -114,3 +114,13 @@ def head(split: "EncodedSplit", n: int) -> "EncodedSplit":
     corpus = split.corpus
     text = type(corpus)(corpus.src_lang, corpus.tgt_lang, corpus.split, corpus.src[:n], corpus.tgt[:n])
     return EncodedSplit(text, split.src_ids[:n], split.tgt_ids[:n])
+
+
+def exit_status(argv: list[str]) -> int:
+    """``mdarts.cli.main(argv)``'s exit status, whether the parser exits (SystemExit) or main returns it."""
+    from mdarts.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as exit_info:
+        return exit_info.code

@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+from helpers import exit_status
 
 from mdarts.cli import build_parser, main
 
@@ -75,11 +76,7 @@ def test_data_dir_has_one_help_text_in_every_command():
 )
 def test_bad_options_are_rejected_with_a_message(argv, message, capsys):
     """Caught by the parser (SystemExit) or by the settings' checks (status returned): exit status 2 either way."""
-    try:
-        status = main(argv)
-    except SystemExit as exit_info:
-        status = exit_info.code
-    assert status == 2
+    assert exit_status(argv) == 2
     assert message in capsys.readouterr().err
 
 

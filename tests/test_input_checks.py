@@ -11,7 +11,7 @@ import json
 import typing
 
 import pytest
-from helpers import TINY, head, short_training
+from helpers import TINY, exit_status, head, short_training
 
 from mdarts.arguments import build_settings
 from mdarts.cli import build_parser, main
@@ -206,11 +206,7 @@ def test_every_numeric_setting_refuses_a_negative_value_and_a_string(cls, name, 
     ],
 )
 def test_an_option_out_of_its_range_is_refused_naming_it(argv, message, capsys):
-    try:
-        status = main(argv)
-    except SystemExit as exit_info:
-        status = exit_info.code
-    assert status == 2
+    assert exit_status(argv) == 2
     assert message in capsys.readouterr().err
 
 
