@@ -12,7 +12,9 @@ every validation and the ranks at the experiment's budget against the longest.
 A short protocol is tested the same way: ``--steps 1000 --cooldown 0.2`` trains the networks with
 the last fifth of the budget ramping the learning rate to zero (``TrainConfig.cooldown_fraction``),
 and ``--report --against OUT`` ranks them against the longest budget of the same networks in
-another ``--out``, beside the plain 1,000 updates' ranking of them.
+another ``--out``, beside the plain 1,000 updates' ranking of them. ``--embed-dim 128`` trains
+a network sized again at that embedding width (the parameters the table does not take go to
+d_model), to see whether the sizing rule holds a network back at a longer budget.
 
     OMP_NUM_THREADS=1 python -m benchmarks.budget results/en-de-2.35M "Transformer/transformer" \\
         --data-dir ../shared/data/multi30k --out results/budget-en-de
@@ -30,19 +32,21 @@ import functools
 import json
 import shutil
 from pathlib import Path
+from typing import Optional
 
 from mdarts.config import preset
 from mdarts.experiment import TRAIN_DONE, ExperimentSpec
 from mdarts.genotype import Genotype
 from mdarts.prepare import prepare_data
-from mdarts.sizing import BASELINES, builder
+from mdarts.sizing import BASELINES, builder, sized_config
 from mdarts.train import CURVES_FILE, LOG_FILE, Trainer, read_log
 
 from .selectors import spearman
 
 
-def network(experiment: Path, spec: ExperimentSpec, name: str, seed: int):
-    """``(build, config, committed record)`` of network ``ARM/MEMBER`` as the experiment trained it."""
+def network(experiment: Path, spec: ExperimentSpec, name: str, seed: int, embed_dim: Optional[int] = None):
+    """``(build, config, committed record)`` of network ``ARM/MEMBER`` as the experiment trained it
+    (with ``embed_dim``: sized again to the experiment's parameters at that embedding width)."""
     arm_name, member = name.split("/", 1)
     arms = {arm.name: arm for arm in spec.arms}
     if arm_name not in arms:
@@ -56,14 +60,17 @@ def network(experiment: Path, spec: ExperimentSpec, name: str, seed: int):
         arch, base = kind, preset(spec.train_preset, training=True)
     else:
         arch, base = Genotype.load(experiment / "genotypes" / f"{arm_name}-{member}.json"), spec.model_config()
-    config = base.replace(d_model=record["d_model"], embed_dim=record["embed_dim"])
+    if embed_dim is None:
+        config = base.replace(d_model=record["d_model"], embed_dim=record["embed_dim"])
+    else:
+        config = sized_config(arch, base, spec.params, spec.vocab_size, embed_dim=embed_dim)
     return builder(arch, spec.vocab_size), config, record
 
 
 def train(args: argparse.Namespace, spec: ExperimentSpec) -> None:
     data = prepare_data(spec.pair, ("train", "val"), args.data_dir, vocab_size=spec.vocab_size)
     for name in args.networks:
-        build, config, record = network(args.experiment, spec, name, args.seed)
+        build, config, record = network(args.experiment, spec, name, args.seed, args.embed_dim)
         run_dir = args.runs / name
         settings = spec.train_config(args.seed).replace(
             max_steps=args.steps, valid_interval=args.valid_interval, device="cpu", cooldown_fraction=args.cooldown
@@ -79,6 +86,7 @@ def train(args: argparse.Namespace, spec: ExperimentSpec) -> None:
             shutil.copyfile(run_dir / file, out / file)
         valid = {e["step"]: e["loss"] for e in read_log(run_dir) if e["event"] == "valid"}
         summary = {"network": name, "seed": args.seed, "steps": args.steps, "cooldown_fraction": args.cooldown}
+        summary |= {"d_model": config.d_model, "embed_dim": config.embed_dim}
         summary["valid_loss"] = valid
         summary["committed_valid_loss"] = {spec.train["max_steps"]: record["valid_loss"]}
         (out / "record.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -148,7 +156,14 @@ def main() -> None:
         help="train with this cooldown_fraction: the last fraction of --steps ramps the rate to zero (default 0)",
     )
     parser.add_argument(
-        "--runs", type=Path, help="run directories, checkpoints (default runs/budget, or runs/budget-cooldownF)"
+        "--embed-dim",
+        type=int,
+        help="size each network again to the experiment's parameters at this embedding width (default: as trained)",
+    )
+    parser.add_argument(
+        "--runs",
+        type=Path,
+        help="run directories, checkpoints (default runs/budget, runs/budget-cooldownF or runs/budget-eE)",
     )
     parser.add_argument("--out", type=Path, required=True, help="where each finished network's log and record go")
     parser.add_argument("--report", action="store_true", help="print the table of the finished networks")
@@ -157,8 +172,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.runs is None:
-        args.runs = Path("runs/budget" + (f"-cooldown{args.cooldown:g}" if args.cooldown else ""))
-    spec = ExperimentSpec.load(args.experiment / "spec.json")
+        suffix = (f"-cooldown{args.cooldown:g}" if args.cooldown else "") + (
+            f"-e{args.embed_dim}" if args.embed_dim else ""
+        )
+        args.runs = Path("runs/budget" + suffix)
+    spec = ExperimentSpec.recorded(args.experiment / "spec.json")
     if args.steps < spec.train["max_steps"] or args.steps % args.valid_interval:
         raise SystemExit(f"--steps {args.steps}: expected a multiple of --valid-interval at least the experiment's")
     if args.report:

@@ -359,6 +359,11 @@ def _train_parser(sub) -> None:
         "as mdarts experiment does",
     )
     parser.add_argument(
+        "--embed-dim",
+        type=integer(8),
+        help="with --params: the embedding width, d_model taking the rest (default: sizing chooses both)",
+    )
+    parser.add_argument(
         "--valid-bleu",
         type=integer(0),
         default=0,
@@ -384,13 +389,15 @@ def _run_train(args: argparse.Namespace) -> int:
     device = resolve_device(train_config.device)
     config = preset(args.preset, training=True)
     arch = load_architecture(args.arch)
+    if args.embed_dim and not args.params:
+        raise ValueError("--embed-dim: sizes the network with --params; give --params too")
     if args.params:  # the tokenizer has --vocab-size ids
         check_size(arch, config, args.params, args.vocab_size, name="--params")
     RunDirectory(args.out, "training").check(args.resume, args.overwrite)  # before the data is prepared
     data = _prepared(args, ("train", "val"))
     vocab = data.tokenizer.vocab_size
     if args.params:
-        config = sized_config(arch, config, args.params, vocab)
+        config = sized_config(arch, config, args.params, vocab, embed_dim=args.embed_dim)
     validate_bleu = _bleu_callback(data, args.valid_bleu, device) if args.valid_bleu > 0 else None
     trainer = Trainer(
         lambda: builder(arch, vocab)(config),

@@ -8,7 +8,8 @@ search with weight sharing), ``random`` (``count`` uniformly drawn genotypes, se
 in advance: 0, 1, ...), ``control`` (attention + FFN in the reversible skeleton), ``transformer``
 and ``evolved`` (the baselines). Every network is sized to ``params`` parameters (within 2%:
 d_model in its steps, then the embedding width; :func:`mdarts.sizing.sized_config`, as
-``mdarts train --params`` sizes it), built with the training preset's depth, heads, FFN width
+``mdarts train --params`` sizes it; ``embed_dim``: the reversible networks at that embedding
+width, d_model taking the rest, the baselines as always), built with the training preset's depth, heads, FFN width
 and dropout, and trained with identical settings. Each is first trained with the first
 training seed; the finalists (every arm but ``random``, and the ``random_finalists`` random
 genotypes best on validation loss) with every training seed. Choices use validation only; the
@@ -24,6 +25,8 @@ The specification is TOML (or JSON)::
     search_preset = "tiny"
     search_network = "retrain"  # the default: search the retrained networks' settings at their
                                 # width ("preset": the search preset's supernet)
+    embed_dim = 128             # optional: the reversible networks' embedding width (default 0:
+                                # sizing chooses it)
     [search]                # SearchSettings fields over the search preset's (and the parts')
     max_minutes = 60
     [train]                 # TrainConfig fields of every retrain
@@ -96,7 +99,7 @@ from .search import METHODS, SELECTORS, Searcher, parts_of_table, searched_space
 from .search.run import CHECKPOINT_FILE as SEARCH_CHECKPOINT
 from .search.run import GENOTYPE_FILE
 from .search.run import LOG_FILE as SEARCH_LOG
-from .sizing import BASELINES, Architecture, builder, check_size, count_parameters, sized_config
+from .sizing import BASELINES, MIN_EMBED, Architecture, builder, check_size, count_parameters, sized_config
 from .tokenizer import MAX_VOCAB, MIN_VOCAB
 from .train import BEST_FILE, LAST_FILE, LOG_FILE, Trainer
 from .translate import MAX_BEAM, translate_lines
@@ -107,6 +110,9 @@ ARM_KINDS = ("searched", "weight_sharing", "random", "control", "transformer", "
 SEARCH_NETWORKS = ("preset", "retrain")
 """What an experiment searches (``search_network``): the search preset's supernet, or the
 retrained networks' settings at their width (:meth:`ExperimentSpec.search_model_config`)."""
+RECORDED_BEFORE = {"search_network": "preset", "embed_dim": 0}
+"""Entries added to specifications after some spec.json files were written, and what their
+absence from a spec.json means (what such an experiment ran)."""
 SEARCH_PARTS = {"searched": ("darts", "argmax"), "weight_sharing": ("single_path", "ranked_paths")}
 """The supernet method and selector of each searching arm kind, unless the arm names others."""
 
@@ -155,6 +161,7 @@ class ExperimentSpec:
     random_finalists: int = 2
     search_preset: str = "tiny"
     search_network: str = "retrain"  # the supernet: the retrained networks' ("retrain"), or the search preset's
+    embed_dim: int = 0  # the reversible networks' embedding width (0: sizing chooses it; baselines: always)
     search: dict = field(default_factory=dict)
     train_preset: str = "multi30k-base"
     train: dict = field(default_factory=dict)
@@ -178,6 +185,13 @@ class ExperimentSpec:
                 f"experiment file {path}: not valid {path.suffix.lstrip('.') or 'TOML'}: {error}"
             ) from None
         return cls.from_dict(values, str(path))
+
+    @classmethod
+    def recorded(cls, path: PathLike) -> "ExperimentSpec":
+        """The specification an experiment directory's spec.json (``path``) records, entries it
+        predates read as they ran (:data:`RECORDED_BEFORE`)."""
+        values = json.loads(Path(path).read_text())
+        return cls.from_dict({**RECORDED_BEFORE, **values}, str(path))
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "experiment") -> "ExperimentSpec":
@@ -224,25 +238,36 @@ class ExperimentSpec:
         the baselines and the control are sized (:func:`~mdarts.sizing.sized_config`; with
         ``search_network = "retrain"`` the control is the searched supernet too), and the count
         is checked to lie in the range each random genotype reaches (:func:`~mdarts.sizing.check_size`,
-        a tenth of the time). ValueError naming the network. A searched genotype is sized when
-        its search has finished."""
+        a tenth of the time; sized at a fixed ``embed_dim``). ValueError naming the network. A
+        searched genotype is sized when its search has finished."""
         space = searched_space(preset(self.search_preset), self.search_settings().parameter_free)
         retrain = self.model_config()
-        networks: dict[str, tuple[Architecture, ModelConfig, Callable]] = {}
+        checks: dict[str, Callable[[], Any]] = {}
         for arm in self.arms:
             if arm.kind in BASELINES:
-                networks[arm.kind] = (arm.kind, preset(self.train_preset, training=True), sized_config)
+                base = preset(self.train_preset, training=True)
+                checks[arm.kind] = functools.partial(sized_config, arm.kind, base, self.params, self.vocab_size)
             elif arm.kind == "control" or (arm.searches and self.network_of(arm) == "retrain"):
-                networks["control"] = (control_genotype(space), retrain, sized_config)
+                checks["control"] = functools.partial(self.size_genotype, control_genotype(space), retrain)
             elif arm.kind == "random":
-                networks.update(
-                    {f"random g{i}": (random_genotype(space, i), retrain, check_size) for i in range(arm.count)}
-                )
-        for name, (arch, config, check) in networks.items():
+                for i in range(arm.count):
+                    genotype = random_genotype(space, i)
+                    checks[f"random g{i}"] = (
+                        functools.partial(self.size_genotype, genotype, retrain)
+                        if self.embed_dim  # at a fixed width only sizing tells
+                        else functools.partial(check_size, genotype, retrain, self.params, self.vocab_size)
+                    )
+        for name, check in checks.items():
             try:
-                check(arch, config, self.params, self.vocab_size)
+                check()
             except ValueError as error:
-                raise ValueError(f"{str(error).removeprefix('params: ')} (the {name} network)") from None
+                message = str(error).removeprefix("params: ")
+                raise ValueError(f"{message} (the {name} network)") from None
+
+    def size_genotype(self, genotype: Genotype, config: ModelConfig) -> ModelConfig:
+        """``config`` sized for a reversible network of ``genotype`` at ``params`` parameters:
+        :func:`~mdarts.sizing.sized_config`, at the width ``embed_dim`` when it is set."""
+        return sized_config(genotype, config, self.params, self.vocab_size, embed_dim=self.embed_dim or None)
 
     def to_dict(self) -> dict:
         """The specification as spec.json records it."""
@@ -291,9 +316,7 @@ class ExperimentSpec:
         if self.network_of(arm) == "preset":
             return preset(self.search_preset)
         retrain = self.model_config()
-        control = control_genotype(retrain)
-        sized = sized_config(control, retrain, self.params, self.vocab_size)
-        return sized.replace(memory_mode="auto")
+        return self.size_genotype(control_genotype(retrain), retrain).replace(memory_mode="auto")
 
     def model_config(self) -> ModelConfig:
         """The retrained networks' sizes before sizing: the search preset's space with the
@@ -330,6 +353,10 @@ def _entry_problem(key: str, value: Any, pair: Any) -> Optional[str]:
         "search_preset": (f"one of {', '.join(SEARCH_PRESETS)}", isinstance(value, str) and value in SEARCH_PRESETS),
         "train_preset": (f"one of {', '.join(TRAIN_PRESETS)}", isinstance(value, str) and value in TRAIN_PRESETS),
         "search_network": (f"one of {', '.join(SEARCH_NETWORKS)}", isinstance(value, str) and value in SEARCH_NETWORKS),
+        "embed_dim": (
+            f"0 (sizing chooses) or a width of at least {MIN_EMBED}",
+            whole and (value == 0 or value >= MIN_EMBED),
+        ),
         "search": ("a table of search settings", isinstance(value, dict)),
         "train": ("a table of training settings", isinstance(value, dict)),
         "train_seeds": (_SEEDS, _seeds_ok(value)),
@@ -399,6 +426,7 @@ def _check_continues(saved: dict, given: dict, path: Path) -> None:
     """Whether specification ``given`` continues the experiment recorded in ``path`` (``saved``):
     the same, or the same with arms added after the recorded ones (whose finished runs stay
     valid: nothing they ran changes). ValueError naming the entries that differ otherwise."""
+    saved = {**RECORDED_BEFORE, **saved}
     recorded = saved.get("arms", [])
     if {**given, "arms": given["arms"][: len(recorded)]} == saved:
         return
@@ -673,7 +701,9 @@ class Experiment:
         if first.is_file():
             record = json.loads(first.read_text())
             return arch, base.replace(d_model=record["d_model"], embed_dim=record["embed_dim"])
-        return arch, sized_config(arch, base, self.spec.params, self.spec.vocab_size)
+        if baseline:
+            return arch, sized_config(arch, base, self.spec.params, self.spec.vocab_size)
+        return arch, self.spec.size_genotype(arch, base)
 
     def _train(self, task: Task, data: PreparedData) -> bool:
         """Train a network (or continue it) and write its record; False when a signal stopped it."""

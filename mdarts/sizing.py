@@ -102,12 +102,16 @@ def check_size(arch: Architecture, config: ModelConfig, target: int, vocab_size:
         )
 
 
-def sized_config(arch: Architecture, config: ModelConfig, target: int, vocab_size: int) -> ModelConfig:
+def sized_config(
+    arch: Architecture, config: ModelConfig, target: int, vocab_size: int, embed_dim: Optional[int] = None
+) -> ModelConfig:
     """``config`` with the d_model (a multiple of :func:`d_step`, at most :data:`MAX_D_MODEL`)
     and then the embedding width e whose network of ``arch`` has the parameter count nearest
     ``target``: d is the largest step whose network at e = d stays at or under the target, e
-    the best of the widths that bracket the target on each side of d. ValueError when the
-    target is outside :func:`size_range` (:func:`check_size`) or missed by over 2%.
+    the best of the widths that bracket the target on each side of d. With ``embed_dim``, e is
+    that width and d the step nearest the target (the parameters the embedding table does not
+    take go to the layers). ValueError when the target is outside :func:`size_range`
+    (:func:`check_size`) or missed by over 2%.
 
     The count grows with d, and with e except at e = d, where the embedding and output
     projections (d x e each) are left out: each side of it is searched on its own."""
@@ -117,6 +121,11 @@ def sized_config(arch: Architecture, config: ModelConfig, target: int, vocab_siz
     @functools.cache
     def total(d: int, e: int) -> int:
         return count_parameters(build, config.replace(d_model=d, embed_dim=e))[0]
+
+    if embed_dim is not None:
+        if not isinstance(embed_dim, int) or isinstance(embed_dim, bool) or embed_dim < MIN_EMBED:
+            raise ValueError(f"embed_dim: expected an embedding width of at least {MIN_EMBED}, got {embed_dim!r}")
+        return _sized_at_embed(total, config, target, step, embed_dim)
 
     def nearest(d: int, low: int, high: int) -> list[int]:
         """The largest e in [low, high] whose count stays under the target, and the next one."""
@@ -136,3 +145,22 @@ def sized_config(arch: Architecture, config: ModelConfig, target: int, vocab_siz
     if abs(total(d, e) - target) > SIZE_TOLERANCE * target:
         raise ValueError(f"params: no size of this network comes within 2% of {target:,} parameters")
     return config.replace(d_model=d, embed_dim=e)
+
+
+def _sized_at_embed(
+    total: Callable[[int, int], int], config: ModelConfig, target: int, step: int, embed_dim: int
+) -> ModelConfig:
+    """``config`` at embedding width ``embed_dim`` and the d_model (in ``step``s) whose count
+    ``total(d, e)`` is nearest ``target``; ValueError naming embed_dim when none is within 2%."""
+    low, high = 1, max(1, MAX_D_MODEL // step)  # the largest multiple whose count stays under the target
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if total(mid * step, embed_dim) <= target else (low, mid - 1)
+    widths = [d for d in (low * step, (low + 1) * step) if d <= MAX_D_MODEL]
+    d = min(widths, key=lambda d: abs(total(d, embed_dim) - target))
+    if abs(total(d, embed_dim) - target) > SIZE_TOLERANCE * target:
+        raise ValueError(
+            f"embed_dim: at embedding width {embed_dim} no d_model comes within 2% of {target:,} parameters "
+            f"(d {d}: {total(d, embed_dim):,})"
+        )
+    return config.replace(d_model=d, embed_dim=embed_dim)

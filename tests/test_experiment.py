@@ -281,6 +281,11 @@ def test_the_targets_compare_searched_with_random_at_the_first_seed_and_with_the
         ({"params": 0}, "params: expected a positive integer"),
         ({"colour": "red"}, "colour: unknown entry"),
         ({"search_network": "wide"}, "search_network: expected one of preset, retrain"),
+        ({"embed_dim": 4}, r"embed_dim: expected 0 \(sizing chooses\) or a width of at least 8, got 4"),
+        (
+            {"embed_dim": 2000},
+            r"params: embed_dim: at embedding width 2000 no d_model comes within 2% .* \(the control network\)",
+        ),
         (
             {"arms": [{"name": "x", "kind": "searched", "search_network": "wide"}]},
             r"arms\[0\] \('x'\): search_network: expected one of preset, retrain, got 'wide'",
@@ -317,6 +322,34 @@ def test_the_retrained_networks_supernet_has_their_settings_and_width():
     )
     assert supernet.replace(d_model=retrain.d_model, embed_dim=retrain.embed_dim, memory_mode="store") == retrain
     assert supernet.memory_mode == "auto"
+
+
+def test_a_fixed_embedding_width_sizes_the_reversible_networks_and_leaves_the_baselines(tmp_path):
+    """embed_dim: every genotype's network (the supernet searched, the control, random and
+    searched genotypes) at that embedding width, d_model taking the rest; the baselines are sized
+    as always. At this small size d's steps (24) move the count by about 8%, so one count that
+    every genotype reaches within 2% is rare: 105,376 is the control's at d 96, e 16."""
+    from mdarts.genotype import control_genotype
+
+    arms = [{"name": "control", "kind": "control"}, {"name": "T", "kind": "transformer"}]
+    values = {**SPEC, "params": 105_376, "arms": arms}
+    plain, fixed = (ExperimentSpec.from_dict({**values, **e}) for e in ({}, {"embed_dim": 16}))
+    assert plain.to_dict()["embed_dim"] == 0 and fixed.to_dict()["embed_dim"] == 16
+    retrain = fixed.model_config()
+    sized = sized_config(control_genotype(retrain), retrain, 105_376, SPEC["vocab_size"], embed_dim=16)
+    assert (sized.d_model, sized.embed_dim) == (96, 16)
+    supernet, plain_supernet = fixed.search_model_config(), plain.search_model_config()
+    assert (supernet.d_model, supernet.embed_dim) == (96, 16) and plain_supernet.d_model < 96
+    sizes = {}
+    for spec in (plain, fixed):
+        experiment = Experiment(spec, tmp_path / str(spec.embed_dim), device="cpu")
+        sizes[spec.embed_dim] = {m.arm.kind: experiment._size(m)[1] for m in experiment._members()}
+    assert sizes[16]["control"] == sized and sizes[0]["control"].embed_dim != 16
+    assert sizes[16]["transformer"] == sizes[0]["transformer"]
+    random_arm = [*arms, {"name": "random", "kind": "random", "count": 1}]
+    ExperimentSpec.from_dict({**values, "arms": random_arm})  # in the range random g0 reaches
+    with pytest.raises(ValueError, match=r"at embedding width 16 no d_model .* \(the random g0 network\)"):
+        ExperimentSpec.from_dict({**values, "arms": random_arm, "embed_dim": 16})  # g0 is sized at e 16
 
 
 def test_status_says_what_is_done_running_and_left(one_process_run, tmp_path, capsys):
@@ -380,3 +413,16 @@ def test_the_committed_experiment_files_load(path):
     recorded = REPO_ROOT / "results" / spec.name / "spec.json"
     if recorded.is_file():
         Experiment(spec, recorded.parent)  # raises when the specification does not continue it
+
+
+def test_a_spec_json_older_than_an_entry_reads_as_what_it_ran(tmp_path):
+    """A spec.json written before search_network and embed_dim existed searched the search
+    preset's supernet and let sizing choose e: it reads so, and continues only that way."""
+    searched = ExperimentSpec.from_dict({**SPEC, "search_network": "preset"})
+    old = {key: value for key, value in searched.to_dict().items() if key not in ("search_network", "embed_dim")}
+    (tmp_path / "spec.json").write_text(json.dumps(old))
+    spec = ExperimentSpec.recorded(tmp_path / "spec.json")
+    assert (spec.search_network, spec.embed_dim) == ("preset", 0)
+    Experiment(searched, tmp_path)  # continues it
+    with pytest.raises(ValueError, match="search_network differ"):
+        Experiment(ExperimentSpec.from_dict(SPEC), tmp_path)  # today's default, "retrain", is another search
