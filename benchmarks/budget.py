@@ -13,8 +13,8 @@ A short protocol is tested the same way: ``--steps 1000 --cooldown 0.2`` trains 
 the last fifth of the budget ramping the learning rate to zero (``TrainConfig.cooldown_fraction``),
 and ``--report --against OUT`` ranks them against the longest budget of the same networks in
 another ``--out``, beside the plain 1,000 updates' ranking of them. ``--embed-dim 128`` trains
-a network sized again at that embedding width (the parameters the table does not take go to
-d_model), to see whether the sizing rule holds a network back at a longer budget.
+a network sized again from that embedding width (d_model chosen at e 128, then e from 128 up:
+the layers get what a narrow table leaves), to see whether the sizing rule holds a network back at a longer budget.
 
     OMP_NUM_THREADS=1 python -m benchmarks.budget results/en-de-2.35M "Transformer/transformer" \\
         --data-dir ../shared/data/multi30k --out results/budget-en-de
@@ -46,7 +46,7 @@ from .selectors import spearman
 
 def network(experiment: Path, spec: ExperimentSpec, name: str, seed: int, embed_dim: Optional[int] = None):
     """``(build, config, committed record)`` of network ``ARM/MEMBER`` as the experiment trained it
-    (with ``embed_dim``: sized again to the experiment's parameters at that embedding width)."""
+    (with ``embed_dim``: sized again to the experiment's parameters from that embedding width)."""
     arm_name, member = name.split("/", 1)
     arms = {arm.name: arm for arm in spec.arms}
     if arm_name not in arms:
@@ -158,7 +158,7 @@ def main() -> None:
     parser.add_argument(
         "--embed-dim",
         type=int,
-        help="size each network again to the experiment's parameters at this embedding width (default: as trained)",
+        help="size each network again to the experiment's parameters from this embedding width (default: as trained)",
     )
     parser.add_argument(
         "--runs",

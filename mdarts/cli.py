@@ -361,7 +361,7 @@ def _train_parser(sub) -> None:
     parser.add_argument(
         "--embed-dim",
         type=integer(8),
-        help="with --params: the embedding width, d_model taking the rest (default: sizing chooses both)",
+        help="with --params: choose d_model at this embedding width, then e from it up (default: at e = d_model)",
     )
     parser.add_argument(
         "--valid-bleu",

@@ -8,9 +8,10 @@ search with weight sharing), ``random`` (``count`` uniformly drawn genotypes, se
 in advance: 0, 1, ...), ``control`` (attention + FFN in the reversible skeleton), ``transformer``
 and ``evolved`` (the baselines). Every network is sized to ``params`` parameters (within 2%:
 d_model in its steps, then the embedding width; :func:`mdarts.sizing.sized_config`, as
-``mdarts train --params`` sizes it; ``embed_dim``: the reversible networks at that embedding
-width, d_model taking the rest, the baselines as always), built with the training preset's depth, heads, FFN width
-and dropout, and trained with identical settings. Each is first trained with the first
+``mdarts train --params`` sizes it; ``embed_dim``: the reversible networks' d_model chosen at
+that embedding width, so the layers take what a narrow table leaves; the baselines as always),
+built with the training preset's depth, heads, FFN width and dropout, and trained with
+identical settings. Each is first trained with the first
 training seed; the finalists (every arm but ``random``, and the ``random_finalists`` random
 genotypes best on validation loss) with every training seed. Choices use validation only; the
 test split is translated and scored once, at the end.
@@ -25,8 +26,8 @@ The specification is TOML (or JSON)::
     search_preset = "tiny"
     search_network = "retrain"  # the default: search the retrained networks' settings at their
                                 # width ("preset": the search preset's supernet)
-    embed_dim = 128             # optional: the reversible networks' embedding width (default 0:
-                                # sizing chooses it)
+    embed_dim = 128             # optional: size the reversible networks from this embedding width
+                                # (default 0: from e = d_model)
     [search]                # SearchSettings fields over the search preset's (and the parts')
     max_minutes = 60
     [train]                 # TrainConfig fields of every retrain
@@ -161,7 +162,7 @@ class ExperimentSpec:
     random_finalists: int = 2
     search_preset: str = "tiny"
     search_network: str = "retrain"  # the supernet: the retrained networks' ("retrain"), or the search preset's
-    embed_dim: int = 0  # the reversible networks' embedding width (0: sizing chooses it; baselines: always)
+    embed_dim: int = 0  # the reversible networks are sized from this embedding width (0: from e = d)
     search: dict = field(default_factory=dict)
     train_preset: str = "multi30k-base"
     train: dict = field(default_factory=dict)
@@ -266,7 +267,7 @@ class ExperimentSpec:
 
     def size_genotype(self, genotype: Genotype, config: ModelConfig) -> ModelConfig:
         """``config`` sized for a reversible network of ``genotype`` at ``params`` parameters:
-        :func:`~mdarts.sizing.sized_config`, at the width ``embed_dim`` when it is set."""
+        :func:`~mdarts.sizing.sized_config`, from the width ``embed_dim`` when it is set."""
         return sized_config(genotype, config, self.params, self.vocab_size, embed_dim=self.embed_dim or None)
 
     def to_dict(self) -> dict:

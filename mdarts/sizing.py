@@ -107,25 +107,24 @@ def sized_config(
 ) -> ModelConfig:
     """``config`` with the d_model (a multiple of :func:`d_step`, at most :data:`MAX_D_MODEL`)
     and then the embedding width e whose network of ``arch`` has the parameter count nearest
-    ``target``: d is the largest step whose network at e = d stays at or under the target, e
-    the best of the widths that bracket the target on each side of d. With ``embed_dim``, e is
-    that width and d the step nearest the target (the parameters the embedding table does not
-    take go to the layers). ValueError when the target is outside :func:`size_range`
-    (:func:`check_size`) or missed by over 2%.
+    ``target``: d is the largest step whose network at e = d (at e = ``embed_dim`` when given)
+    stays at or under the target, e the best of the widths that bracket the target on each side
+    of d. With ``embed_dim`` the table stays narrow (e from ``embed_dim`` up to what one step of
+    d leaves) and the layers take the rest. ValueError when the target is outside
+    :func:`size_range` (:func:`check_size`) or missed by over 2%.
 
     The count grows with d, and with e except at e = d, where the embedding and output
     projections (d x e each) are left out: each side of it is searched on its own."""
     check_size(arch, config, target, vocab_size)
+    if embed_dim is not None and (
+        not isinstance(embed_dim, int) or isinstance(embed_dim, bool) or embed_dim < MIN_EMBED
+    ):
+        raise ValueError(f"embed_dim: expected an embedding width of at least {MIN_EMBED}, got {embed_dim!r}")
     build, step = builder(arch, vocab_size), d_step(config, arch)
 
     @functools.cache
     def total(d: int, e: int) -> int:
         return count_parameters(build, config.replace(d_model=d, embed_dim=e))[0]
-
-    if embed_dim is not None:
-        if not isinstance(embed_dim, int) or isinstance(embed_dim, bool) or embed_dim < MIN_EMBED:
-            raise ValueError(f"embed_dim: expected an embedding width of at least {MIN_EMBED}, got {embed_dim!r}")
-        return _sized_at_embed(total, config, target, step, embed_dim)
 
     def nearest(d: int, low: int, high: int) -> list[int]:
         """The largest e in [low, high] whose count stays under the target, and the next one."""
@@ -135,32 +134,18 @@ def sized_config(
             below, above = (mid, above) if total(d, mid) <= target else (below, mid - 1)
         return [e for e in (below, below + 1) if low <= e <= high]
 
+    if embed_dim is not None and total(step, embed_dim) > target:
+        raise ValueError(
+            f"embed_dim: at embedding width {embed_dim} the narrowest network has {total(step, embed_dim):,} "
+            f"parameters, over the {target:,} asked for"
+        )
     low, high = 1, max(1, MAX_D_MODEL // step)  # multiples of the step: the largest under the target
     while low < high:
         mid = (low + high + 1) // 2
-        low, high = (mid, high) if total(mid * step, mid * step) <= target else (low, mid - 1)
+        low, high = (mid, high) if total(mid * step, embed_dim or mid * step) <= target else (low, mid - 1)
     d = low * step
     widths = [*nearest(d, MIN_EMBED, d - 1), d, *nearest(d, d + 1, EMBED_MULT * d)]
     e = min(widths, key=lambda e: abs(total(d, e) - target))
     if abs(total(d, e) - target) > SIZE_TOLERANCE * target:
         raise ValueError(f"params: no size of this network comes within 2% of {target:,} parameters")
     return config.replace(d_model=d, embed_dim=e)
-
-
-def _sized_at_embed(
-    total: Callable[[int, int], int], config: ModelConfig, target: int, step: int, embed_dim: int
-) -> ModelConfig:
-    """``config`` at embedding width ``embed_dim`` and the d_model (in ``step``s) whose count
-    ``total(d, e)`` is nearest ``target``; ValueError naming embed_dim when none is within 2%."""
-    low, high = 1, max(1, MAX_D_MODEL // step)  # the largest multiple whose count stays under the target
-    while low < high:
-        mid = (low + high + 1) // 2
-        low, high = (mid, high) if total(mid * step, embed_dim) <= target else (low, mid - 1)
-    widths = [d for d in (low * step, (low + 1) * step) if d <= MAX_D_MODEL]
-    d = min(widths, key=lambda d: abs(total(d, embed_dim) - target))
-    if abs(total(d, embed_dim) - target) > SIZE_TOLERANCE * target:
-        raise ValueError(
-            f"embed_dim: at embedding width {embed_dim} no d_model comes within 2% of {target:,} parameters "
-            f"(d {d}: {total(d, embed_dim):,})"
-        )
-    return config.replace(d_model=d, embed_dim=embed_dim)
