@@ -107,11 +107,12 @@ def sized_config(
 ) -> ModelConfig:
     """``config`` with the d_model (a multiple of :func:`d_step`, at most :data:`MAX_D_MODEL`)
     and then the embedding width e whose network of ``arch`` has the parameter count nearest
-    ``target``: d is the largest step whose network at e = d (at e = ``embed_dim`` when given)
-    stays at or under the target, e the best of the widths that bracket the target on each side
-    of d. With ``embed_dim`` the table stays narrow (e from ``embed_dim`` up to what one step of
-    d leaves) and the layers take the rest. ValueError when the target is outside
-    :func:`size_range` (:func:`check_size`) or missed by over 2%.
+    ``target``: d is the largest step whose network at e = d stays at or under the target, e
+    the best of the widths that bracket the target on each side of d. With ``embed_dim``, d is
+    whichever of the two steps that bracket the target at e = ``embed_dim`` gets the e nearest
+    ``embed_dim``: the table stays about that narrow and the layers take the rest.
+    ValueError when the target is outside :func:`size_range` (:func:`check_size`) or missed by
+    over 2%.
 
     The count grows with d, and with e except at e = d, where the embedding and output
     projections (d x e each) are left out: each side of it is searched on its own."""
@@ -126,6 +127,9 @@ def sized_config(
     def total(d: int, e: int) -> int:
         return count_parameters(build, config.replace(d_model=d, embed_dim=e))[0]
 
+    def close(count: int) -> bool:
+        return abs(count - target) <= SIZE_TOLERANCE * target
+
     def nearest(d: int, low: int, high: int) -> list[int]:
         """The largest e in [low, high] whose count stays under the target, and the next one."""
         below, above = low, high
@@ -133,6 +137,11 @@ def sized_config(
             mid = (below + above + 1) // 2
             below, above = (mid, above) if total(d, mid) <= target else (below, mid - 1)
         return [e for e in (below, below + 1) if low <= e <= high]
+
+    def fitted(d: int) -> tuple[int, int]:
+        """(d, the e whose count at d comes nearest the target)."""
+        widths = [*nearest(d, MIN_EMBED, d - 1), d, *nearest(d, d + 1, EMBED_MULT * d)]
+        return d, min(widths, key=lambda e: abs(total(d, e) - target))
 
     if embed_dim is not None and total(step, embed_dim) > target:
         raise ValueError(
@@ -143,9 +152,11 @@ def sized_config(
     while low < high:
         mid = (low + high + 1) // 2
         low, high = (mid, high) if total(mid * step, embed_dim or mid * step) <= target else (low, mid - 1)
-    d = low * step
-    widths = [*nearest(d, MIN_EMBED, d - 1), d, *nearest(d, d + 1, EMBED_MULT * d)]
-    e = min(widths, key=lambda e: abs(total(d, e) - target))
-    if abs(total(d, e) - target) > SIZE_TOLERANCE * target:
+    d, e = fitted(low * step)
+    if embed_dim is not None and (low + 1) * step <= MAX_D_MODEL:  # of the two steps that bracket
+        # the target at e = embed_dim, the one whose fitted e comes nearest embed_dim
+        fits = [(d, e) for d, e in (fitted(low * step), fitted((low + 1) * step)) if close(total(d, e))]
+        d, e = min(fits or [(d, e)], key=lambda fit: abs(fit[1] - embed_dim))
+    if not close(total(d, e)):
         raise ValueError(f"params: no size of this network comes within 2% of {target:,} parameters")
     return config.replace(d_model=d, embed_dim=e)
