@@ -38,10 +38,9 @@ from mdarts.config import preset
 from mdarts.experiment import TRAIN_DONE, ExperimentSpec
 from mdarts.genotype import Genotype
 from mdarts.prepare import prepare_data
+from mdarts.report import spearman
 from mdarts.sizing import BASELINES, builder, sized_config
 from mdarts.train import CURVES_FILE, LOG_FILE, Trainer, read_log
-
-from .selectors import spearman
 
 
 def network(experiment: Path, spec: ExperimentSpec, name: str, seed: int, embed_dim: Optional[int] = None):

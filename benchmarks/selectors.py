@@ -23,6 +23,7 @@ import torch
 
 from mdarts.genotype import Genotype
 from mdarts.prepare import prepare_data
+from mdarts.report import spearman
 from mdarts.search import METHODS, SELECTORS
 from mdarts.search.reselect import TrainedSupernet
 from mdarts.tokenizer import Tokenizer
@@ -35,28 +36,6 @@ def retrained_losses(experiment: Path) -> dict[str, float]:
         arm, member = record.parent.parent.name, record.parent.name.rsplit("-seed", 1)[0]
         losses.setdefault(f"{arm}-{member}", []).append(json.loads(record.read_text())["valid_loss"])
     return {name: statistics.mean(values) for name, values in losses.items()}
-
-
-def ranks(values: list[float]) -> list[float]:
-    """1-based ranks, ties sharing their mean rank."""
-    order = sorted(range(len(values)), key=values.__getitem__)
-    result = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            result[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return result
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    ra, rb = ranks(a), ranks(b)
-    ma, mb = statistics.mean(ra), statistics.mean(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-    return cov / (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
 
 
 def main() -> None:

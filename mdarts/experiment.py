@@ -53,7 +53,9 @@ The specification is TOML (or JSON)::
 Outputs in the experiment directory: ``searches/`` and ``train/`` (the run directories; a
 training's ``record.json`` says it has finished, and which code, device and torch ran it),
 ``translations/`` (the test split as each finished training translates it, scored only by the
-report), ``genotypes/``, ``summary.json``, ``table.md``, ``bleu.png``. A killed experiment run
+report), ``genotypes/``, ``summary.json``, ``table.md``, ``bleu.png``. Each search's
+``reference_scores.json``: its selector's scores of the random and control genotypes, made as
+it ends, which the report sets against their retrains (``selectors`` in the summary). A killed experiment run
 again continues where it stopped; finished runs are not redone, and need no checkpoint: the
 directory without its ``*.pt`` files continues elsewhere. A specification with arms added after
 the recorded ones continues a finished experiment: only the new arms run, the report holds all
@@ -95,13 +97,14 @@ from .files import JsonLog, PathLike, exclusive, write_atomic
 from .genotype import Genotype, control_genotype, random_genotype
 from .prepare import PreparedData, prepare_data
 from .processes import Ranks, code_version, device_name, resolve_device
+from .report import selector_lines, spearman, validation_table, write_report
 from .runloop import SIGNAL_NAMES, RunClock
 from .search import METHODS, SELECTORS, Searcher, parts_of_table, searched_space, split_values
 from .search.run import CHECKPOINT_FILE as SEARCH_CHECKPOINT
 from .search.run import GENOTYPE_FILE
 from .search.run import LOG_FILE as SEARCH_LOG
 from .sizing import BASELINES, MIN_EMBED, Architecture, builder, check_size, count_parameters, sized_config
-from .tokenizer import MAX_VOCAB, MIN_VOCAB
+from .tokenizer import MAX_VOCAB, MIN_VOCAB, Tokenizer
 from .train import BEST_FILE, LAST_FILE, LOG_FILE, Trainer
 from .translate import MAX_BEAM, translate_lines
 
@@ -470,6 +473,15 @@ def machine(device: str) -> dict[str, Optional[str]]:
 
 
 SEARCH_DONE, TRAIN_DONE = "result.json", "record.json"  # a run directory holding it has finished
+REFERENCE_SCORES = "reference_scores.json"  # a search's selector's scores of the references
+
+
+def references(members: list[Member]) -> list[Member]:
+    """The members whose genotypes no search chose (the random ones and the control): the
+    networks that judge every search's selector alike."""
+    return [m for m in members if m.search_dir is None and m.genotype is not None]
+
+
 POLL_SECONDS = 30.0  # how often a process with nothing left to start looks at what others hold
 
 
@@ -526,7 +538,7 @@ class Experiment:
         while True:  # one process reports at a time; the next finds the report made
             with self._hold("report") as mine:
                 if mine:
-                    return self._report(scored)
+                    return self._report(scored, self._selector_check(members))
             time.sleep(POLL_SECONDS)
 
     def status(self) -> list[str]:
@@ -534,11 +546,12 @@ class Experiment:
         validation loss of a training), running in another process (its last logged step),
         started (a checkpoint to continue from), waiting for other runs, or to do; then a count,
         with the time the trainings left would take at the finished ones' mean; then the table of
-        the finished trainings (:func:`report.validation_table`: validation only, never the test)."""
-        from .report import validation_table
-
+        the finished trainings (:func:`report.validation_table`: validation only, never the test)
+        and, once the references are trained, each search's selector against them
+        (:meth:`_selector_check`)."""
         lines, finished = [], []
-        for task in self._tasks(self._members()):
+        members = self._members()
+        for task in self._tasks(members):
             what = "search" if task.search else "train"
             if not task.ready():
                 lines.append(f"{what:6} {task.label} seed {task.seed}: waits for other runs")
@@ -557,7 +570,13 @@ class Experiment:
         if finished and trainings_left:
             hours = trainings_left * statistics.mean(run["minutes"] for run in finished) / 60
             count += f"; {trainings_left} trainings left, about {hours:.1f} hours of one process at their mean so far"
-        return [*lines, count, *([""] + validation_table(finished).splitlines() if finished else [])]
+        checks = selector_lines(self._selector_check(members))
+        return [
+            *lines,
+            count,
+            *([""] + validation_table(finished).splitlines() if finished else []),
+            *([""] + checks if checks else []),
+        ]
 
     def _state(self, task: Task, run_dir: Path) -> str:
         """The state of a search, or of a training not finished (see :meth:`status`)."""
@@ -679,8 +698,64 @@ class Experiment:
         ).run()
         if result.stopped_by in SIGNAL_NAMES:
             return False
+        self._score_references(member)
         self._write(run_dir / SEARCH_DONE, json.dumps({"steps": result.steps, **self.machine}, indent=1))
         return True
+
+    def _score_references(self, member: Member) -> None:
+        """Score the references (:func:`references`: genotypes no search chose, whose retrains
+        judge a selector without leaning its way) with ``member``'s own selector and settings on
+        its trained supernet, into REFERENCE_SCORES beside its search: ``{"selector", "score"
+        (its name), "higher_is_better", "scores": {member key: score}}``. Done as the search
+        ends, while its checkpoint is there; :meth:`_selector_check` sets the scores against the
+        retrains. Rank 0 scores; the other processes of a torchrun wait for it."""
+        from .search.reselect import TrainedSupernet
+
+        if self.ranks.main:
+            chosen = references(self._members())
+            trained = TrainedSupernet(member.search_dir, resolve_device(self.device))
+            for reference in chosen:
+                reference.genotype.validate(trained.config)
+            data = prepare_data(self.spec.pair, ("val",), self.data_dir, tokenizer=Tokenizer(trained.tokenizer))
+            select_settings = self.spec.search_parts(member.arm, member.search_seed)[2]
+            name = trained.settings.select
+            selector, scores = trained.score(name, select_settings, [m.genotype for m in chosen], data)
+            record = {
+                "selector": name,
+                "score": selector.score_name,
+                "higher_is_better": selector.higher_is_better,
+                "scores": {m.key: score for m, score in zip(chosen, scores)},
+            }
+            write_atomic(member.search_dir / REFERENCE_SCORES, json.dumps(record, indent=1))
+        self.ranks.barrier()
+
+    def _selector_check(self, members: list[Member]) -> list[dict]:
+        """Per finished search with reference scores: Spearman's correlation between its
+        selector's score of the references (turned so that better is higher) and minus their
+        retrained validation loss (the mean over their finished trainings), once every reference
+        has finished its first training: +1 means the selector orders them as their retrains
+        do. Validation only."""
+        chosen = references(members)
+        if not chosen or not all((self._train_dir(m, self.spec.train_seeds[0]) / TRAIN_DONE).is_file() for m in chosen):
+            return []
+        losses = {
+            m.key: statistics.mean(
+                self._record(m, seed)["valid_loss"]
+                for seed in self.spec.train_seeds
+                if (self._train_dir(m, seed) / TRAIN_DONE).is_file()
+            )
+            for m in chosen
+        }
+        keys = [m.key for m in chosen]
+        scored = [m for m in members if m.search_dir is not None and (m.search_dir / REFERENCE_SCORES).is_file()]
+        rows = []
+        for member in scored:
+            record = json.loads((member.search_dir / REFERENCE_SCORES).read_text())
+            sign = 1.0 if record["higher_is_better"] else -1.0
+            rho = spearman([sign * record["scores"][k] for k in keys], [-losses[k] for k in keys])
+            row = {"arm": member.arm.name, "member": member.name, "selector": record["selector"], "spearman": rho}
+            rows.append({**row, "references": len(keys)})
+        return rows
 
     def _genotype(self, member: Member) -> Optional[Genotype]:
         """``member``'s genotype, read from its finished search (and copied to genotypes/) if need be."""
@@ -786,14 +861,14 @@ class Experiment:
         write_atomic(self._translation_path(member, seed), "".join(f"{line}\n" for line in lines))
         self.ranks.barrier()
 
-    def _report(self, scored: list[tuple[Member, int, bool]]) -> dict:
-        """Write summary.json, table.md and bleu.png from the scores of ``scored`` (rank 0; the
-        other processes return an empty summary)."""
+    def _report(self, scored: list[tuple[Member, int, bool]], selectors: list[dict]) -> dict:
+        """Write summary.json, table.md and bleu.png from the scores of ``scored`` and the
+        selectors' check (:meth:`_selector_check`; rank 0, the other processes return an empty
+        summary)."""
         if not self.ranks.main:
             return {}
         from .data import read_lines
         from .evaluate import score
-        from .report import write_report
 
         corpus, tok_refs = self._test_corpus()
         arms, signatures = [], {}
@@ -833,6 +908,7 @@ class Experiment:
             "train_seeds": list(self.spec.train_seeds),
             "signatures": signatures,
             "arms": arms,
+            **({"selectors": selectors} if selectors else {}),
         }
         write_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=1))
         write_report(summary, self.out_dir)

@@ -58,6 +58,8 @@ def table(summary: dict) -> str:
             )
     if compared := targets(summary):
         lines += ["", *compared]
+    if checks := selector_lines(summary.get("selectors", [])):
+        lines += ["", *checks]
     lines += ["", "Scores (sacreBLEU signatures):", ""]
     lines += [f"- {label}: `{signature}`" for label, signature in summary.get("signatures", {}).items()]
     return "\n".join(lines) + "\n"
@@ -127,6 +129,48 @@ def validation_table(finished: list[dict]) -> str:
                 f"{run['minutes']:.1f} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def selector_lines(checks: list[dict]) -> list[str]:
+    """Each search's selector against the retrained references (``mdarts.experiment``'s
+    ``_selector_check`` rows), one line per search, then the mean per arm; [] for no rows."""
+    if not checks:
+        return []
+    lines = [
+        f"Each search's selector against the retrains of the {checks[0]['references']} references (random and "
+        "control genotypes): Spearman of its score and the validation loss (+1: it orders them as the retrains do)",
+        "",
+    ]
+    lines += [f"- {c['arm']} {c['member']} ({c['selector']}): {c['spearman']:+.2f}" for c in checks]
+    for arm in dict.fromkeys(c["arm"] for c in checks):
+        values = [c["spearman"] for c in checks if c["arm"] == arm]
+        lines.append(f"- {arm}, over its {len(values)} searches: {mean_std(values)}")
+    return lines
+
+
+def ranks(values: list[float]) -> list[float]:
+    """1-based ranks of ``values``, ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    result = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            result[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return result
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation of two equally long lists (ties ranked by their mean rank;
+    NaN when either list holds a single value, which orders nothing)."""
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = statistics.mean(ra), statistics.mean(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    spread = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+    return cov / spread if spread else float("nan")
 
 
 def plot(summary: dict) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -18,9 +19,9 @@ from helpers import REPO_ROOT
 from mdarts.cli import main
 from mdarts.config import preset
 from mdarts.experiment import Experiment, ExperimentSpec
-from mdarts.genotype import random_genotype
+from mdarts.genotype import Genotype, random_genotype
 from mdarts.processes import device_name
-from mdarts.report import targets
+from mdarts.report import spearman, targets
 from mdarts.search import searched_space
 from mdarts.sizing import builder, count_parameters, sized_config
 
@@ -232,6 +233,60 @@ def test_arms_added_to_a_finished_experiment_run_alone_and_join_its_report(one_p
         assert f"holds an experiment with another specification ({copy / 'spec.json'}): {named}" in err
         assert "only arms added after the recorded ones continue it" in err
     assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
+
+
+def test_each_search_scores_the_references_and_the_report_sets_them_against_their_retrains(
+    one_process_run, small_multi30k, capsys
+):
+    """As a search ends, its own selector scores the genotypes no search chose (random and
+    control) on its trained supernet; the report (and --status) gives, per search, Spearman's
+    correlation of that score with minus their retrained validation loss."""
+    from mdarts.prepare import prepare_data
+    from mdarts.search.reselect import TrainedSupernet
+    from mdarts.tokenizer import Tokenizer
+
+    out, argv = one_process_run
+    summary = json.loads((out / "summary.json").read_text())
+    keys = ["random/g0", "random/g1", "control/control"]
+    losses = {}
+    for key in keys:
+        arm, member = key.split("/")
+        seeds = [path for path in (out / "train" / arm).glob(f"{member}-seed*/record.json")]
+        values = [json.loads(path.read_text())["valid_loss"] for path in seeds]
+        losses[key] = sum(values) / len(values)
+    assert len(set(losses.values())) == 3
+    expected = []
+    for arm, selector in (("DARTS", "argmax"), ("WS", "ranked_paths")):
+        run = out / "searches" / arm / "seed0"
+        record = json.loads((run / "reference_scores.json").read_text())
+        assert record["selector"] == selector and list(record["scores"]) == keys
+        # the scores are the trained supernet's, scored again from the search's checkpoint
+        trained = TrainedSupernet(run, torch.device("cpu"))
+        data = prepare_data("en-de", ("val",), small_multi30k, tokenizer=Tokenizer(trained.tokenizer))
+        genotypes = [Genotype.load(out / "genotypes" / f"{key.replace('/', '-')}.json") for key in keys]
+        selector_part, scores = trained.score(selector, None, genotypes, data)
+        assert scores == pytest.approx([record["scores"][key] for key in keys], rel=1e-6)
+        assert record["higher_is_better"] == selector_part.higher_is_better
+        # Spearman without ties: 1 - 6 sum d^2 / (n (n^2 - 1)), better score against lower loss
+        better = [record["scores"][k] * (1 if record["higher_is_better"] else -1) for k in keys]
+        assert len(set(better)) == 3
+        by_score = {k: sorted(better).index(b) for k, b in zip(keys, better)}
+        by_loss = {k: sorted(-losses[q] for q in keys).index(-losses[k]) for k in keys}
+        rho = 1 - 6 * sum((by_score[k] - by_loss[k]) ** 2 for k in keys) / (3 * 8)
+        expected.append({"arm": arm, "member": "seed0", "selector": selector, "spearman": rho, "references": 3})
+    assert summary["selectors"] == [{**row, "spearman": pytest.approx(row["spearman"])} for row in expected]
+    table = (out / "table.md").read_text()
+    assert "Each search's selector against the retrains of the 3 references" in table
+    assert f"- WS seed0 (ranked_paths): {expected[1]['spearman']:+.2f}" in table
+    assert main([*argv, "--status"]) == 0
+    assert f"- DARTS seed0 (argmax): {expected[0]['spearman']:+.2f}" in capsys.readouterr().out
+
+
+def test_spearman_ranks_ties_by_their_mean_rank_and_orders_nothing_for_a_constant_list():
+    assert spearman([1.0, 2.0, 3.0], [30.0, 20.0, 10.0]) == pytest.approx(-1.0)
+    # ranks 1, 2.5, 2.5, 4 against 1, 3, 2, 4: covariance 4.5 over sqrt(4.5 * 5)
+    assert spearman([1.0, 2.0, 2.0, 3.0], [1.0, 3.0, 2.0, 4.0]) == pytest.approx(4.5 / (4.5 * 5) ** 0.5)
+    assert math.isnan(spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))
 
 
 def test_records_name_the_code_the_process_started_with(tmp_path, monkeypatch):
