@@ -13,8 +13,10 @@ A short protocol is tested the same way: ``--steps 1000 --cooldown 0.2`` trains 
 the last fifth of the budget ramping the learning rate to zero (``TrainConfig.cooldown_fraction``),
 and ``--report --against OUT`` ranks them against the longest budget of the same networks in
 another ``--out``, beside the plain 1,000 updates' ranking of them. ``--embed-dim 128`` trains
-a network sized again from that embedding width (d_model chosen at e 128, then e from 128 up:
-the layers get what a narrow table leaves), to see whether the sizing rule holds a network back at a longer budget.
+a reversible network sized again as an experiment with ``embed_dim = 128`` sizes it
+(:meth:`mdarts.experiment.ExperimentSpec.size_genotype`: the layers get what a narrow table
+leaves), to see whether the sizing rule holds a network back at a longer budget. A run that is
+continued keeps the size it started with.
 
     OMP_NUM_THREADS=1 python -m benchmarks.budget results/en-de-2.35M "Transformer/transformer" \\
         --data-dir ../shared/data/multi30k --out results/budget-en-de
@@ -28,19 +30,21 @@ the layers get what a narrow table leaves), to see whether the sizing rule holds
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import shutil
 from pathlib import Path
 from typing import Optional
 
+from mdarts.checkpoint import load_checkpoint
 from mdarts.config import preset
 from mdarts.experiment import TRAIN_DONE, ExperimentSpec
 from mdarts.genotype import Genotype
 from mdarts.prepare import prepare_data
 from mdarts.report import spearman
-from mdarts.sizing import BASELINES, builder, sized_config
-from mdarts.train import CURVES_FILE, LOG_FILE, Trainer, read_log
+from mdarts.sizing import BASELINES, builder
+from mdarts.train import CURVES_FILE, LAST_FILE, LOG_FILE, Trainer, read_log
 
 
 def network(experiment: Path, spec: ExperimentSpec, name: str, seed: int, embed_dim: Optional[int] = None):
@@ -61,8 +65,10 @@ def network(experiment: Path, spec: ExperimentSpec, name: str, seed: int, embed_
         arch, base = Genotype.load(experiment / "genotypes" / f"{arm_name}-{member}.json"), spec.model_config()
     if embed_dim is None:
         config = base.replace(d_model=record["d_model"], embed_dim=record["embed_dim"])
+    elif kind in BASELINES:
+        raise SystemExit(f"--embed-dim: sizes the reversible networks only, as experiments do; {name!r} is a {kind}")
     else:
-        config = sized_config(arch, base, spec.params, spec.vocab_size, embed_dim=embed_dim)
+        config = dataclasses.replace(spec, embed_dim=embed_dim).size_genotype(arch, base)
     return builder(arch, spec.vocab_size), config, record
 
 
@@ -74,7 +80,10 @@ def train(args: argparse.Namespace, spec: ExperimentSpec) -> None:
         settings = spec.train_config(args.seed).replace(
             max_steps=args.steps, valid_interval=args.valid_interval, device="cpu", cooldown_fraction=args.cooldown
         )
-        resume = (run_dir / "checkpoint_last.pt").is_file()
+        resume = (run_dir / LAST_FILE).is_file()
+        if resume:  # a run continues the network it started, whatever the sizing rule says today
+            started = load_checkpoint(run_dir / LAST_FILE, kind="train")["spec"]["config"]
+            config = config.replace(d_model=started["d_model"], embed_dim=started["embed_dim"])
         make = functools.partial(build, config)
         result = Trainer(make, data, settings, run_dir, resume=resume, overwrite=not resume).run()
         if result.stopped_by != "max_steps":
