@@ -669,3 +669,22 @@ def test_a_parameter_cost_moves_alpha_towards_smaller_ops(data, tmp_path):
     assert costs[3.0] < costs[0.0] - 0.01
     with pytest.raises(ValueError, match="param_cost: expected a non-negative"):
         DartsSettings(param_cost=-0.1)
+
+
+@pytest.mark.parametrize(
+    ("method", "select", "shows_arch"), [("darts", "argmax", True), ("single_path", "ranked_paths", False)]
+)
+def test_the_progress_bar_shows_the_argmax_genotype_only_where_alpha_learns(
+    method, select, shows_arch, data, tmp_path, monkeypatch
+):
+    """A single-path supernet trains no alpha: an argmax of its untouched logits would read as
+    the search's choice, so its bar shows the loss without it."""
+    from mdarts.progress import Progress
+
+    shown = []
+    monkeypatch.setattr(Progress, "update", lambda self, tokens, loss, lr=None, **extra: shown.append(extra))
+    settings = tiny_settings(max_steps=2, method=method, select=select)
+    options = {"selector": RankedPathsSettings(ranked_paths=2)} if select == "ranked_paths" else {}
+    search(data, settings, tmp_path, **options)
+    assert len(shown) == 2
+    assert all(("arch" in extra and "alpha_loss" in extra) == shows_arch for extra in shown)

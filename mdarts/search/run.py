@@ -332,10 +332,12 @@ class Searcher(RunLoop):
             self._evaluate(final=self.stop_reason(signals=False) is not None)
         if self.steps % settings.checkpoint_interval == 0:
             self.save()
-        alpha_loss = record["alpha_loss"]
-        shown = "frozen" if alpha_loss is None else f"{alpha_loss:.3f}"
-        arch = short_summary(self.model.genotype())
-        bar.update(record["tokens"], record["theta_loss"], lr, alpha_loss=shown, arch=arch)
+        shown = {}
+        if method.trains_alpha:  # else there is no argmax to show: the selector chooses at the end
+            alpha_loss = record["alpha_loss"]
+            shown["alpha_loss"] = "frozen" if alpha_loss is None else f"{alpha_loss:.3f}"
+            shown["arch"] = short_summary(self.model.genotype())
+        bar.update(record["tokens"], record["theta_loss"], lr, **shown)
 
     def _next_batch(self, part: str) -> Batch:
         return self.streams[part].take()[0].to(self.device)
