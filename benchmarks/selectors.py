@@ -16,26 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import torch
 
+from mdarts.experiment import retrained_losses
 from mdarts.genotype import Genotype
 from mdarts.prepare import prepare_data
 from mdarts.report import spearman
 from mdarts.search import METHODS, SELECTORS
 from mdarts.search.reselect import TrainedSupernet
 from mdarts.tokenizer import Tokenizer
-
-
-def retrained_losses(experiment: Path) -> dict[str, float]:
-    """``{genotype file stem: mean validation loss over its trainings}`` (``ARM-MEMBER``)."""
-    losses: dict[str, list[float]] = {}
-    for record in sorted(experiment.glob("train/*/*/record.json")):
-        arm, member = record.parent.parent.name, record.parent.name.rsplit("-seed", 1)[0]
-        losses.setdefault(f"{arm}-{member}", []).append(json.loads(record.read_text())["valid_loss"])
-    return {name: statistics.mean(values) for name, values in losses.items()}
 
 
 def main() -> None:
@@ -46,7 +37,8 @@ def main() -> None:
     parser.add_argument("--select", nargs="+", default=list(SELECTORS.names()), choices=SELECTORS.names())
     parser.add_argument("--out", type=Path, help="append one JSON line per run and selector here")
     args = parser.parse_args()
-    losses = retrained_losses(args.experiment)
+    # keyed as the genotype files are named: ARM-MEMBER.json
+    losses = {f"{arm}-{member}": loss for (arm, member), loss in retrained_losses(args.experiment).items()}
     files = {path.stem: path for path in sorted((args.experiment / "genotypes").glob("*.json"))}
     names = [name for name in files if name in losses]
     genotypes = [Genotype.load(files[name]) for name in names]

@@ -482,6 +482,17 @@ def references(members: list[Member]) -> list[Member]:
     return [m for m in members if m.search_dir is None and m.genotype is not None]
 
 
+def retrained_losses(out_dir: PathLike) -> dict[tuple[str, str], float]:
+    """``{(arm name, member name): validation loss}`` of the experiment in ``out_dir``: the mean
+    over the member's finished trainings (``train/ARM/MEMBER-seedS/`` holding TRAIN_DONE), whatever
+    their seeds."""
+    losses: dict[tuple[str, str], list[float]] = {}
+    for record in sorted(Path(out_dir).glob(f"train/*/*/{TRAIN_DONE}")):
+        member = record.parent.name.rsplit("-seed", 1)[0]
+        losses.setdefault((record.parent.parent.name, member), []).append(json.loads(record.read_text())["valid_loss"])
+    return {key: statistics.mean(values) for key, values in losses.items()}
+
+
 POLL_SECONDS = 30.0  # how often a process with nothing left to start looks at what others hold
 
 
@@ -531,7 +542,7 @@ class Experiment:
             multi30k_files(self.spec.pair, split, self.data_dir)
         self._write(self.out_dir / "spec.json", json.dumps(self.spec.to_dict(), indent=1))
         data = prepare_data(self.spec.pair, ("train", "val"), self.data_dir, vocab_size=self.spec.vocab_size)
-        members = self._members()
+        members = self.members
         if not self._run_tasks(self._tasks(members), data):
             return None
         scored = self._scored_runs(members, self._finalists(members))
@@ -550,7 +561,7 @@ class Experiment:
         and, once the references are trained, each search's selector against them
         (:meth:`_selector_check`)."""
         lines, finished = [], []
-        members = self._members()
+        members = self.members
         for task in self._tasks(members):
             what = "search" if task.search else "train"
             if not task.ready():
@@ -596,8 +607,10 @@ class Experiment:
         over = self.deadline is not None and self.clock.seconds() >= self.deadline
         return not self.ranks.any(over)
 
-    def _members(self) -> list[Member]:
-        """Every network to train (a searched one's genotype is read once its search is done)."""
+    @functools.cached_property
+    def members(self) -> list[Member]:
+        """Every network to train (a searched one's genotype is read once its search is done),
+        built once: their genotypes are written to genotypes/ as they are known."""
         space = searched_space(preset(self.spec.search_preset), self.spec.search_settings().parameter_free)
         members = []
         for arm in self.spec.arms:
@@ -712,7 +725,7 @@ class Experiment:
         from .search.reselect import TrainedSupernet
 
         if self.ranks.main:
-            chosen = references(self._members())
+            chosen = references(self.members)
             trained = TrainedSupernet(member.search_dir, resolve_device(self.device))
             for reference in chosen:
                 reference.genotype.validate(trained.config)
@@ -738,14 +751,8 @@ class Experiment:
         chosen = references(members)
         if not chosen or not all((self._train_dir(m, self.spec.train_seeds[0]) / TRAIN_DONE).is_file() for m in chosen):
             return []
-        losses = {
-            m.key: statistics.mean(
-                self._record(m, seed)["valid_loss"]
-                for seed in self.spec.train_seeds
-                if (self._train_dir(m, seed) / TRAIN_DONE).is_file()
-            )
-            for m in chosen
-        }
+        retrained = retrained_losses(self.out_dir)
+        losses = {m.key: retrained[(m.arm.name, m.name)] for m in chosen}
         keys = [m.key for m in chosen]
         scored = [m for m in members if m.search_dir is not None and (m.search_dir / REFERENCE_SCORES).is_file()]
         rows = []

@@ -18,7 +18,7 @@ from helpers import REPO_ROOT
 
 from mdarts.cli import main
 from mdarts.config import preset
-from mdarts.experiment import Experiment, ExperimentSpec
+from mdarts.experiment import Experiment, ExperimentSpec, retrained_losses
 from mdarts.genotype import Genotype, random_genotype
 from mdarts.processes import device_name
 from mdarts.report import spearman, targets
@@ -255,6 +255,8 @@ def test_each_search_scores_the_references_and_the_report_sets_them_against_thei
         values = [json.loads(path.read_text())["valid_loss"] for path in seeds]
         losses[key] = sum(values) / len(values)
     assert len(set(losses.values())) == 3
+    retrained = retrained_losses(out)  # what benchmarks.selectors reads as well
+    assert {key: retrained[tuple(key.split("/"))] for key in keys} == pytest.approx(losses)
     expected = []
     for arm, selector in (("DARTS", "argmax"), ("WS", "ranked_paths")):
         run = out / "searches" / arm / "seed0"
@@ -397,7 +399,7 @@ def test_a_fixed_embedding_width_sizes_the_reversible_networks_and_leaves_the_ba
     sizes = {}
     for spec in (plain, fixed):
         experiment = Experiment(spec, tmp_path / str(spec.embed_dim), device="cpu")
-        sizes[spec.embed_dim] = {m.arm.kind: experiment._size(m)[1] for m in experiment._members()}
+        sizes[spec.embed_dim] = {m.arm.kind: experiment._size(m)[1] for m in experiment.members}
     assert sizes[16]["control"] == sized and sizes[0]["control"].embed_dim != 16
     assert sizes[16]["transformer"] == sizes[0]["transformer"]
     random_arm = [{"name": "random", "kind": "random", "count": 1}]

@@ -59,7 +59,7 @@ def test_the_experiment_sizes_its_arms_with_the_sizing_function(kind, tmp_path):
     """No record yet: the experiment sizes the arm afresh, and gets the committed network."""
     spec = ExperimentSpec.load(ROOT / "experiments" / "en-de.toml")
     experiment = Experiment(spec, tmp_path, device="cpu")
-    member = next(m for m in experiment._members() if m.arm.kind == kind and m.name in (kind, "seed1"))
+    member = next(m for m in experiment.members if m.arm.kind == kind and m.name in (kind, "seed1"))
     if kind == "searched":  # its search has not run here: the genotype the committed one found
         member.genotype = Genotype.load(DARTS_SEED1)
     arch, config = experiment._size(member)
