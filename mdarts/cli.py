@@ -171,9 +171,9 @@ def _run_search(args: argparse.Namespace) -> int:
     genotype: argmax keeps each node's op of highest architecture weight, perturbation the op
     whose removal from the trained mixture hurts most, ranked_paths the best of random paths by
     shared-weight validation loss, evolution the best a population of paths evolves to by that
-    loss. Writes genotype.json, alpha_history.jsonl,
-    alpha_heatmap.png, search_log.jsonl and search_checkpoint.pt into --out. Giving --max-steps or
-    --max-minutes replaces the preset's budget.
+    loss. Writes genotype.json, search_log.jsonl and search_checkpoint.pt into --out, and with a
+    method that trains the architecture weights (darts, gdas) alpha_history.jsonl and
+    alpha_heatmap.png. Giving --max-steps or --max-minutes replaces the preset's budget.
     """
     from .search import METHODS, SELECTORS, Searcher, check_parts
 
@@ -203,7 +203,8 @@ def _run_search(args: argparse.Namespace) -> int:
     if result.val_loss is not None:
         print(f"validation loss {result.val_loss:.3f}")
     print(result.details["genotype"].summary())
-    print(f"outputs in {result.out_dir}: genotype.json, alpha_history.jsonl, alpha_heatmap.png, search_log.jsonl")
+    alpha_files = ", alpha_history.jsonl, alpha_heatmap.png" if METHODS[settings.method].trains_alpha else ""
+    print(f"outputs in {result.out_dir}: genotype.json{alpha_files}, search_log.jsonl")
     return 0
 
 

@@ -427,6 +427,11 @@ def test_weight_sharing_search_ranks_random_paths(data, tmp_path):
     assert len(ranking) == 4 and not any(r["alpha_loss"] for r in records if r["event"] == "step")
     best = min(ranking, key=lambda r: r["val_loss"])
     assert result.details["genotype"].summary() == best["genotype"]
+    assert Genotype.load(tmp_path / "genotype.json") == result.details["genotype"]
+    # its alpha never moves: no argmax genotype, alpha history or heatmap is written as if chosen
+    evals = [r for r in records if r["event"] == "eval"]
+    assert evals and not any("genotype" in r or "argmax_stability" in r for r in evals)
+    assert not (tmp_path / "alpha_history.jsonl").exists() and not (tmp_path / "alpha_heatmap.png").exists()
 
 
 def test_a_minutes_budget_is_planned_in_steps(data, tmp_path, monkeypatch):

@@ -7,9 +7,10 @@ with a selector (:mod:`mdarts.search.parts`). It knows neither part: it plans th
 draws the batches, evaluates, logs, checkpoints and resumes, on the run loop it shares with
 :class:`~mdarts.train.Trainer` (:class:`mdarts.runloop.RunLoop`).
 
-A run directory receives, at every evaluation: ``genotype.json`` (the argmax genotype while
-the search runs; the selector's choice at the end), one line of ``alpha_history.jsonl``,
-``alpha_heatmap.png``; every step, evaluation and scored genotype is a JSON line of
+A run directory receives, at every evaluation of a method that trains alpha: ``genotype.json``
+(the argmax genotype while the search runs), one line of ``alpha_history.jsonl``,
+``alpha_heatmap.png``; at the end, whatever the method, ``genotype.json`` holds the selector's
+choice. Every step, evaluation and scored genotype is a JSON line of
 ``search_log.jsonl``; ``search_checkpoint.pt`` every ``checkpoint_interval`` steps and at the
 end, from which ``resume=True`` continues exactly (same losses and alphas as a run that was
 never interrupted).
@@ -343,8 +344,9 @@ class Searcher(RunLoop):
         return self.streams[part].take()[0].to(self.device)
 
     def stopped(self, stopped_by: str) -> RunResult:
-        """The result of a search stopped by a signal: its checkpoint is written, nothing else."""
-        details = {"genotype": self.model.genotype()}
+        """The result of a search stopped by a signal: its checkpoint is written, nothing else. Its
+        details' genotype: the argmax so far (None with a method that trains no alpha)."""
+        details = {"genotype": self.model.genotype() if self.method.trains_alpha else None}
         return RunResult(
             self.steps, stopped_by, self.run_dir.path, peak_memory(self.device), self.val_loss, details=details
         )
@@ -380,27 +382,25 @@ class Searcher(RunLoop):
             self.log.append("ranking", self.steps, **record)
         genotype.save(self.run_dir / GENOTYPE_FILE)
 
-    def _evaluate(self, final: bool = False) -> Genotype:
-        """Write genotype.json, the alpha history line, the heatmap and an "eval" log record, with
-        the validation loss every ``valid_interval`` steps and at the ``final`` evaluation."""
+    def _evaluate(self, final: bool = False) -> None:
+        """Write an "eval" log record, with the validation loss every ``valid_interval`` steps and
+        at the ``final`` evaluation; with a method that trains alpha, also genotype.json (the
+        argmax), the alpha history line and the heatmap."""
         step, weights, genotype = self.steps, self.model.arch_weights(), self.model.genotype()
         ops = argmax_ops(weights, self.config)
         same = self.last_ops == ops and self.method.alpha_active(step)
         self.stable_evals = self.stable_evals + 1 if same else 0
         if not self.ranks.main:  # every process keeps the count that may stop the search; rank 0 writes
             self.last_ops, self.last_eval_step, self.recent_losses = ops, step, []
-            return genotype
-        genotype.save(self.run_dir / GENOTYPE_FILE)
-        self.history.append("alpha", step, **weights)
-        plot_alpha_history(self.history.read(), self.config, self.run_dir / HEATMAP_FILE)
+            return
         recent = sum(self.recent_losses) / len(self.recent_losses) if self.recent_losses else None
-        record: dict[str, Any] = {
-            "train_loss": recent,
-            "argmax_stability": argmax_stability(self.last_ops, ops),
-            "genotype": genotype.summary(),
-            "peak_memory_bytes": peak_memory(self.device),
-            "elapsed_s": round(self.clock.seconds(), 3),
-        }
+        record: dict[str, Any] = {"train_loss": recent}
+        if self.method.trains_alpha:  # else the logits never move: no choice before the selector's
+            genotype.save(self.run_dir / GENOTYPE_FILE)
+            self.history.append("alpha", step, **weights)
+            plot_alpha_history(self.history.read(), self.config, self.run_dir / HEATMAP_FILE)
+            record.update(argmax_stability=argmax_stability(self.last_ops, ops), genotype=genotype.summary())
+        record.update(peak_memory_bytes=peak_memory(self.device), elapsed_s=round(self.clock.seconds(), 3))
         self.last_ops, self.last_eval_step, self.recent_losses = ops, step, []
         if self.valid_batches is not None and (step % self.settings.valid_interval == 0 or final):
             settings = self.settings
@@ -420,7 +420,6 @@ class Searcher(RunLoop):
         if message is not None:
             warnings.warn(message, stacklevel=3)
             self.log.append("warning", step, message=message)
-        return genotype
 
     def save(self) -> None:
         if not self.ranks.main:
