@@ -482,15 +482,16 @@ def references(members: list[Member]) -> list[Member]:
     return [m for m in members if m.search_dir is None and m.genotype is not None]
 
 
-def retrained_losses(out_dir: PathLike) -> dict[tuple[str, str], float]:
-    """``{(arm name, member name): validation loss}`` of the experiment in ``out_dir``: the mean
-    over the member's finished trainings (``train/ARM/MEMBER-seedS/`` holding TRAIN_DONE), whatever
-    their seeds."""
-    losses: dict[tuple[str, str], list[float]] = {}
+def retrained_means(out_dir: PathLike, field: str = "valid_loss") -> dict[tuple[str, str], float]:
+    """``{(arm name, member name): mean of field}`` of the experiment in ``out_dir``: a number its
+    trainings record (``valid_loss``, the validation loss; ``d_model``, the width it was sized
+    to), averaged over the member's finished trainings (``train/ARM/MEMBER-seedS/`` holding
+    TRAIN_DONE), whatever their seeds."""
+    values: dict[tuple[str, str], list[float]] = {}
     for record in sorted(Path(out_dir).glob(f"train/*/*/{TRAIN_DONE}")):
         member = record.parent.name.rsplit("-seed", 1)[0]
-        losses.setdefault((record.parent.parent.name, member), []).append(json.loads(record.read_text())["valid_loss"])
-    return {key: statistics.mean(values) for key, values in losses.items()}
+        values.setdefault((record.parent.parent.name, member), []).append(json.loads(record.read_text())[field])
+    return {key: statistics.mean(numbers) for key, numbers in values.items()}
 
 
 POLL_SECONDS = 30.0  # how often a process with nothing left to start looks at what others hold
@@ -751,7 +752,7 @@ class Experiment:
         chosen = references(members)
         if not chosen or not all((self._train_dir(m, self.spec.train_seeds[0]) / TRAIN_DONE).is_file() for m in chosen):
             return []
-        retrained = retrained_losses(self.out_dir)
+        retrained = retrained_means(self.out_dir)
         losses = {m.key: retrained[(m.arm.name, m.name)] for m in chosen}
         keys = [m.key for m in chosen]
         scored = [m for m in members if m.search_dir is not None and (m.search_dir / REFERENCE_SCORES).is_file()]

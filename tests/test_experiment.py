@@ -18,7 +18,7 @@ from helpers import REPO_ROOT
 
 from mdarts.cli import main
 from mdarts.config import preset
-from mdarts.experiment import Experiment, ExperimentSpec, retrained_losses
+from mdarts.experiment import Experiment, ExperimentSpec, retrained_means
 from mdarts.genotype import Genotype, random_genotype
 from mdarts.processes import device_name
 from mdarts.report import spearman, targets
@@ -248,15 +248,17 @@ def test_each_search_scores_the_references_and_the_report_sets_them_against_thei
     out, argv = one_process_run
     summary = json.loads((out / "summary.json").read_text())
     keys = ["random/g0", "random/g1", "control/control"]
-    losses = {}
+    losses, widths = {}, {}
     for key in keys:
         arm, member = key.split("/")
-        seeds = [path for path in (out / "train" / arm).glob(f"{member}-seed*/record.json")]
-        values = [json.loads(path.read_text())["valid_loss"] for path in seeds]
-        losses[key] = sum(values) / len(values)
+        records = [json.loads(path.read_text()) for path in (out / "train" / arm).glob(f"{member}-seed*/record.json")]
+        losses[key] = sum(r["valid_loss"] for r in records) / len(records)
+        widths[key] = sum(r["d_model"] for r in records) / len(records)
     assert len(set(losses.values())) == 3
-    retrained = retrained_losses(out)  # what benchmarks.selectors reads as well
+    # what benchmarks.selectors reads as well: the losses, and the widths of its --sized-width
+    retrained, sized = retrained_means(out), retrained_means(out, "d_model")
     assert {key: retrained[tuple(key.split("/"))] for key in keys} == pytest.approx(losses)
+    assert {key: sized[tuple(key.split("/"))] for key in keys} == pytest.approx(widths)
     expected = []
     for arm, selector in (("DARTS", "argmax"), ("WS", "ranked_paths")):
         run = out / "searches" / arm / "seed0"
