@@ -748,7 +748,9 @@ class Experiment:
         selector's score of the references (turned so that better is higher) and minus their
         retrained validation loss (the mean over their finished trainings), once every reference
         has finished its first training: +1 means the selector orders them as their retrains
-        do. Validation only."""
+        do. Validation only. A last row (arm None, selector ``sized_width``) is the baseline
+        that needs no search: the d_model each reference was sized to, wider ranked better (a
+        network of cheap ops is retrained wider); a selector earns its search by beating it."""
         chosen = references(members)
         if not chosen or not all((self._train_dir(m, self.spec.train_seeds[0]) / TRAIN_DONE).is_file() for m in chosen):
             return []
@@ -762,6 +764,11 @@ class Experiment:
             sign = 1.0 if record["higher_is_better"] else -1.0
             rho = spearman([sign * record["scores"][k] for k in keys], [-losses[k] for k in keys])
             row = {"arm": member.arm.name, "member": member.name, "selector": record["selector"], "spearman": rho}
+            rows.append({**row, "references": len(keys)})
+        if rows:  # the baseline no search needs: the width each reference was sized to, wider better
+            widths = retrained_means(self.out_dir, "d_model")
+            rho = spearman([widths[(m.arm.name, m.name)] for m in chosen], [-losses[k] for k in keys])
+            row = {"arm": None, "member": None, "selector": "sized_width", "spearman": rho}
             rows.append({**row, "references": len(keys)})
         return rows
 

@@ -10,6 +10,7 @@ runs marked beside it.
 from __future__ import annotations
 
 import io
+import math
 import statistics
 from pathlib import Path
 from typing import Optional
@@ -133,7 +134,8 @@ def validation_table(finished: list[dict]) -> str:
 
 def selector_lines(checks: list[dict]) -> list[str]:
     """Each search's selector against the retrained references (``mdarts.experiment``'s
-    ``_selector_check`` rows), one line per search, then the mean per arm; [] for no rows."""
+    ``_selector_check`` rows), one line per search, then the mean per arm, then the baselines
+    that need no search (rows whose arm is None); [] for no rows."""
     if not checks:
         return []
     lines = [
@@ -141,10 +143,15 @@ def selector_lines(checks: list[dict]) -> list[str]:
         "control genotypes): Spearman of its score and the validation loss (+1: it orders them as the retrains do)",
         "",
     ]
-    lines += [f"- {c['arm']} {c['member']} ({c['selector']}): {c['spearman']:+.2f}" for c in checks]
-    for arm in dict.fromkeys(c["arm"] for c in checks):
-        values = [c["spearman"] for c in checks if c["arm"] == arm]
+    searches = [c for c in checks if c["arm"] is not None]
+    lines += [f"- {c['arm']} {c['member']} ({c['selector']}): {c['spearman']:+.2f}" for c in searches]
+    for arm in dict.fromkeys(c["arm"] for c in searches):
+        values = [c["spearman"] for c in searches if c["arm"] == arm]
         lines.append(f"- {arm}, over its {len(values)} searches: {mean_std(values)}")
+    for c in checks:
+        if c["arm"] is None:
+            rho = "none, every one is of the same width" if math.isnan(c["spearman"]) else f"{c['spearman']:+.2f}"
+            lines.append(f"- no search, the width each was sized to (wider better; {c['selector']}): {rho}")
     return lines
 
 

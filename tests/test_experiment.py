@@ -21,7 +21,7 @@ from mdarts.config import preset
 from mdarts.experiment import Experiment, ExperimentSpec, retrained_means
 from mdarts.genotype import Genotype, random_genotype
 from mdarts.processes import device_name
-from mdarts.report import spearman, targets
+from mdarts.report import mean_std, selector_lines, spearman, targets
 from mdarts.search import searched_space
 from mdarts.sizing import builder, count_parameters, sized_config
 
@@ -278,12 +278,33 @@ def test_each_search_scores_the_references_and_the_report_sets_them_against_thei
         by_loss = {k: sorted(-losses[q] for q in keys).index(-losses[k]) for k in keys}
         rho = 1 - 6 * sum((by_score[k] - by_loss[k]) ** 2 for k in keys) / (3 * 8)
         expected.append({"arm": arm, "member": "seed0", "selector": selector, "spearman": rho, "references": 3})
-    assert summary["selectors"] == [{**row, "spearman": pytest.approx(row["spearman"])} for row in expected]
+    assert summary["selectors"][:2] == [{**row, "spearman": pytest.approx(row["spearman"])} for row in expected]
+    # then the baseline that needs no search, the width each reference was sized to: these tiny
+    # references all get one width, which orders nothing
+    assert set(widths.values()) == {96.0}
+    baseline = summary["selectors"][2]
+    assert baseline == {**baseline, "arm": None, "selector": "sized_width", "references": 3}
+    assert math.isnan(baseline["spearman"])
     table = (out / "table.md").read_text()
     assert "Each search's selector against the retrains of the 3 references" in table
     assert f"- WS seed0 (ranked_paths): {expected[1]['spearman']:+.2f}" in table
+    assert "- no search, the width each was sized to (wider better; sized_width): none, every one" in table
     assert main([*argv, "--status"]) == 0
     assert f"- DARTS seed0 (argmax): {expected[0]['spearman']:+.2f}" in capsys.readouterr().out
+
+
+def test_selector_lines_give_each_search_its_arm_mean_and_then_the_width_baseline():
+    row = {"selector": "evolution", "references": 9}
+    checks = [{**row, "arm": "WS", "member": f"seed{i}", "spearman": rho} for i, rho in enumerate((0.5, 0.7))]
+    checks.append({"arm": None, "member": None, "selector": "sized_width", "spearman": 0.73, "references": 9})
+    lines = selector_lines(checks)
+    assert lines[0].startswith("Each search's selector against the retrains of the 9 references")
+    assert lines[2:] == [
+        "- WS seed0 (evolution): +0.50",
+        "- WS seed1 (evolution): +0.70",
+        f"- WS, over its 2 searches: {mean_std([0.5, 0.7])}",
+        "- no search, the width each was sized to (wider better; sized_width): +0.73",
+    ]
 
 
 def test_spearman_ranks_ties_by_their_mean_rank_and_orders_nothing_for_a_constant_list():
