@@ -66,12 +66,16 @@ def table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+SEARCHING_KINDS = ("searched", "weight_sharing")
+"""The arm kinds that search (``mdarts.experiment.SEARCH_PARTS``): the methods the targets judge."""
+
+
 def targets(summary: dict, margin: float = 0.5) -> list[str]:
     """The comparisons the experiment exists for, in test BLEU, as markdown lines, for every
-    ``searched`` arm: its mean at the first training seed against the median of the ``random``
-    arm's genotypes (each trained with that seed only) plus ``margin``, and its mean over every
-    training seed against the ``transformer`` arm's (both train every seed). An arm missing from
-    ``summary`` leaves its comparison out."""
+    searching arm (:data:`SEARCHING_KINDS`): its mean at the first training seed against the
+    median of the ``random`` arm's genotypes (each trained with that seed only) plus ``margin``,
+    and its mean over every training seed against the ``transformer`` arm's and the ``evolved``
+    arm's (all train every seed). An arm missing from ``summary`` leaves its comparison out."""
     first = summary["train_seeds"][0]
 
     def bleu(arm: dict, seed: Optional[int] = None) -> list[float]:
@@ -84,23 +88,23 @@ def targets(summary: dict, margin: float = 0.5) -> list[str]:
     for arm in summary["arms"]:
         kinds.setdefault(arm["kind"], []).append(arm)
     lines = ["Targets (test BLEU):", ""]
-    for searched in kinds.get("searched", []):
-        mine = bleu(searched, first)
+    for searching in (arm for arm in summary["arms"] if arm["kind"] in SEARCHING_KINDS):
+        mine = bleu(searching, first)
         for random_arm in kinds.get("random", []):
             theirs = bleu(random_arm, first)
             ours, median = statistics.mean(mine), statistics.median(theirs)
             lines.append(
-                f"- {searched['name']} >= median of {random_arm['name']} + {margin:.2f} (training seed {first}): "
+                f"- {searching['name']} >= median of {random_arm['name']} + {margin:.2f} (training seed {first}): "
                 f"mean {ours:.2f} of {len(mine)} against median {median:.2f} of {len(theirs)}, "
                 f"{ours - median:+.2f}: {verdict(ours - median, margin)}"
             )
-        for transformer in kinds.get("transformer", []):
-            mine, theirs = bleu(searched), bleu(transformer)
-            ours, baseline = statistics.mean(mine), statistics.mean(theirs)
+        for baseline in kinds.get("transformer", []) + kinds.get("evolved", []):
+            mine, theirs = bleu(searching), bleu(baseline)
+            ours, baseline_mean = statistics.mean(mine), statistics.mean(theirs)
             lines.append(
-                f"- {searched['name']} >= {transformer['name']} (every training seed): mean {ours:.2f} "
-                f"of {len(mine)} runs against {baseline:.2f} of {len(theirs)}, {ours - baseline:+.2f}: "
-                f"{verdict(ours - baseline, 0.0)}"
+                f"- {searching['name']} >= {baseline['name']} (every training seed): mean {ours:.2f} "
+                f"of {len(mine)} runs against {baseline_mean:.2f} of {len(theirs)}, {ours - baseline_mean:+.2f}: "
+                f"{verdict(ours - baseline_mean, 0.0)}"
             )
     return lines if len(lines) > 2 else []
 
@@ -181,8 +185,8 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 
 def plot(summary: dict) -> bytes:
-    """PNG: the random genotypes' test BLEU (first training seed) as a distribution, and the
-    other arms' runs as marks, one row per arm."""
+    """PNG: the random genotypes' test BLEU (first training seed) as a distribution, and every
+    run as a mark, one row per arm."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,8 +196,9 @@ def plot(summary: dict) -> bytes:
     figure, axis = plt.subplots(figsize=(7, 1.0 + 0.5 * len(arms)))
     for row, arm in enumerate(arms):
         values = [run["bleu"] for run in arm["runs"]]
-        if arm["kind"] == "random" and len(values) > 2:
-            axis.violinplot([values], positions=[row], orientation="horizontal", showextrema=False)
+        first = [run["bleu"] for run in arm["runs"] if run["seed"] == summary["train_seeds"][0]]
+        if arm["kind"] == "random" and len(first) > 2:  # the finalists' later seeds are marks only
+            axis.violinplot([first], positions=[row], orientation="horizontal", showextrema=False)
         axis.scatter(values, [row] * len(values), s=18, zorder=3)
     axis.set_yticks(range(len(arms)), [f"{arm['name']} ({arm['kind']})" for arm in arms], fontsize=8)
     axis.set_xlabel(f"test BLEU ({summary['split']}, sacreBLEU)")

@@ -18,10 +18,10 @@ from helpers import REPO_ROOT
 
 from mdarts.cli import main
 from mdarts.config import preset
-from mdarts.experiment import Experiment, ExperimentSpec, retrained_means
+from mdarts.experiment import SEARCH_PARTS, Experiment, ExperimentSpec, retrained_means
 from mdarts.genotype import Genotype, random_genotype
 from mdarts.processes import device_name
-from mdarts.report import mean_std, selector_lines, spearman, targets
+from mdarts.report import SEARCHING_KINDS, mean_std, selector_lines, spearman, targets
 from mdarts.search import searched_space
 from mdarts.sizing import builder, count_parameters, sized_config
 
@@ -347,6 +347,26 @@ def test_the_targets_compare_searched_with_random_at_the_first_seed_and_with_the
         "- S >= T (every training seed): mean 23.33 of 3 runs against 22.50 of 2, +0.83: met",
     ]
     assert targets({"train_seeds": [1], "arms": [arm("T", "transformer", (1, 23.0))]}) == []  # nothing to compare
+
+
+def test_the_targets_judge_every_searching_arm_against_the_evolved_transformer_too():
+    def arm(name, kind, *runs):
+        return {"name": name, "kind": kind, "runs": [{"seed": seed, "bleu": bleu} for seed, bleu in runs]}
+
+    summary = {
+        "train_seeds": [1, 2],
+        "arms": [
+            arm("W", "weight_sharing", (1, 25.0), (2, 27.0)),
+            arm("R", "random", (1, 19.0), (1, 24.0), (1, 30.0)),
+            arm("E", "evolved", (1, 26.0), (2, 26.5)),
+            arm("C", "control", (1, 40.0)),  # not a searching arm: judged by nothing
+        ],
+    }
+    assert targets(summary)[2:] == [
+        "- W >= median of R + 0.50 (training seed 1): mean 25.00 of 1 against median 24.00 of 3, +1.00: met",
+        "- W >= E (every training seed): mean 26.00 of 2 runs against 26.25 of 2, -0.25: missed by 0.25",
+    ]
+    assert set(SEARCHING_KINDS) == set(SEARCH_PARTS)  # the report judges exactly the arms that search
 
 
 @pytest.mark.parametrize(
