@@ -136,10 +136,10 @@ def validation_table(finished: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def selector_lines(checks: list[dict]) -> list[str]:
+def selector_lines(checks: list[dict], target: float = 0.6) -> list[str]:
     """Each search's selector against the retrained references (``mdarts.experiment``'s
-    ``_selector_check`` rows), one line per search, then the mean per arm, then the baselines
-    that need no search (rows whose arm is None); [] for no rows."""
+    ``_selector_check`` rows), one line per search, then the mean per arm against ``target``,
+    then the baselines that need no search (rows whose arm is None); [] for no rows."""
     if not checks:
         return []
     lines = [
@@ -151,7 +151,8 @@ def selector_lines(checks: list[dict]) -> list[str]:
     lines += [f"- {c['arm']} {c['member']} ({c['selector']}): {c['spearman']:+.2f}" for c in searches]
     for arm in dict.fromkeys(c["arm"] for c in searches):
         values = [c["spearman"] for c in searches if c["arm"] == arm]
-        lines.append(f"- {arm}, over its {len(values)} searches: {mean_std(values)}")
+        verdict = "met" if statistics.mean(values) >= target else "missed"
+        lines.append(f"- {arm}, over its {len(values)} searches: {mean_std(values)} (target {target:+.2f}: {verdict})")
     for c in checks:
         if c["arm"] is None:
             rho = "none, every one is of the same width" if math.isnan(c["spearman"]) else f"{c['spearman']:+.2f}"

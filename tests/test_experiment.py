@@ -302,9 +302,10 @@ def test_selector_lines_give_each_search_its_arm_mean_and_then_the_width_baselin
     assert lines[2:] == [
         "- WS seed0 (evolution): +0.50",
         "- WS seed1 (evolution): +0.70",
-        f"- WS, over its 2 searches: {mean_std([0.5, 0.7])}",
+        f"- WS, over its 2 searches: {mean_std([0.5, 0.7])} (target +0.60: met)",
         "- no search, the width each was sized to (wider better; sized_width): +0.73",
     ]
+    assert selector_lines(checks[:1])[-1] == "- WS, over its 1 searches: 0.50 (target +0.60: missed)"
 
 
 def test_spearman_ranks_ties_by_their_mean_rank_and_orders_nothing_for_a_constant_list():
