@@ -323,16 +323,18 @@ def test_records_name_the_code_the_process_started_with(tmp_path, monkeypatch):
     assert started.machine["code"] == "loaded"
 
 
-def test_the_targets_compare_searched_with_random_at_the_first_seed_and_with_the_transformer_over_all():
-    def arm(name, kind, *runs):
-        return {"name": name, "kind": kind, "runs": [{"seed": seed, "bleu": bleu} for seed, bleu in runs]}
+def scored_arm(name, kind, *runs):
+    """A summary's arm of ``runs`` given as (training seed, test BLEU)."""
+    return {"name": name, "kind": kind, "runs": [{"seed": seed, "bleu": bleu} for seed, bleu in runs]}
 
+
+def test_the_targets_compare_searched_with_random_at_the_first_seed_and_with_the_transformer_over_all():
     summary = {
         "train_seeds": [1, 2],
         "arms": [
-            arm("S", "searched", (1, 20.0), (1, 22.0), (2, 24.0)),
-            arm("R", "random", (1, 19.0), (1, 21.0), (1, 30.0), (2, 31.0)),  # the finalist's second seed
-            arm("T", "transformer", (1, 23.0), (2, 22.0)),
+            scored_arm("S", "searched", (1, 20.0), (1, 22.0), (2, 24.0)),
+            scored_arm("R", "random", (1, 19.0), (1, 21.0), (1, 30.0), (2, 31.0)),  # the finalist's second seed
+            scored_arm("T", "transformer", (1, 23.0), (2, 22.0)),
         ],
     }
     assert targets(summary) == [
@@ -347,20 +349,18 @@ def test_the_targets_compare_searched_with_random_at_the_first_seed_and_with_the
         "- S >= median of R + 0.50 (training seed 1): mean 21.50 of 2 against median 21.00 of 3, +0.50: met",
         "- S >= T (every training seed): mean 23.33 of 3 runs against 22.50 of 2, +0.83: met",
     ]
-    assert targets({"train_seeds": [1], "arms": [arm("T", "transformer", (1, 23.0))]}) == []  # nothing to compare
+    nothing_to_compare = {"train_seeds": [1], "arms": [scored_arm("T", "transformer", (1, 23.0))]}
+    assert targets(nothing_to_compare) == []
 
 
 def test_the_targets_judge_every_searching_arm_against_the_evolved_transformer_too():
-    def arm(name, kind, *runs):
-        return {"name": name, "kind": kind, "runs": [{"seed": seed, "bleu": bleu} for seed, bleu in runs]}
-
     summary = {
         "train_seeds": [1, 2],
         "arms": [
-            arm("W", "weight_sharing", (1, 25.0), (2, 27.0)),
-            arm("R", "random", (1, 19.0), (1, 24.0), (1, 30.0)),
-            arm("E", "evolved", (1, 26.0), (2, 26.5)),
-            arm("C", "control", (1, 40.0)),  # not a searching arm: judged by nothing
+            scored_arm("W", "weight_sharing", (1, 25.0), (2, 27.0)),
+            scored_arm("R", "random", (1, 19.0), (1, 24.0), (1, 30.0)),
+            scored_arm("E", "evolved", (1, 26.0), (2, 26.5)),
+            scored_arm("C", "control", (1, 40.0)),  # not a searching arm: judged by nothing
         ],
     }
     assert targets(summary)[2:] == [
