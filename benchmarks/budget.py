@@ -7,7 +7,8 @@ root after the warm-up) does not depend on the budget, so the first 1,000 update
 experiment's run: its validation loss there is printed beside the committed one as a check.
 Checkpoints stay in ``--runs`` (a longer budget continues them); the log and a record of each
 finished network go to ``--out``. ``--report`` prints the validation loss of every network at
-every validation and the ranks at the experiment's budget against the longest.
+every validation, the ranks at the experiment's budget against the longest, and how each
+validation's ranking agrees with the longest budget's (Spearman, pairs in the same order).
 
 A short protocol is tested the same way: ``--steps 1000 --cooldown 0.2`` trains the networks with
 the last fifth of the budget ramping the learning rate to zero (``TrainConfig.cooldown_fraction``),
@@ -121,9 +122,22 @@ def report(args: argparse.Namespace, spec: ExperimentSpec) -> None:
         order = lambda losses: [r["network"] for _, r in sorted(zip(losses, whole), key=lambda x: x[0])]  # noqa: E731
         print(f"best first at {short}: {order(at_short)}")
         print(f"best first at {longest}: {order(at_long)}")
-        print(f"Spearman of the validation losses at {short} and {longest}: {spearman(at_short, at_long):+.2f}")
+        print(f"\neach budget's ranking of the {len(whole)} networks against the ranking at {longest} updates")
+        print(f"| updates | Spearman | pairs ordered as at {longest} |")
+        print("|---:|---:|---:|")
+        for s in steps[:-1]:
+            losses = [r["valid_loss"][str(s)] for r in whole]
+            agree, pairs = ordered_pairs(losses, at_long)
+            print(f"| {s} | {spearman(losses, at_long):+.2f} | {agree} of {pairs} |")
     if args.against:
         against(records, args.against, spec)
+
+
+def ordered_pairs(losses: list[float], reference: list[float]) -> tuple[int, int]:
+    """(pairs of networks that ``losses`` order as ``reference`` does, all pairs)."""
+    pairs = [(i, j) for i in range(len(losses)) for j in range(i + 1, len(losses))]
+    agree = sum((losses[i] < losses[j]) == (reference[i] < reference[j]) for i, j in pairs)
+    return agree, len(pairs)
 
 
 def against(records: list[dict], reference: Path, spec: ExperimentSpec) -> None:
