@@ -122,14 +122,14 @@ def report(args: argparse.Namespace, spec: ExperimentSpec) -> None:
         order = lambda losses: [r["network"] for _, r in sorted(zip(losses, whole), key=lambda x: x[0])]  # noqa: E731
         print(f"best first at {short}: {order(at_short)}")
         print(f"best first at {longest}: {order(at_long)}")
-    if len(whole) >= 2 and len(steps) >= 2:
-        print(f"\neach budget's ranking of the {len(whole)} networks against the ranking at {longest} updates")
-        print(f"| updates | Spearman | pairs ordered as at {longest} |")
-        print("|---:|---:|---:|")
-        for s in steps[:-1]:
-            losses = [r["valid_loss"][str(s)] for r in whole]
-            agree, pairs = ordered_pairs(losses, at_long)
-            print(f"| {s} | {spearman(losses, at_long):+.2f} | {agree} of {pairs} |")
+        if len(steps) >= 2:
+            print(f"\neach budget's ranking of the {len(whole)} networks against the ranking at {longest} updates")
+            print(f"| updates | Spearman | pairs ordered as at {longest} |")
+            print("|---:|---:|---:|")
+            for s in steps[:-1]:
+                losses = [r["valid_loss"][str(s)] for r in whole]
+                agree, pairs = ordered_pairs(losses, at_long)
+                print(f"| {s} | {spearman(losses, at_long):+.2f} | {agree} of {pairs} |")
     if args.against:
         against(records, args.against, spec)
 
